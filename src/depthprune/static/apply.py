@@ -1,0 +1,145 @@
+"""Apply a LayerPlan to a model: a new model of the same class whose stacks run the planned layers.
+
+The result is an ordinary Hugging Face model: its own forward pass runs the rearranged `nn.ModuleList`, config depth
+fields and per-layer fields follow the plan, and layer indices are renumbered so each position has its own KV cache
+slot. Repeated layers are separate modules that share their parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from depthprune.adapters.base import Adapter, StackSpec, backbone, get_path, has_path, set_path
+from depthprune.adapters.registry import get_adapter
+from depthprune.errors import PlanError
+from depthprune.plan import LayerPlan, compose
+
+PLAN_CONFIG_KEY = "depthprune"
+
+
+def share_clone(module: nn.Module) -> nn.Module:
+    """A structural copy of `module` that shares every parameter and buffer with it (no weight memory)."""
+    memo: dict[int, Any] = {id(t): t for t in module.parameters()}
+    memo.update({id(t): t for t in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A copy of `model`; with `share_weights` only the module structure and config are copied."""
+    return share_clone(model) if share_weights else copy.deepcopy(model)
+
+
+def source_plan(model: nn.Module) -> LayerPlan | None:
+    """The plan (on the original model's layers) recorded in a model made by depthprune, if any."""
+    record = getattr(model.config, PLAN_CONFIG_KEY, None)
+    if not record:
+        return None
+    return LayerPlan.from_dict(record["plan"])
+
+
+def layer_sizes(model: nn.Module, adapter: Adapter | None = None) -> dict[str, int]:
+    """Number of source layers per stack, which plan indices refer to."""
+    return (adapter or get_adapter(model)).num_layers(model)
+
+
+def apply_plan(model: nn.Module, plan: LayerPlan | str, *, share_weights: bool = False) -> nn.Module:
+    """Return a new model running `plan`; `model` is left untouched.
+
+    share_weights=True makes the new model share parameter tensors with `model` (for cheap what-if evaluation while
+    scoring); the default copies them so that training or editing the result cannot change the input.
+    """
+    adapter = get_adapter(model)
+    if isinstance(plan, str):
+        plan = LayerPlan.parse(plan)
+    if not isinstance(plan, LayerPlan):
+        raise PlanError(f"plan must be a LayerPlan or its text form, got {type(plan).__name__}")
+    sizes = adapter.num_layers(model)
+    plan = plan.resolve(sizes)
+
+    new = clone_model(model, share_weights)
+    root = backbone(new)
+    for stack in adapter.present_stacks(new):
+        indices = list(plan.stacks[stack.name])
+        source_layers = list(get_path(root, stack.layers))
+        if adapter.apply_stack is not None:
+            adapter.apply_stack(new, stack, indices)
+        else:
+            _rearrange(root, stack, source_layers, indices)
+        _update_config(root, stack, indices)
+        for path in stack.module_depth_attrs:
+            if has_path(root, path):
+                set_path(root, path, len(indices))
+        if adapter.post_apply is not None:
+            adapter.post_apply(new, stack, source_layers, indices)
+
+    previous = source_plan(model)
+    record = getattr(model.config, PLAN_CONFIG_KEY, None) or {}
+    original_sizes = record.get("source_num_layers", sizes)
+    setattr(
+        new.config,
+        PLAN_CONFIG_KEY,
+        {
+            "plan": (compose(plan, previous) if previous else plan).to_dict(),
+            "source_num_layers": dict(original_sizes),
+            "source": record.get("source", getattr(model.config, "_name_or_path", "") or ""),
+        },
+    )
+    return new
+
+
+def _rearrange(root: nn.Module, stack: StackSpec, source_layers: list[nn.Module], indices: list[int]) -> None:
+    used: set[int] = set()
+    new_layers = []
+    for pos, i in enumerate(indices):
+        layer = source_layers[i] if i not in used else share_clone(source_layers[i])
+        used.add(i)
+        for attr in stack.index_attrs:
+            if has_path(layer, attr):
+                set_path(layer, attr, pos)
+        new_layers.append(layer)
+    set_path(root, stack.layers, nn.ModuleList(new_layers))
+
+
+def _update_config(root: nn.Module, stack: StackSpec, indices: list[int]) -> None:
+    for field in stack.depth_fields:
+        owner = get_path(root, field.owner, default=None)
+        config = getattr(owner, "config", None)
+        if config is None:
+            continue
+        if field.per_layer:
+            values = getattr(config, field.name, None)
+            if values is not None:
+                setattr(config, field.name, [values[i] for i in indices])
+        elif hasattr(config, field.name):
+            setattr(config, field.name, len(indices))
+
+
+def tie_repeated_layers(model: nn.Module) -> nn.Module:
+    """Make positions that run the same source layer share parameters again (after loading an export, which stores
+    each position's weights separately). Positions are matched through the plan recorded in the config; the model is
+    changed in place and returned (call it on a freshly loaded model only)."""
+    plan = source_plan(model)
+    if plan is None:
+        return model
+    adapter = get_adapter(model)
+    if adapter.apply_stack is not None:  # the adapter lays out shared weights itself (ALBERT)
+        return model
+    root = backbone(model)
+    for stack in adapter.present_stacks(model):
+        layers = get_path(root, stack.layers)
+        first: dict[int, nn.Module] = {}
+        for pos, src in enumerate(plan.stacks.get(stack.name, ())):
+            if pos >= len(layers):
+                break
+            if src not in first:
+                first[src] = layers[pos]
+                continue
+            owner = first[src]
+            for mod_name, module in layers[pos].named_modules():
+                twin = owner.get_submodule(mod_name)
+                for p_name in list(module._parameters):
+                    module._parameters[p_name] = twin._parameters[p_name]
+    return model

@@ -1,0 +1,93 @@
+"""Export a (pruned, reordered, fused) model as an ordinary Hugging Face folder, atomically.
+
+The folder loads with plain `AutoModel*.from_pretrained` in a process that never imports depthprune. safetensors
+cannot alias tensors and plain transformers has no way to tie arbitrary layers on load, so repeated layers are written
+out once per position they run at; the plan in `config.json` ("depthprune" key) records which positions share weights,
+and `depthprune.load_model` ties them again in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthprune.errors import OutputExistsError
+
+
+def _protected_folders(model: nn.Module) -> list[Path]:
+    folders = []
+    for candidate in (getattr(model.config, "_name_or_path", ""), (getattr(model.config, "depthprune", None) or {}).get("source", "")):
+        if candidate and Path(candidate).expanduser().is_dir():
+            folders.append(Path(candidate).expanduser().resolve())
+    return folders
+
+
+def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict in which every tensor owns its storage, except weights the model class ties itself."""
+    state = model.state_dict()
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    groups: dict[Any, list[str]] = collections.defaultdict(list)
+    for name, tensor in state.items():
+        groups[(tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))].append(name)
+    for names in groups.values():
+        own = [n for n in names if n not in tied_targets]
+        for name in own[1:]:
+            state[name] = state[name].clone()
+    return state
+
+
+def save_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write `model` (and `tokenizer`) to `out_dir` with `save_pretrained`, atomically.
+
+    Refuses an existing non-empty folder, or the folder the model was loaded from, unless `overwrite=True`; with it,
+    the old folder is replaced only after the new one is completely written.
+    """
+    from depthprune.io import plain_copy
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file; pass a folder path for the exported model")
+    if not overwrite:
+        if out in _protected_folders(model):
+            raise OutputExistsError(
+                f"{out} is the folder this model was loaded from; write to a new folder (or pass overwrite=True / "
+                "--overwrite to replace the source)"
+            )
+        if out.exists() and any(out.iterdir()):
+            raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
+    if getattr(model.config, "quantization_config", None) is not None and getattr(model, "hf_quantizer", None) is not None:
+        model = plain_copy(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp, state_dict=_untied_state_dict(model), max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            os.replace(out, backup)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if backup.exists():
+            if out.exists():
+                shutil.rmtree(backup, ignore_errors=True)
+            else:  # the swap failed half-way: put the old folder back
+                os.replace(backup, out)
+    return out
