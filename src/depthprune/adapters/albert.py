@@ -20,6 +20,12 @@ def _sizes(model: nn.Module) -> dict[str, int]:
     return {"encoder": backbone(model).config.num_hidden_layers}
 
 
+def _sequence(model: nn.Module, stack: StackSpec) -> list[nn.Module]:
+    config = backbone(model).config
+    groups = get_path(backbone(model), _GROUPS)
+    return [groups[_group_of(i, config.num_hidden_layers, config.num_hidden_groups)] for i in range(config.num_hidden_layers)]
+
+
 def _apply(model: nn.Module, stack: StackSpec, indices: list[int]) -> None:
     from depthprune.static.apply import share_clone
 
@@ -48,5 +54,6 @@ ADAPTERS = [
         heads=("classifier", "predictions", "qa_outputs"),
         stack_sizes=_sizes,
         apply_stack=_apply,
+        layer_sequence=_sequence,
     )
 ]

@@ -66,6 +66,8 @@ class Adapter:
     post_apply: optional fix-up after a stack is rearranged (T5 moves its relative position bias to the new first
         block). Signature: (model, stack, source_layers, source_indices) -> None, where source_layers are the stack's
         modules before the plan.
+    layer_sequence: optional function giving the modules a stack runs, in order, when that is not simply its module
+        list (ALBERT runs its shared groups several times). Used when depthprune runs layers one at a time.
     """
 
     family: str
@@ -75,6 +77,7 @@ class Adapter:
     stack_sizes: Callable[[nn.Module], dict[str, int]] | None = None
     apply_stack: Callable[[nn.Module, StackSpec, list[int]], None] | None = None
     post_apply: Callable[[nn.Module, StackSpec, list[nn.Module], list[int]], None] | None = None
+    layer_sequence: Callable[[nn.Module, StackSpec], list[nn.Module]] | None = None
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -94,6 +97,13 @@ class Adapter:
     def layers(self, model: nn.Module, stack: str | StackSpec) -> nn.ModuleList:
         spec = self.stack(stack) if isinstance(stack, str) else stack
         return get_path(backbone(model), spec.layers)
+
+    def run_sequence(self, model: nn.Module, stack: str | StackSpec) -> list[nn.Module]:
+        """The layer modules a stack runs, in execution order (a module may appear more than once)."""
+        spec = self.stack(stack) if isinstance(stack, str) else stack
+        if self.layer_sequence is not None:
+            return self.layer_sequence(model, spec)
+        return list(self.layers(model, spec))
 
     def present_stacks(self, model: nn.Module) -> tuple[StackSpec, ...]:
         """The stacks this model has (an encoder-only T5 has no decoder stack)."""
