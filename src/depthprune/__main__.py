@@ -1,0 +1,5 @@
+import sys
+
+from depthprune.cli.main import main
+
+sys.exit(main())

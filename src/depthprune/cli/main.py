@@ -1,0 +1,168 @@
+"""The `depthprune` command: thin commands over the library (anything here is one import away in Python)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="PATH", help="calibration text file (the part before 'CHAPTER 110.' is "
+                   "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
+    p.add_argument("--blocks", type=int, default=8, help="number of calibration blocks (default 8)")
+    p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
+
+
+def _calibration(args: argparse.Namespace, tokenizer) -> list:
+    from depthprune.static.prune import calibration_batches
+
+    return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from depthprune.bench.report import format_table
+    from depthprune.io import load_model, load_tokenizer
+    from depthprune.static.analyze import analyze, score_rows, write_analysis
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    scorers = args.scorers.split(",") if args.scorers else None
+    results = analyze(model, _calibration(args, tokenizer), scorers=scorers, n_remove=args.remove, stack=args.stack,
+                      progress=not args.json)
+    files = write_analysis(results, args.out)
+    if args.json:
+        print(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
+    else:
+        rows = score_rows(results)
+        print(format_table(rows, columns=["layer", *results], title="per-layer importance (higher = more important)"))
+        for name, r in results.items():
+            print(f"{name}: would remove {list(r.remove)}  ({r.details.get('seconds', 0):.1f} s)")
+        print(f"plot: {files['png']}  table: {files['csv']}  json: {files['json']}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from depthprune.io import load_model, load_tokenizer
+    from depthprune.static.export import save_model
+    from depthprune.static.prune import prune
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if args.plan:
+        result = prune(model, plan=args.plan)
+    else:
+        result = prune(model, remove=args.remove, scorer=args.scorer, batches=_calibration(args, tokenizer),
+                       stack=args.stack, progress=True)
+    out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
+    print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
+    print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from depthprune.bench.evaluate import evaluate_models
+    from depthprune.data import heldout_text, token_blocks
+    from depthprune.io import load_model, load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    models = {"model": model}
+    baseline_name = args.baseline or (getattr(model.config, "depthprune", None) or {}).get("source")
+    if baseline_name and not args.no_baseline:
+        models = {"untouched": load_model(baseline_name), "model": model}
+    blocks = token_blocks(tokenizer, heldout_text(args.heldout), args.seq_len, args.blocks)
+    report = evaluate_models(
+        models, tokenizer, blocks, baseline=next(iter(models)), speed=not args.no_speed,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.table(title=f"held-out perplexity ({blocks.numel()} tokens) and speed vs {next(iter(models))!r}"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from depthprune.demo import run_demo
+
+    run_demo(args.out, model_name=args.model, overwrite=args.overwrite, speed_repeats=args.repeats)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from depthprune.adapters.registry import supported_model_types
+    from depthprune.exits.criteria import list_criteria
+    from depthprune.static.scorers import list_scorers
+
+    print("scorers:", ", ".join(list_scorers()))
+    print("exit criteria:", ", ".join(list_criteria()))
+    print("model types:", ", ".join(supported_model_types()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthprune", description="Make Transformer models shallower, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="score every layer with every scorer: table, CSV/JSON and a PNG plot")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--scorers", help="comma-separated scorer names (default: all; see `depthprune list`)")
+    p.add_argument("--remove", type=int, default=1, help="layers each scorer should choose to remove (default 1)")
+    p.add_argument("-o", "--out", default="out/analyze", help="folder for scores.csv/json and layer_scores.png")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_calibration(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
+    how.add_argument("--plan", help="explicit layer plan, e.g. '0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
+    p.add_argument("--scorer", default="lookahead_kl", help="scorer choosing the layers (default lookahead_kl)")
+    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    _add_calibration(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="held-out perplexity and speed, side by side with the untouched model")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + " (or a folder written by `prune`)")
+    p.add_argument("--baseline", help="model to compare with (default: the source recorded by `prune`)")
+    p.add_argument("--no-baseline", action="store_true", help="measure the model alone")
+    p.add_argument("--heldout", metavar="PATH", help="evaluation text (the part from 'CHAPTER 110.' on, else the last "
+                   "20%%); default: the held-out Moby-Dick excerpt shipped with depthprune")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=16)
+    p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes (default 1,8)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-speed", action="store_true", help="perplexity only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded SmolLM2: every scorer, 25%% pruned, measured, exported")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--repeats", type=int, default=3, help="speed measurement repeats (default 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace the exported model from an earlier run")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="list scorers, exit criteria and supported model types")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from depthprune.errors import DepthpruneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DepthpruneError, ValueError, FileNotFoundError) as err:
+        print(f"depthprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

