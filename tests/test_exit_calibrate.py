@@ -88,10 +88,20 @@ def test_offline_replay_matches_online_inference():
     model = tiny("bert")
     heads = confident_heads(model, extras=("halting", "gate", "agreement"))
     ids, mask = batch(16)
-    records = collect_records(model, heads, [{"input_ids": ids[:8], "attention_mask": mask[:8]},
-                                             {"input_ids": ids[8:], "attention_mask": mask[8:]}])
-    for name, t in [("max_prob", 0.9), ("patience", 1), ("voting", 0.6), ("q_exit", 0.5), ("gate", 0.5),
-                    ("learned", 0.5), ("static", 2)]:
+    records = collect_records(
+        model,
+        heads,
+        [{"input_ids": ids[:8], "attention_mask": mask[:8]}, {"input_ids": ids[8:], "attention_mask": mask[8:]}],
+    )
+    for name, t in [
+        ("max_prob", 0.9),
+        ("patience", 1),
+        ("voting", 0.6),
+        ("q_exit", 0.5),
+        ("gate", 0.5),
+        ("learned", 0.5),
+        ("static", 2),
+    ]:
         crit = make_criterion(name, t)
         pred, layers = simulate(crit, records)
         online = EarlyExitClassifier(model, heads, crit)(ids, mask)

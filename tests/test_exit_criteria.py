@@ -64,8 +64,11 @@ def test_voting_majority_and_prediction():
 
 
 def test_learned_gate_and_q_exit():
-    s = state([[0.0, 0.0], [0.0, 0.0]], agreement=torch.tensor([logit_of(0.9), logit_of(0.2)]),
-              gate=torch.tensor([logit_of(0.3), logit_of(0.7)]))
+    s = state(
+        [[0.0, 0.0], [0.0, 0.0]],
+        agreement=torch.tensor([logit_of(0.9), logit_of(0.2)]),
+        gate=torch.tensor([logit_of(0.3), logit_of(0.7)]),
+    )
     assert make_criterion("learned", 0.8).decide(s).tolist() == [True, False]
     assert make_criterion("gate", 0.5).decide(s).tolist() == [False, True]
     # lambdas 0.5 then 0.5: stopped by now = 1 - 0.25 = 0.75; row 1: 0.1, 0.1 -> 0.19
@@ -89,15 +92,18 @@ def test_static():
     assert make_criterion("static", 4).decide(s).tolist() == [False]
 
 
-@pytest.mark.parametrize("text,match", [
-    ("nope:0.5", "unknown exit criterion"),
-    ("max_prob", "give a threshold"),
-    ("max_prob:abc", "not a number"),
-    ("max_prob:1.5", "out of range"),
-    ("entropy:-0.1", "out of range"),
-    ("patience:1.5", "whole number"),
-    ("static:0", "out of range"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("nope:0.5", "unknown exit criterion"),
+        ("max_prob", "give a threshold"),
+        ("max_prob:abc", "not a number"),
+        ("max_prob:1.5", "out of range"),
+        ("entropy:-0.1", "out of range"),
+        ("patience:1.5", "whole number"),
+        ("static:0", "out of range"),
+    ],
+)
 def test_bad_criteria(text, match):
     with pytest.raises(ValueError, match=match):
         parse_criterion(text)

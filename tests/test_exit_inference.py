@@ -23,7 +23,9 @@ COMMON = dict(vocab_size=99, num_attention_heads=4, num_labels=3)
 def tiny(kind):
     torch.manual_seed(0)
     if kind == "bert":
-        m = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=64, **COMMON))
+        m = BertForSequenceClassification(
+            BertConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=64, **COMMON)
+        )
     elif kind == "roberta":
         m = RobertaForSequenceClassification(
             RobertaConfig(hidden_size=32, num_hidden_layers=4, intermediate_size=64, pad_token_id=1, **COMMON)
@@ -116,8 +118,16 @@ def test_criterion_needing_missing_extra_is_rejected():
 def test_unsupported_model_is_rejected():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(ValueError, match="supports model types"):
         EarlyExitClassifier(model)
 
@@ -130,7 +140,7 @@ def test_heads_save_load_round_trip(tmp_path):
     assert loaded.config == heads.config
     ids, mask = batch(4)
     a, b = all_exit_outputs(model, heads, ids, mask), all_exit_outputs(model, loaded, ids, mask)
-    for x, y in zip(a.exits, b.exits):
+    for x, y in zip(a.exits, b.exits, strict=True):
         assert torch.equal(x.logits, y.logits) and torch.equal(x.halting, y.halting)
         assert torch.equal(x.gate, y.gate) and torch.equal(x.agreement, y.agreement)
     with pytest.raises(FileExistsError):

@@ -85,13 +85,14 @@ def run_demo(
     files = write_analysis(results, out, title=f"SmolLM2 layer importance ({n} of {sizes[stack]} removed, circles)")
 
     print("[3/5] building the pruned models")
-    pruned = {name: apply_plan(model, LayerPlan.drop(sizes, {stack: r.remove}), share_weights=True) for name, r in results.items()}
+    pruned = {
+        name: apply_plan(model, LayerPlan.drop(sizes, {stack: r.remove}), share_weights=True)
+        for name, r in results.items()
+    }
     held = token_blocks(tokenizer, heldout_text(), seq_len, heldout_blocks)
 
     print("[4/5] measuring held-out perplexity and speed against the untouched model")
-    report = evaluate_models(
-        {"full": model, **pruned}, tokenizer, held, repeats=speed_repeats, progress=progress
-    )
+    report = evaluate_models({"full": model, **pruned}, tokenizer, held, repeats=speed_repeats, progress=progress)
     rows = []
     for row in report.rows:
         name = row["model"]
@@ -121,7 +122,9 @@ def run_demo(
 
     from depthprune.bench.report import format_table, write_json
 
-    table = format_table(rows, title=f"SmolLM2-135M: {n} of {sizes[stack]} layers removed, held-out Moby-Dick ({held.numel()} tokens)")
+    table = format_table(
+        rows, title=f"SmolLM2-135M: {n} of {sizes[stack]} layers removed, held-out Moby-Dick ({held.numel()} tokens)"
+    )
     summary = {
         "table": rows,
         "best": best,

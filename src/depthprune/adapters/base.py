@@ -18,9 +18,9 @@ from torch import nn
 class ConfigField:
     """A config attribute that follows a stack's depth.
 
-    `owner` is a dotted module path from `model.base_model` whose `.config` holds the field ("" = the model's own config;
-    "encoder" = the encoder stack's private config copy, as T5 keeps one). `per_layer` marks list fields with one
-    entry per layer (e.g. `layer_types`), which are reordered by the plan instead of set to the new depth.
+    `owner` is a dotted module path from `model.base_model` whose `.config` holds the field ("" = the model's own
+    config; "encoder" = the encoder stack's private config copy, as T5 keeps one). `per_layer` marks list fields with
+    one entry per layer (e.g. `layer_types`), which are reordered by the plan instead of set to the new depth.
     """
 
     name: str
@@ -62,7 +62,8 @@ class Adapter:
     stack_sizes: optional function giving each stack's number of *source layers* when that differs from the length of
         its module list (ALBERT runs one shared group many times).
     apply_stack: optional function that rebuilds a stack for a plan instead of the generic list rearrangement
-        (ALBERT's shared groups). Signature: (model, stack, source_indices) -> None, acting on the (already copied) model.
+        (ALBERT's shared groups). Signature: (model, stack, source_indices) -> None, acting on the (already copied)
+        model.
     post_apply: optional fix-up after a stack is rearranged (T5 moves its relative position bias to the new first
         block). Signature: (model, stack, source_layers, source_indices) -> None, where source_layers are the stack's
         modules before the plan.

@@ -1,4 +1,4 @@
-"""GPT-NeoX (Pythia)."""
+"""GPT-NeoX (Pythia). transformers 5 calls the LM head `lm_head` (checkpoints still store it as `embed_out`)."""
 
 from depthprune.adapters.base import Adapter, ConfigField, StackSpec
 
@@ -15,6 +15,6 @@ ADAPTERS = [
                 final_norm="final_layer_norm",
             ),
         ),
-        heads=("embed_out", "score"),
+        heads=("lm_head", "embed_out", "score"),  # transformers 5 renamed embed_out to lm_head
     )
 ]

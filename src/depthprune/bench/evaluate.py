@@ -81,8 +81,14 @@ def evaluate_models(
         from depthprune.bench.speed import compare_speed
 
         sp = compare_speed(
-            dict(models), tokenizer, batch_sizes=tuple(batch_sizes), prompt_len=prompt_len, new_tokens=new_tokens,
-            repeats=repeats, baseline=baseline, progress=progress,
+            dict(models),
+            tokenizer,
+            batch_sizes=tuple(batch_sizes),
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            baseline=baseline,
+            progress=progress,
         )
         for row in rows:
             for b in batch_sizes:

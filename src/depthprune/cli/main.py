@@ -6,14 +6,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibration", metavar="PATH", help="calibration text file (the part before 'CHAPTER 110.' is "
-                   "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune")
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration text file (the part before 'CHAPTER 110.' is "
+        "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune",
+    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
     p.add_argument("--blocks", type=int, default=8, help="number of calibration blocks (default 8)")
     p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
@@ -32,8 +35,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     scorers = args.scorers.split(",") if args.scorers else None
-    results = analyze(model, _calibration(args, tokenizer), scorers=scorers, n_remove=args.remove, stack=args.stack,
-                      progress=not args.json)
+    results = analyze(
+        model,
+        _calibration(args, tokenizer),
+        scorers=scorers,
+        n_remove=args.remove,
+        stack=args.stack,
+        progress=not args.json,
+    )
     files = write_analysis(results, args.out)
     if args.json:
         print(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
@@ -55,8 +64,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.plan:
         result = prune(model, plan=args.plan)
     else:
-        result = prune(model, remove=args.remove, scorer=args.scorer, batches=_calibration(args, tokenizer),
-                       stack=args.stack, progress=True)
+        result = prune(
+            model,
+            remove=args.remove,
+            scorer=args.scorer,
+            batches=_calibration(args, tokenizer),
+            stack=args.stack,
+            progress=True,
+        )
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
     print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
@@ -75,8 +90,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         models = {"untouched": load_model(baseline_name), "model": model}
     blocks = token_blocks(tokenizer, heldout_text(args.heldout), args.seq_len, args.blocks)
     report = evaluate_models(
-        models, tokenizer, blocks, baseline=next(iter(models)), speed=not args.no_speed,
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")], repeats=args.repeats, progress=not args.json,
+        models,
+        tokenizer,
+        blocks,
+        baseline=next(iter(models)),
+        speed=not args.no_speed,
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        repeats=args.repeats,
+        progress=not args.json,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -131,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + " (or a folder written by `prune`)")
     p.add_argument("--baseline", help="model to compare with (default: the source recorded by `prune`)")
     p.add_argument("--no-baseline", action="store_true", help="measure the model alone")
-    p.add_argument("--heldout", metavar="PATH", help="evaluation text (the part from 'CHAPTER 110.' on, else the last "
-                   "20%%); default: the held-out Moby-Dick excerpt shipped with depthprune")
+    p.add_argument(
+        "--heldout",
+        metavar="PATH",
+        help="evaluation text (the part from 'CHAPTER 110.' on, else the last "
+        "20%%); default: the held-out Moby-Dick excerpt shipped with depthprune",
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--batch-sizes", default="1,8", help="decode batch sizes (default 1,8)")
@@ -141,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the main job on the embedded SmolLM2: every scorer, 25%% pruned, measured, exported")
+    p = sub.add_parser(
+        "demo", help="the main job on the embedded SmolLM2: every scorer, 25%% pruned, measured, exported"
+    )
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", default="out/demo")
     p.add_argument("--repeats", type=int, default=3, help="speed measurement repeats (default 3)")

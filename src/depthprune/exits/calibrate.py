@@ -38,7 +38,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 0.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q for i in range(k + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -74,8 +77,8 @@ class Calibration:
                 "use more calibration data or a larger delta"
             )
         return (
-            f"{self.criterion}:{self.threshold:g} -- with probability >= {1 - self.epsilon:g} over the calibration draw "
-            f"({self.n} samples), agreement with the full model on new data from the same distribution is "
+            f"{self.criterion}:{self.threshold:g} -- with probability >= {1 - self.epsilon:g} over the calibration "
+            f"draw ({self.n} samples), agreement with the full model on new data from the same distribution is "
             f">= {1 - self.delta:g} (Learn-then-Test, fixed-sequence testing, exact binomial p-values)"
         )
 
@@ -98,8 +101,15 @@ def ltt_select(
         losses = losses_of(t)
         p = risk_p_value(losses, delta)
         rejected = p <= epsilon
-        table.append({"threshold": t, "risk": float(losses.float().mean()), "p_value": p, "rejected": rejected,
-                      **(extra_of(t) if extra_of else {})})
+        table.append(
+            {
+                "threshold": t,
+                "risk": float(losses.float().mean()),
+                "p_value": p,
+                "rejected": rejected,
+                **(extra_of(t) if extra_of else {}),
+            }
+        )
         if not rejected:
             break
         chosen = t
@@ -127,8 +137,14 @@ class ExitRecords:
     def subset(self, rows: torch.Tensor) -> ExitRecords:
         pick = lambda t, dim: None if t is None else t.index_select(dim, rows)  # noqa: E731
         return ExitRecords(
-            pick(self.logits, 1), pick(self.final, 0), self.exit_layers, self.num_layers, pick(self.halting, 1),
-            pick(self.gate, 1), pick(self.agreement, 1), pick(self.labels, 0),
+            pick(self.logits, 1),
+            pick(self.final, 0),
+            self.exit_layers,
+            self.num_layers,
+            pick(self.halting, 1),
+            pick(self.gate, 1),
+            pick(self.agreement, 1),
+            pick(self.labels, 0),
         )
 
     @property
@@ -145,7 +161,14 @@ def collect_records(
 
     model.eval()
     heads.eval()
-    parts: dict[str, list[torch.Tensor]] = {"logits": [], "final": [], "halting": [], "gate": [], "agreement": [], "labels": []}
+    parts: dict[str, list[torch.Tensor]] = {
+        "logits": [],
+        "final": [],
+        "halting": [],
+        "gate": [],
+        "agreement": [],
+        "labels": [],
+    }
     it = batches
     if progress:
         from tqdm.auto import tqdm
@@ -162,8 +185,14 @@ def collect_records(
             parts["labels"].append(batch["labels"])
     cat = lambda key, dim: torch.cat(parts[key], dim) if parts[key] else None  # noqa: E731
     return ExitRecords(
-        cat("logits", 1), cat("final", 0), heads.config.layers, heads.config.num_layers,
-        cat("halting", 1), cat("gate", 1), cat("agreement", 1), cat("labels", 0),
+        cat("logits", 1),
+        cat("final", 0),
+        heads.config.layers,
+        heads.config.num_layers,
+        cat("halting", 1),
+        cat("gate", 1),
+        cat("agreement", 1),
+        cat("labels", 0),
     )
 
 
@@ -183,7 +212,11 @@ def simulate(criterion: Criterion, records: ExitRecords) -> tuple[torch.Tensor, 
         if records.halting is not None:
             halting.append(records.halting[j])
         state = ExitState(
-            layer, records.num_layers, logits, history, halting,
+            layer,
+            records.num_layers,
+            logits,
+            history,
+            halting,
             None if records.gate is None else records.gate[j],
             None if records.agreement is None else records.agreement[j],
         )

@@ -79,7 +79,9 @@ def softmax_stats(logits: torch.Tensor) -> torch.Tensor:
     probs = logits.float().softmax(-1)
     top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
     margin = top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0.0)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(torch.log(torch.tensor(probs.shape[-1])).item(), 1e-6)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / max(
+        torch.log(torch.tensor(probs.shape[-1])).item(), 1e-6
+    )
     return torch.stack([top[:, 0], margin, entropy], dim=-1)
 
 
@@ -108,7 +110,9 @@ class ExitHeads(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, layers: list[int] | None = None, extras: tuple[str, ...] = ()) -> ExitHeads:
-        """New exit heads for a sequence classifier, copied from its own head; default: after every layer but the last."""
+        """New exit heads for a sequence classifier, copied from its own head.
+
+        Default: an exit after every layer but the last (which has the model's own classifier)."""
         head_family(model)  # a clear error for models without a supported classification head
         n = get_adapter(model).num_layers(model)["encoder"]
         config = ExitHeadsConfig(
@@ -179,4 +183,3 @@ class ExitHeads(nn.Module):
         heads = cls.for_model(model, list(config.layers), config.extras)
         heads.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         return heads
-

@@ -71,9 +71,7 @@ class EarlyExitClassifier:
         return len(self.adapter.run_sequence(self.model, self.stack))
 
     @torch.inference_mode()
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra: Any
-    ) -> ExitResult:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra: Any) -> ExitResult:
         inputs = _model_inputs(input_ids, attention_mask, extra)
         hidden, call = capture_layer_inputs(self.model, inputs, stack=self.stack, adapter=self.adapter)
         layers = self.adapter.run_sequence(self.model, self.stack)
@@ -139,16 +137,23 @@ class AllExits:
 
     exits: list[ExitOutput]
     final: torch.Tensor
+    layers: tuple[int, ...] | None = None  # 0-based layer each exit reads; None: consecutive layers 0, 1, ...
+    num_layers: int | None = None  # depth of the stack (the final logits read its last layer); None: len(exits) + 1
 
 
 def all_exit_outputs(
-    model: nn.Module, heads: ExitHeads, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    model: nn.Module,
+    heads: ExitHeads,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     **extra: Any,
 ) -> AllExits:
     """Run every layer and every exit head (with autograd when enabled): what training and calibration need."""
     adapter = get_adapter(model)
     stack = adapter.present_stacks(model)[-1]
-    hidden, call = capture_layer_inputs(model, _model_inputs(input_ids, attention_mask, extra), stack=stack, adapter=adapter)
+    hidden, call = capture_layer_inputs(
+        model, _model_inputs(input_ids, attention_mask, extra), stack=stack, adapter=adapter
+    )
     exits: list[ExitOutput] = []
     layers = adapter.run_sequence(model, stack)
     for i, layer in enumerate(layers):
@@ -156,4 +161,4 @@ def all_exit_outputs(
         j = heads.position(i)
         if j is not None:
             exits.append(heads(j, hidden))
-    return AllExits(exits, head_forward(final_head(model), heads, model, hidden))
+    return AllExits(exits, head_forward(final_head(model), heads, model, hidden), heads.config.layers, len(layers))

@@ -8,22 +8,31 @@ slot. Repeated layers are separate modules that share their parameters.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedConfig
 
 from depthprune.adapters.base import Adapter, StackSpec, backbone, get_path, has_path, set_path
 from depthprune.adapters.registry import get_adapter
-from depthprune.errors import PlanError
+from depthprune.errors import PlanError, UnsupportedArchitectureError
 from depthprune.plan import LayerPlan, compose
 
 PLAN_CONFIG_KEY = "depthprune"
 
 
-def share_clone(module: nn.Module) -> nn.Module:
-    """A structural copy of `module` that shares every parameter and buffer with it (no weight memory)."""
+def share_clone(module: nn.Module, *, share_config: bool = False) -> nn.Module:
+    """A structural copy of `module` that shares every parameter and buffer with it (no weight memory).
+
+    share_config=True also shares the config objects its submodules hold (a repeated layer belongs to the same model
+    as its original, so it must see that model's config, not a private stale copy of it).
+    """
     memo: dict[int, Any] = {id(t): t for t in module.parameters()}
     memo.update({id(t): t for t in module.buffers()})
+    if share_config:
+        configs = (getattr(m, "config", None) for m in module.modules())
+        memo.update({id(c): c for c in configs if isinstance(c, PreTrainedConfig)})
     return copy.deepcopy(module, memo)
 
 
@@ -85,16 +94,36 @@ def apply_plan(model: nn.Module, plan: LayerPlan | str, *, share_weights: bool =
             "plan": (compose(plan, previous) if previous else plan).to_dict(),
             "source_num_layers": dict(original_sizes),
             "source": record.get("source", getattr(model.config, "_name_or_path", "") or ""),
+            "shared_layers": _shared_layers(new, adapter),
         },
     )
     return new
+
+
+def _shared_layers(model: nn.Module, adapter: Adapter) -> dict[str, list[list[int]]]:
+    """Per stack, the groups of module-list positions that share their parameters (repeated layers, or ALBERT groups
+    that run the same source group), so that `tie_repeated_layers` can restore the sharing after an export."""
+    out = {}
+    for stack in adapter.present_stacks(model):
+        owner: dict[int, int] = {}  # id(parameter) -> first position holding it
+        groups: dict[int, list[int]] = {}
+        for pos, layer in enumerate(get_path(backbone(model), stack.layers)):
+            params = list(layer.parameters())
+            first = next((owner[id(p)] for p in params if id(p) in owner), pos)
+            for p in params:
+                owner.setdefault(id(p), first)
+            groups.setdefault(first, []).append(pos)
+        shared = [g for g in groups.values() if len(g) > 1]
+        if shared:
+            out[stack.name] = shared
+    return out
 
 
 def _rearrange(root: nn.Module, stack: StackSpec, source_layers: list[nn.Module], indices: list[int]) -> None:
     used: set[int] = set()
     new_layers = []
     for pos, i in enumerate(indices):
-        layer = source_layers[i] if i not in used else share_clone(source_layers[i])
+        layer = source_layers[i] if i not in used else share_clone(source_layers[i], share_config=True)
         used.add(i)
         for attr in stack.index_attrs:
             if has_path(layer, attr):
@@ -118,28 +147,30 @@ def _update_config(root: nn.Module, stack: StackSpec, indices: list[int]) -> Non
 
 
 def tie_repeated_layers(model: nn.Module) -> nn.Module:
-    """Make positions that run the same source layer share parameters again (after loading an export, which stores
-    each position's weights separately). Positions are matched through the plan recorded in the config; the model is
-    changed in place and returned (call it on a freshly loaded model only)."""
-    plan = source_plan(model)
-    if plan is None:
+    """Make positions that shared parameters when the plan was applied share them again (after loading an export,
+    which stores each position's weights separately). The groups of positions come from the record in the config
+    ("shared_layers"); the model is changed in place and returned (call it on a freshly loaded model only)."""
+    record = getattr(model.config, PLAN_CONFIG_KEY, None) or {}
+    shared = record.get("shared_layers") or {}
+    if not shared:
         return model
-    adapter = get_adapter(model)
-    if adapter.apply_stack is not None:  # the adapter lays out shared weights itself (ALBERT)
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        warnings.warn(
+            f"{model.config.model_type!r} has no depthprune adapter in this process, so its repeated layers stay "
+            "untied copies (same values, separate memory); register its adapter before loading to share them",
+            stacklevel=2,
+        )
         return model
     root = backbone(model)
     for stack in adapter.present_stacks(model):
         layers = get_path(root, stack.layers)
-        first: dict[int, nn.Module] = {}
-        for pos, src in enumerate(plan.stacks.get(stack.name, ())):
-            if pos >= len(layers):
-                break
-            if src not in first:
-                first[src] = layers[pos]
-                continue
-            owner = first[src]
-            for mod_name, module in layers[pos].named_modules():
-                twin = owner.get_submodule(mod_name)
-                for p_name in list(module._parameters):
-                    module._parameters[p_name] = twin._parameters[p_name]
+        for group in shared.get(stack.name, ()):
+            owner = layers[group[0]]
+            for pos in group[1:]:
+                for mod_name, module in layers[pos].named_modules():
+                    twin = owner.get_submodule(mod_name)
+                    for p_name in list(module._parameters):
+                        module._parameters[p_name] = twin._parameters[p_name]
     return model

@@ -2,8 +2,8 @@
 
 The folder loads with plain `AutoModel*.from_pretrained` in a process that never imports depthprune. safetensors
 cannot alias tensors and plain transformers has no way to tie arbitrary layers on load, so repeated layers are written
-out once per position they run at; the plan in `config.json` ("depthprune" key) records which positions share weights,
-and `depthprune.load_model` ties them again in memory.
+out once per position they run at; the record in `config.json` ("depthprune" key: the plan, and "shared_layers", the
+positions that share weights) lets `depthprune.load_model` tie them again in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from depthprune.errors import OutputExistsError
 
 def _protected_folders(model: nn.Module) -> list[Path]:
     folders = []
-    for candidate in (getattr(model.config, "_name_or_path", ""), (getattr(model.config, "depthprune", None) or {}).get("source", "")):
+    for candidate in (
+        getattr(model.config, "_name_or_path", ""),
+        (getattr(model.config, "depthprune", None) or {}).get("source", ""),
+    ):
         if candidate and Path(candidate).expanduser().is_dir():
             folders.append(Path(candidate).expanduser().resolve())
     return folders
@@ -68,8 +71,13 @@ def save_model(
                 "--overwrite to replace the source)"
             )
         if out.exists() and any(out.iterdir()):
-            raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
-    if getattr(model.config, "quantization_config", None) is not None and getattr(model, "hf_quantizer", None) is not None:
+            raise OutputExistsError(
+                f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)"
+            )
+    if (
+        getattr(model.config, "quantization_config", None) is not None
+        and getattr(model, "hf_quantizer", None) is not None
+    ):
         model = plain_copy(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ def n_to_remove(total: int, remove: int | float) -> int:
     if isinstance(n, float) and n.is_integer():
         n = int(n)
     if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < total:
-        raise ValueError(f"remove must be a layer count between 1 and {total - 1}, or a fraction in (0, 1); got {remove!r}")
+        raise ValueError(
+            f"remove must be a layer count between 1 and {total - 1}, or a fraction in (0, 1); got {remove!r}"
+        )
     return n
 
 

@@ -1,0 +1,328 @@
+"""Tiny random models, one per supported model_type (hidden 32, 2-4 layers, vocab 99): built in well under a second.
+
+`build(name)` returns a fresh model in eval mode (fixed seed, so two builds are equal) and `inputs(name)` the keyword
+arguments of a forward pass: token ids with a padded row, plus decoder ids for encoder-decoders and log-mel features
+for Whisper. `CASES` lists every case by name; a case name is the model_type, with a suffix where one model_type is
+tested in two layouts (ALBERT with one shared group and with two groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 99
+HIDDEN = 32
+HEADS = 4
+SEQ = 7
+PAD = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One tiny model: how to build its config, which head class to run, what kind of inputs it takes."""
+
+    name: str
+    model_class: str
+    config: Callable[[], transformers.PretrainedConfig]
+    kind: str  # "decoder" (causal LM), "encoder" (sequence classification), "seq2seq", "speech"
+
+    @property
+    def model_type(self) -> str:
+        return self.config().model_type
+
+
+def _llama_like(cls: type, layers: int = 4, tie: bool = False, **extra: Any) -> transformers.PretrainedConfig:
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+        **extra,
+    )
+
+
+def _bert_like(cls: type, **extra: Any) -> transformers.PretrainedConfig:
+    return cls(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=HEADS,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=3,
+        pad_token_id=PAD,
+        initializer_range=0.2,
+        **extra,
+    )
+
+
+_QWEN2_TYPES = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+_GEMMA3_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        Case("llama", "LlamaForCausalLM", lambda: _llama_like(transformers.LlamaConfig), "decoder"),
+        Case(
+            "mistral",
+            "MistralForCausalLM",
+            lambda: _llama_like(transformers.MistralConfig, sliding_window=4, head_dim=8),
+            "decoder",
+        ),
+        Case(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            lambda: _llama_like(
+                transformers.Qwen2Config,
+                tie=True,
+                use_sliding_window=True,
+                sliding_window=3,
+                layer_types=list(_QWEN2_TYPES),
+            ),
+            "decoder",
+        ),
+        Case(
+            "gemma3_text",
+            "Gemma3ForCausalLM",
+            lambda: _llama_like(
+                transformers.Gemma3TextConfig,
+                tie=True,
+                head_dim=8,
+                query_pre_attn_scalar=8,
+                sliding_window=3,
+                layer_types=list(_GEMMA3_TYPES),
+            ),
+            "decoder",
+        ),
+        Case("phi3", "Phi3ForCausalLM", lambda: _llama_like(transformers.Phi3Config), "decoder"),
+        Case(
+            "gpt2",
+            "GPT2LMHeadModel",
+            lambda: transformers.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=HIDDEN,
+                n_layer=4,
+                n_head=HEADS,
+                n_positions=64,
+                pad_token_id=PAD,
+                bos_token_id=1,
+                eos_token_id=2,
+                initializer_range=0.2,
+            ),
+            "decoder",
+        ),
+        Case(
+            "gpt_neox",
+            "GPTNeoXForCausalLM",
+            lambda: transformers.GPTNeoXConfig(
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                num_hidden_layers=4,
+                num_attention_heads=HEADS,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                pad_token_id=PAD,
+                tie_word_embeddings=False,
+            ),
+            "decoder",
+        ),
+        Case(
+            "opt",
+            "OPTForCausalLM",
+            lambda: transformers.OPTConfig(
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                word_embed_proj_dim=HIDDEN,
+                num_hidden_layers=4,
+                num_attention_heads=HEADS,
+                ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=PAD,
+                bos_token_id=1,
+                eos_token_id=2,
+                init_std=0.2,
+            ),
+            "decoder",
+        ),
+        Case("bert", "BertForSequenceClassification", lambda: _bert_like(transformers.BertConfig), "encoder"),
+        Case("roberta", "RobertaForSequenceClassification", lambda: _bert_like(transformers.RobertaConfig), "encoder"),
+        Case(
+            "distilbert",
+            "DistilBertForSequenceClassification",
+            lambda: transformers.DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=HIDDEN,
+                n_layers=4,
+                n_heads=HEADS,
+                hidden_dim=64,
+                max_position_embeddings=64,
+                num_labels=3,
+                pad_token_id=PAD,
+                initializer_range=0.2,
+            ),
+            "encoder",
+        ),
+        Case(
+            "albert",
+            "AlbertForSequenceClassification",
+            lambda: _bert_like(transformers.AlbertConfig, embedding_size=16, num_hidden_groups=1),
+            "encoder",
+        ),
+        Case(
+            "albert_2groups",
+            "AlbertForSequenceClassification",
+            lambda: _bert_like(transformers.AlbertConfig, embedding_size=16, num_hidden_groups=2),
+            "encoder",
+        ),
+        Case(
+            "t5",
+            "T5ForConditionalGeneration",
+            lambda: transformers.T5Config(
+                vocab_size=VOCAB,
+                d_model=HIDDEN,
+                d_kv=8,
+                d_ff=64,
+                num_layers=3,
+                num_decoder_layers=3,
+                num_heads=HEADS,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+                pad_token_id=PAD,
+                eos_token_id=2,
+                decoder_start_token_id=PAD,
+                initializer_factor=10.0,
+            ),
+            "seq2seq",
+        ),
+        Case(
+            "bart",
+            "BartForConditionalGeneration",
+            lambda: transformers.BartConfig(
+                vocab_size=VOCAB,
+                d_model=HIDDEN,
+                encoder_layers=3,
+                decoder_layers=3,
+                encoder_attention_heads=HEADS,
+                decoder_attention_heads=HEADS,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=PAD,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                forced_eos_token_id=None,
+                init_std=0.2,
+            ),
+            "seq2seq",
+        ),
+        Case(
+            "whisper",
+            "WhisperForConditionalGeneration",
+            lambda: transformers.WhisperConfig(
+                vocab_size=VOCAB,
+                d_model=HIDDEN,
+                encoder_layers=3,
+                decoder_layers=3,
+                encoder_attention_heads=HEADS,
+                decoder_attention_heads=HEADS,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                num_mel_bins=8,
+                max_source_positions=8,
+                max_target_positions=32,
+                pad_token_id=PAD,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=1,
+                begin_suppress_tokens=None,
+                suppress_tokens=None,
+                init_std=0.2,
+            ),
+            "speech",
+        ),
+    ]
+}
+
+DECODERS = [n for n, c in CASES.items() if c.kind == "decoder"]
+ENCODER_DECODERS = [n for n, c in CASES.items() if c.kind in ("seq2seq", "speech")]
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A fresh tiny model of case `name`, random but reproducible, in eval mode."""
+    case = CASES[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, case.model_class)(case.config())
+    model.config._name_or_path = ""
+    return model.eval()
+
+
+def build_gemma3_multimodal(seed: int = 0) -> nn.Module:
+    """Gemma 3 with its vision tower (model_type "gemma3"; the decoder is the gemma3_text case). Kept out of CASES:
+    it takes the same text inputs as gemma3_text."""
+    text = CASES["gemma3_text"].config()
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    )
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForConditionalGeneration(config).eval()
+
+
+def input_ids(batch: int = 2, seq: int = SEQ, seed: int = 1, pad_first_row: int = 2) -> tuple[torch.Tensor, ...]:
+    """Token ids [batch, seq] in 3..VOCAB-1, and a mask with `pad_first_row` left-padded positions in row 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1 and pad_first_row:
+        ids[0, :pad_first_row] = PAD
+        mask[0, :pad_first_row] = 0
+    return ids, mask
+
+
+def inputs(name: str, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Forward-pass keyword arguments for case `name` (padding on the left for decoders, right for encoders)."""
+    kind = CASES[name].kind
+    ids, mask = input_ids(batch)
+    if kind == "encoder":
+        return {"input_ids": ids.flip(-1), "attention_mask": mask.flip(-1)}
+    if kind == "decoder":
+        return {"input_ids": ids, "attention_mask": mask}
+    dec_ids, _ = input_ids(batch, seq=4, seed=2, pad_first_row=0)
+    if kind == "seq2seq":
+        return {"input_ids": ids.flip(-1), "attention_mask": mask.flip(-1), "decoder_input_ids": dec_ids}
+    config = CASES[name].config()
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+    return {"input_features": features, "decoder_input_ids": dec_ids}
+
+
+def logits(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kwargs).logits
