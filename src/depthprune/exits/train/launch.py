@@ -1,0 +1,143 @@
+"""Command line for `train_exits`, meant to be started by `accelerate launch` (or plain `python -m`):
+
+    accelerate launch --multi_gpu --num_processes 2 -m depthprune.exits.train.launch \\
+        --model minilm --data spam-assassin --recipe two_stage --epochs 1 2 --output-dir out/minilm-spam
+
+On a machine without GPUs the processes run on CPU (gloo). `accelerate launch --cpu --num_processes N` starts only
+one process unless an MPI launcher is configured, so use --multi_gpu (or torchrun) for several CPU processes.
+The data is split 60/20/20 (train/calibration/test, stratified, seeded); after training the main process measures
+every exit on the test split and writes eval_test.json beside the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if "." not in text and "e" not in text.lower() else value
+
+
+def _hyper(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hyper takes NAME=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    from depthprune.exits.train import list_recipes
+
+    p = argparse.ArgumentParser(prog="python -m depthprune.exits.train.launch", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="minilm", help="model folder, hub id or embedded alias (default: minilm)")
+    p.add_argument("--data", required=True, help=".jsonl/.csv file, 'spam-assassin', or a Hugging Face dataset name")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--train", type=_number, default=0.6, help="train fraction (float) or count (int); default 0.6")
+    p.add_argument("--calibration", type=_number, default=0.2, help="calibration fraction or count; default 0.2")
+    p.add_argument("--limit-train", type=int, default=None, help="train on a stratified sample of N train examples")
+    p.add_argument("--recipe", default="two_stage", choices=list_recipes())
+    p.add_argument("--epochs", type=int, nargs="+", default=[1], help="one value, or one per stage")
+    p.add_argument("--lr", type=float, nargs="+", default=[5e-5], help="one value, or one per stage")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the new heads and the training order")
+    p.add_argument(
+        "--layers", type=int, nargs="*", default=None, help="exit after these layers (default: all but last)"
+    )
+    p.add_argument("--extras", nargs="*", default=None, help="halting gate agreement (default: what the recipe needs)")
+    p.add_argument("--hyper", nargs="*", default=[], help="recipe hyperparameters NAME=VALUE, e.g. beta=0.01")
+    p.add_argument("--fit-agreement", action="store_true", help="then train the agreement extra on frozen heads")
+    p.add_argument("--agreement-weight", type=float, default=0.0, help="add the agreement BCE to head-training stages")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="go on from the newest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-eval", action="store_true", help="skip measuring the exits on the test split")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from depthprune.exits.data import load_data, split, tokenize_batches
+    from depthprune.exits.heads import ExitHeads
+    from depthprune.exits.train import recipe_module
+    from depthprune.exits.train.evaluate import exit_accuracies
+    from depthprune.exits.train.trainer import no_accelerator, train_exits
+    from depthprune.io import load_model, load_tokenizer
+
+    state = PartialState(cpu=no_accelerator())  # as train_exits' Accelerator, so both see the same processes
+    data = load_data(
+        args.data, args.text_column, args.label_column, progress=state.is_main_process and not args.no_progress
+    )
+    parts = split(data, args.train, args.calibration, seed=args.seed)
+    if args.limit_train is not None and args.limit_train < len(parts.train):
+        parts.train = split(parts.train, args.limit_train, 0, seed=args.seed).train
+    names = data.label_names
+    model = load_model(
+        args.model,
+        task="seq-cls",
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    tokenizer = load_tokenizer(args.model)
+    extras = args.extras
+    if extras is None:
+        extras = list(getattr(recipe_module(args.recipe), "NEEDS", ()))
+        if args.fit_agreement or args.agreement_weight:
+            extras.append("agreement")
+    set_seed(args.seed)
+    heads = ExitHeads.for_model(model, layers=args.layers, extras=tuple(extras))
+    result = train_exits(
+        model,
+        heads,
+        parts.train,
+        tokenizer=tokenizer,
+        recipe=args.recipe,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        hyper=_hyper(args.hyper),
+        fit_agreement=args.fit_agreement,
+        agreement_weight=args.agreement_weight,
+        output_dir=args.output_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if state.is_main_process:
+        sizes = {k: len(getattr(parts, k)) for k in ("train", "calibration", "test")}
+        print(
+            f"trained {args.recipe} on {sizes['train']} examples in {result.train_seconds:.1f} s "
+            f"({result.num_processes} process(es)); splits {sizes}"
+        )
+        if not args.no_eval and len(parts.test):
+            batches = tokenize_batches(tokenizer, parts.test, args.batch_size, args.max_length)
+            acc = exit_accuracies(model, heads, batches, progress=not args.no_progress)
+            print(acc.table())
+            report = {"split": "test", "splits": sizes, "seed": args.seed, **acc.to_dict()}
+            (Path(args.output_dir) / "eval_test.json").write_text(json.dumps(report, indent=1))
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
