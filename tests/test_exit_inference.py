@@ -157,3 +157,21 @@ def test_exit_layer_validation():
         ExitHeads.for_model(model, layers=[1, 0])
     with pytest.raises(ValueError, match="unknown exit extras"):
         ExitHeads.for_model(model, extras=("nope",))
+
+
+def test_mean_pooling_ignores_padding_and_first_pooling_reads_the_first_token():
+    model = tiny("bert")
+    heads = ExitHeads.for_model(model).eval()
+    ids, mask = batch(4)
+    hidden = torch.randn(4, ids.shape[1], 32)
+    n = int(mask[0].sum())
+    with torch.no_grad():
+        padded = heads(0, hidden[:1], mask[:1]).logits
+        trimmed = heads(0, hidden[:1, :n], None).logits
+        torch.testing.assert_close(padded, trimmed)
+        first = ExitHeads.for_model(model, pooling="first").eval()
+        changed = hidden.clone()
+        changed[:, 1:] += 5.0  # only the first token matters to 'first' pooling
+        torch.testing.assert_close(first(0, hidden, mask).logits, first(0, changed, mask).logits)
+    with pytest.raises(ValueError, match="pooling"):
+        ExitHeads.for_model(model, pooling="max")

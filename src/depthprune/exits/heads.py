@@ -5,7 +5,13 @@ good start for training). Optional extra outputs per exit serve the learned exit
 - `halting`: PALBERT's lambda layer, the logit of the probability of stopping at this layer given not stopped before;
 - `gate`: JEI-DNN's exit gate, trained jointly with the heads;
 - `agreement`: a learned exit classifier predicting whether this exit's prediction already equals the final layer's.
-These read the pooled [CLS] hidden state plus the exit's own softmax statistics.
+These read the pooled hidden state plus the exit's own softmax statistics.
+
+Pooling: 'mean' (default) feeds the family's head the masked mean of the token states in place of the first token's
+state; 'first' uses the first token ([CLS] / <s>) as the final head does. Mean pooling is the default because on
+sentence-embedding checkpoints (all-MiniLM-L6-v2 is trained with mean pooling) the first token's state after the early
+layers barely differs between inputs: measured on SpamAssassin, 'first' exits after layers 0-3 only learned the class
+prior (0.687 test accuracy) while a linear probe on the same states reached 0.90-0.95.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from depthprune.exits.families import FAMILIES, final_head, head_family
 CONFIG_NAME = "exit_heads.json"
 WEIGHTS_NAME = "exit_heads.safetensors"
 EXTRAS = ("halting", "gate", "agreement")
+POOLINGS = ("mean", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +47,11 @@ class ExitHeadsConfig:
     hidden_size: int
     layers: tuple[int, ...]
     extras: tuple[str, ...] = ()
+    pooling: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.model_type not in FAMILIES:
             raise ValueError(f"exit heads support model types {sorted(FAMILIES)}, got {self.model_type!r}")
         layers = tuple(int(i) for i in self.layers)
@@ -66,7 +76,14 @@ class ExitHeadsConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExitHeadsConfig:
-        return cls(**{**data, "layers": tuple(data["layers"]), "extras": tuple(data.get("extras", ()))})
+        return cls(
+            **{
+                **data,
+                "layers": tuple(data["layers"]),
+                "extras": tuple(data.get("extras", ())),
+                "pooling": data.get("pooling", "first"),  # heads saved before pooling was configurable
+            }
+        )
 
 
 def _extra_net(hidden_size: int) -> nn.Module:
@@ -109,7 +126,13 @@ class ExitHeads(nn.Module):
             setattr(self, extra, nn.ModuleList(_extra_net(config.hidden_size) for _ in config.layers))
 
     @classmethod
-    def for_model(cls, model: nn.Module, layers: list[int] | None = None, extras: tuple[str, ...] = ()) -> ExitHeads:
+    def for_model(
+        cls,
+        model: nn.Module,
+        layers: list[int] | None = None,
+        extras: tuple[str, ...] = (),
+        pooling: str = "mean",
+    ) -> ExitHeads:
         """New exit heads for a sequence classifier, copied from its own head.
 
         Default: an exit after every layer but the last (which has the model's own classifier)."""
@@ -122,6 +145,7 @@ class ExitHeads(nn.Module):
             hidden_size=model.config.hidden_size,
             layers=tuple(range(n - 1)) if layers is None else tuple(layers),
             extras=tuple(extras),
+            pooling=pooling,
         )
         template = final_head(model)
         heads = [copy.deepcopy(template) for _ in config.layers]
@@ -134,12 +158,22 @@ class ExitHeads(nn.Module):
         except ValueError:
             return None
 
-    def forward(self, j: int, hidden: torch.Tensor) -> ExitOutput:
-        """Outputs of exit `j` for hidden states [batch, seq, hidden]."""
-        logits = self.family.forward(self.heads[j], hidden)  # [batch, labels]
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq, hidden] -> [batch, hidden] by the configured pooling (mask: [batch, seq], 1 = token)."""
+        if self.config.pooling == "first":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        mask = attention_mask[:, : hidden.shape[1]].to(hidden.dtype).unsqueeze(-1)  # [batch, seq, 1]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, j: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ExitOutput:
+        """Outputs of exit `j` for hidden states [batch, seq, hidden] (attention_mask [batch, seq] for mean pooling)."""
+        pooled = self.pool(hidden, attention_mask)  # [batch, hidden]
+        logits = self.family.forward(self.heads[j], pooled.unsqueeze(1))  # the family head reads position 0
         out = ExitOutput(logits)
         if self.config.extras:
-            feats = torch.cat([hidden[:, 0].float(), softmax_stats(logits).detach()], dim=-1).to(hidden.dtype)
+            feats = torch.cat([pooled.float(), softmax_stats(logits).detach()], dim=-1).to(hidden.dtype)
             for extra in self.config.extras:
                 setattr(out, extra, getattr(self, extra)[j](feats).squeeze(-1))
         return out
@@ -180,6 +214,6 @@ class ExitHeads(nn.Module):
                 f"exit heads in {folder} were made for a {config.model_type} with {config.num_labels} labels, "
                 f"not this {model.config.model_type} with {model.config.num_labels}"
             )
-        heads = cls.for_model(model, list(config.layers), config.extras)
+        heads = cls.for_model(model, list(config.layers), config.extras, config.pooling)
         heads.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         return heads

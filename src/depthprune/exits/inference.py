@@ -83,6 +83,7 @@ class EarlyExitClassifier:
         exit_layer = torch.full((batch,), n_layers - 1, dtype=torch.long, device=device)
         history: list[torch.Tensor] = []
         halting: list[torch.Tensor] = []
+        mask = attention_mask  # [active, seq] or None
         use_exits = self.heads is not None and self.criterion is not None
         for i, layer in enumerate(layers):
             hidden = call.run(layer, hidden)  # [active, seq, hidden]
@@ -93,7 +94,7 @@ class EarlyExitClassifier:
             j = self.heads.position(i) if use_exits else None
             if j is None:
                 continue
-            out: ExitOutput = self.heads(j, hidden)
+            out: ExitOutput = self.heads(j, hidden, mask)
             history.append(out.logits)
             if out.halting is not None:
                 halting.append(out.halting)
@@ -111,6 +112,7 @@ class EarlyExitClassifier:
                 break
             active = active[keep]
             hidden = hidden.index_select(0, keep)
+            mask = None if mask is None else mask.index_select(0, keep)
             call = call.select(keep)
             history = [h.index_select(0, keep) for h in history]
             halting = [h.index_select(0, keep) for h in halting]
@@ -160,5 +162,5 @@ def all_exit_outputs(
         hidden = call.run(layer, hidden)
         j = heads.position(i)
         if j is not None:
-            exits.append(heads(j, hidden))
+            exits.append(heads(j, hidden, attention_mask))
     return AllExits(exits, head_forward(final_head(model), heads, model, hidden), heads.config.layers, len(layers))
