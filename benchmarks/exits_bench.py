@@ -28,8 +28,8 @@ from depthprune.bench.speed import machine_info
 from depthprune.exits.calibrate import calibrate, check, collect_records, simulate
 from depthprune.exits.criteria import ExitState, criterion_class, list_criteria, make_criterion
 from depthprune.exits.data import spam_assassin, split, tokenize_batches
+from depthprune.exits.evaluate import speedups, time_exit_configs
 from depthprune.exits.heads import ExitHeads
-from depthprune.exits.inference import EarlyExitClassifier
 from depthprune.io import load_model, load_tokenizer
 
 
@@ -37,36 +37,16 @@ def usable(name: str, heads: ExitHeads) -> bool:
     return all(need in heads.config.extras for need in criterion_class(name).needs)
 
 
-def timed_pass(fn, batches) -> float:
+def per_call_ms(fn, *args, repeats: int = 30) -> float:
+    fn(*args)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for b in batches:
-            fn(b)
-    return time.perf_counter() - start
+    for _ in range(repeats):
+        fn(*args)
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
-def time_configs(model, heads, configs, data, tokenizer, batch_size, repeats, max_length):
-    """Seconds per pass over `data` for the full model and each (name, criterion), interleaved, median of repeats."""
-    batches = [
-        {k: v for k, v in b.items() if k != "labels"}
-        for b in tokenize_batches(tokenizer, data, batch_size=batch_size, max_length=max_length)
-    ]
-    runners = {"full": lambda b: model(**b)}
-    for name, crit in configs:
-        clf = EarlyExitClassifier(model, heads, crit)
-        runners[name] = lambda b, clf=clf: clf(b["input_ids"], b["attention_mask"])
-    for fn in runners.values():  # warm-up
-        timed_pass(fn, batches[:2])
-    times = {name: [] for name in runners}
-    for r in range(repeats):
-        order = list(runners)
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for name in order:
-            times[name].append(timed_pass(runners[name], batches))
-    return {name: statistics.median(ts) for name, ts in times.items()}, times
-
-
-def criterion_costs(model, heads, tokenizer, texts, max_length, repeats=30):
+@torch.inference_mode()
+def criterion_costs(model, heads, tokenizer, texts, max_length):
     """Milliseconds per exit of: one layer, one exit head, and each criterion's decision, at batch 1 and 32."""
     from depthprune.adapters.registry import get_adapter
     from depthprune.runner import capture_layer_inputs
@@ -74,29 +54,26 @@ def criterion_costs(model, heads, tokenizer, texts, max_length, repeats=30):
     rows = []
     adapter = get_adapter(model)
     stack = adapter.present_stacks(model)[-1]
-    layer = adapter.run_sequence(model, stack)[1]
+    layers = adapter.run_sequence(model, stack)
     for bs in (1, 32):
         batch = tokenizer(texts[:bs], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode():
-            hidden, call = capture_layer_inputs(model, dict(batch), stack=stack, adapter=adapter)
-            hidden = call.run(adapter.run_sequence(model, stack)[0], hidden)
-
-            def ms(fn):
-                fn()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    fn()
-                return 1000 * (time.perf_counter() - start) / repeats
-
-            row = {"batch": bs, "layer_ms": ms(lambda: call.run(layer, hidden)), "head_ms": ms(lambda: heads(1, hidden))}
-            out = heads(1, hidden)
-            history = [heads(0, hidden).logits, out.logits]
-            halting = [heads(0, hidden).halting, out.halting] if out.halting is not None else []
-            state = ExitState(1, heads.config.num_layers, out.logits, history, halting, out.gate, out.agreement)
-            for name in list_criteria():
-                if usable(name, heads):
-                    crit = make_criterion(name, criterion_class(name).grid()[2])
-                    row[f"{name}_ms"] = ms(lambda crit=crit: crit.decide(state))
+        hidden, call = capture_layer_inputs(model, dict(batch), stack=stack, adapter=adapter)
+        hidden = call.run(layers[0], hidden)
+        mask = batch["attention_mask"]
+        row = {
+            "batch": bs,
+            "layer_ms": per_call_ms(call.run, layers[1], hidden),
+            "head_ms": per_call_ms(heads, 1, hidden, mask),
+        }
+        first, out = heads(0, hidden, mask), heads(1, hidden, mask)
+        halting = [first.halting, out.halting] if out.halting is not None else []
+        state = ExitState(
+            1, heads.config.num_layers, out.logits, [first.logits, out.logits], halting, out.gate, out.agreement
+        )
+        for name in list_criteria():
+            if usable(name, heads):
+                crit = make_criterion(name, criterion_class(name).grid()[2])
+                row[f"{name}_ms"] = per_call_ms(crit.decide, state)
         rows.append(row)
     return rows
 
@@ -161,51 +138,105 @@ def main() -> None:
             result = calibrate(name, cal, delta=args.delta, epsilon=args.epsilon)
             for t in criterion_class(name).grid():
                 figs = check(make_criterion(name, t), test)
-                sweep_rows.append({"recipe": recipe, "criterion": name, "threshold": t, "accuracy": figs["accuracy"],
-                                   "agreement": figs["agreement"], "mean_layers": figs["mean_layers"]})
+                sweep_rows.append(
+                    {
+                        "recipe": recipe,
+                        "criterion": name,
+                        "threshold": t,
+                        "accuracy": figs["accuracy"],
+                        "agreement": figs["agreement"],
+                        "mean_layers": figs["mean_layers"],
+                    }
+                )
             if result.threshold is None:
-                summary_rows.append({"recipe": recipe, "criterion": name, "threshold": None,
-                                     "note": "no threshold certified"})
+                summary_rows.append(
+                    {"recipe": recipe, "criterion": name, "threshold": None, "note": "no threshold certified"}
+                )
                 continue
             crit = make_criterion(name, result.threshold)
             figs = check(crit, test)
             configs.append((f"{name}:{result.threshold:g}", crit))
-            summary_rows.append({
-                "recipe": recipe, "criterion": name, "threshold": result.threshold,
-                "test_acc": figs["accuracy"], "full_acc": full_acc,
-                "acc_drop_pts": 100 * (full_acc - figs["accuracy"]),
-                "agreement": figs["agreement"], "guaranteed": 1 - args.delta,
-                "mean_layers": figs["mean_layers"], "layers_saved": 1 - figs["mean_layers"] / test.num_layers,
-            })
+            summary_rows.append(
+                {
+                    "recipe": recipe,
+                    "criterion": name,
+                    "threshold": result.threshold,
+                    "test_acc": figs["accuracy"],
+                    "full_acc": full_acc,
+                    "acc_drop_pts": 100 * (full_acc - figs["accuracy"]),
+                    "agreement": figs["agreement"],
+                    "guaranteed": 1 - args.delta,
+                    "mean_layers": figs["mean_layers"],
+                    "layers_saved": 1 - figs["mean_layers"] / test.num_layers,
+                }
+            )
         for bs in (1, 32):
-            med, all_times = time_configs(model, heads, configs, timing, tokenizer, bs, args.repeats, args.max_length)
+            all_times = time_exit_configs(
+                model,
+                heads,
+                configs,
+                timing,
+                tokenizer,
+                batch_size=bs,
+                repeats=args.repeats,
+                max_length=args.max_length,
+            )
             raw[f"{recipe}/b{bs}"] = all_times
+            ratio = speedups(all_times)
+            full_median = statistics.median(all_times["full"])
             for row in summary_rows:
                 if row["recipe"] == recipe and row.get("threshold") is not None:
                     key = f"{row['criterion']}:{row['threshold']:g}"
-                    row[f"speedup_b{bs}"] = med["full"] / med[key]
-                    row[f"full_ms_per_sample_b{bs}"] = 1000 * med["full"] / len(timing)
+                    row[f"speedup_b{bs}"] = ratio[key]
+                    row[f"full_ms_per_sample_b{bs}"] = 1000 * full_median / len(timing)
         # timing subset: layers used on exactly those samples, to compare with the measured speedup
         for row in summary_rows:
             if row["recipe"] == recipe and row.get("threshold") is not None:
-                _, layers = simulate(make_criterion(row["criterion"], row["threshold"]), test.subset(
-                    torch.arange(len(timing))))
+                _, layers = simulate(
+                    make_criterion(row["criterion"], row["threshold"]), test.subset(torch.arange(len(timing)))
+                )
                 row["timing_mean_layers"] = float((layers + 1).float().mean())
                 points.append({**row, "accuracy": row["test_acc"], "full_accuracy": full_acc})
         costs[recipe] = criterion_costs(model, heads, tokenizer, timing.texts, args.max_length)
 
-    cols = ["recipe", "criterion", "threshold", "test_acc", "full_acc", "acc_drop_pts", "agreement", "mean_layers",
-            "layers_saved", "speedup_b1", "speedup_b32", "timing_mean_layers"]
-    table = format_table(summary_rows, columns=cols, title=(
-        f"calibrated thresholds (LTT: agreement >= {1 - args.delta:g} w.p. >= {1 - args.epsilon:g}); "
-        f"test n={len(splits.test)}, timing n={len(timing)}, {args.threads} thread(s)"))
+    cols = [
+        "recipe",
+        "criterion",
+        "threshold",
+        "test_acc",
+        "full_acc",
+        "acc_drop_pts",
+        "agreement",
+        "mean_layers",
+        "layers_saved",
+        "speedup_b1",
+        "speedup_b32",
+        "timing_mean_layers",
+    ]
+    table = format_table(
+        summary_rows,
+        columns=cols,
+        title=(
+            f"calibrated thresholds (LTT: agreement >= {1 - args.delta:g} w.p. >= {1 - args.epsilon:g}); "
+            f"test n={len(splits.test)}, timing n={len(timing)}, {args.threads} thread(s)"
+        ),
+    )
     print(table)
     for recipe, rows in costs.items():
         print(format_table(rows, title=f"{recipe}: cost per exit (ms)"))
     if points:
         pareto_png(points, out / "pareto.png")
-    write_json({"summary": summary_rows, "sweep": sweep_rows, "costs": costs, "raw_seconds": raw,
-                "machine": machine_info().to_dict(), "args": vars(args)}, out / "exits_bench.json")
+    write_json(
+        {
+            "summary": summary_rows,
+            "sweep": sweep_rows,
+            "costs": costs,
+            "raw_seconds": raw,
+            "machine": machine_info().to_dict(),
+            "args": vars(args),
+        },
+        out / "exits_bench.json",
+    )
     (out / "exits_table.txt").write_text(table + "\n")
     print(f"wrote {out / 'exits_bench.json'}, {out / 'pareto.png'}")
 

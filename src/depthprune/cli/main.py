@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the exported model from an earlier run")
     p.set_defaults(func=cmd_demo)
 
+    from depthprune.cli.exits import add_commands
+
+    add_commands(sub)
+
     p = sub.add_parser("list", help="list scorers, exit criteria and supported model types")
     p.set_defaults(func=cmd_list)
     return parser
@@ -183,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from depthprune.errors import DepthpruneError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-exits"]:  # its options belong to the training launcher (also run by `accelerate launch`)
+        from depthprune.exits.train.launch import main as launch_main
+
+        return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -152,6 +152,17 @@ def from_rows(
     return LabelledTexts(texts, labels, names)
 
 
+def read_texts(path: str | os.PathLike, text_column: str = "text") -> list[str]:
+    """The `text_column` of every row of a local .jsonl / .csv / .tsv file (no labels needed: for prediction)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a .jsonl, .csv or .tsv file")
+    rows = list(_read_rows(path))
+    if rows and text_column not in rows[0]:
+        raise ValueError(f"{path} has no column {text_column!r}; its columns are {sorted(rows[0])}")
+    return [str(row[text_column]) for row in rows]
+
+
 def load_labelled(
     source: str | os.PathLike, text_column: str = "text", label_column: str = "label", *, split: str = "train"
 ) -> LabelledTexts:

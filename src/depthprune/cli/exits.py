@@ -1,0 +1,179 @@
+"""Early-exit commands: train-exits, calibrate, classify, eval-exits (thin wrappers over depthprune.exits)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from pathlib import Path
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help=".jsonl/.csv with text/label columns, 'spam-assassin' or its path")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--train", type=float, default=0.6, help="train fraction used when the heads were trained")
+    p.add_argument("--calibration", type=float, default=0.2, help="calibration fraction (the rest is test)")
+    p.add_argument("--seed", type=int, default=0, help="split seed used when the heads were trained")
+    p.add_argument("--max-length", type=int, default=128)
+
+
+def _load(folder: str):
+    from depthprune.exits.heads import ExitHeads
+    from depthprune.io import load_model, load_tokenizer
+
+    model = load_model(folder, task="seq-cls")
+    return model, ExitHeads.load(folder, model).eval(), load_tokenizer(folder)
+
+
+def _splits(args: argparse.Namespace):
+    from depthprune.exits.data import load_data, split
+
+    data = load_data(args.data, args.text_column, args.label_column, progress=False)
+    return split(data, args.train, args.calibration, seed=args.seed)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from depthprune.bench.report import format_table
+    from depthprune.exits.calibrate import calibrate, check, collect_records
+    from depthprune.exits.criteria import make_criterion
+    from depthprune.exits.data import tokenize_batches
+
+    model, heads, tokenizer = _load(args.folder)
+    splits = _splits(args)
+    cal = collect_records(
+        model, heads, tokenize_batches(tokenizer, splits.calibration, 32, args.max_length), progress=True
+    )
+    test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
+    results, rows = [], []
+    for name in args.criterion.split(","):
+        result = calibrate(name, cal, delta=args.delta, epsilon=args.epsilon)
+        held = check(make_criterion(name, result.threshold), test) if result.threshold is not None else {}
+        results.append({**result.to_dict(), "heldout": held})
+        rows.append({"criterion": name, "threshold": result.threshold, **held})
+        print(result.guarantee())
+    print(format_table(rows, title=f"held-out check on the test split ({test.n} samples)"))
+    path = Path(args.folder) / CALIBRATION_FILE
+    tmp = path.with_name(f".{CALIBRATION_FILE}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _criterion(args: argparse.Namespace):
+    from depthprune.exits.criteria import make_criterion, parse_criterion
+
+    if args.exit:
+        return parse_criterion(args.exit)
+    path = Path(args.folder) / CALIBRATION_FILE
+    if not path.exists():
+        raise ValueError(f"pass --exit CRITERION:THRESHOLD, or run `depthprune calibrate {args.folder}` first")
+    chosen = [r for r in json.loads(path.read_text()) if r["threshold"] is not None]
+    if not chosen:
+        raise ValueError(f"{path} certifies no threshold; pass --exit CRITERION:THRESHOLD")
+    return make_criterion(chosen[0]["criterion"], chosen[0]["threshold"])
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from depthprune.exits.data import read_texts
+    from depthprune.exits.evaluate import classify
+
+    model, heads, tokenizer = _load(args.folder)
+    criterion = _criterion(args)
+    if args.text:
+        texts = args.text
+    elif args.file:
+        texts = read_texts(args.file, args.text_column)
+    else:
+        raise ValueError("give --text TEXT (repeatable) or --file PATH")
+    rows = classify(model, heads, criterion, texts, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    names = getattr(model.config, "id2label", None) or {}
+    for text, row in zip(texts, rows, strict=True):
+        row["label_name"] = names.get(row["label"], str(row["label"]))
+        row["text"] = text[:80]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(
+                f"{row['label_name']:>10}  p={row['probability']:.3f}  exit after {row['layers']}/{row['of_layers']} "
+                f"layers  {row['text']!r}"
+            )
+    return 0
+
+
+def cmd_eval_exits(args: argparse.Namespace) -> int:
+    from depthprune.bench.report import format_table
+    from depthprune.exits.calibrate import check, collect_records
+    from depthprune.exits.data import tokenize_batches
+    from depthprune.exits.evaluate import speedups, time_exit_configs
+
+    model, heads, tokenizer = _load(args.folder)
+    criterion = _criterion(args)
+    splits = _splits(args)
+    test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
+    row = {"criterion": f"{criterion.name}:{criterion.threshold:g}", **check(criterion, test)}
+    timing = splits.test.subset(range(min(args.timing_samples, len(splits.test))))
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        times = time_exit_configs(
+            model,
+            heads,
+            [("exit", criterion)],
+            timing,
+            tokenizer,
+            batch_size=bs,
+            repeats=args.repeats,
+            max_length=args.max_length,
+        )
+        row[f"speedup_b{bs}"] = speedups(times)["exit"]
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        print(
+            format_table([row], title=f"test split ({test.n}); wall-clock on {len(timing)} samples vs the full model")
+        )
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-exits",
+        add_help=False,
+        help="train exit heads (and the backbone, per recipe) through Accelerate; "
+        "`depthprune train-exits --help` for options; multi-process: "
+        "accelerate launch -m depthprune.exits.train.launch ...",
+    )
+    p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing
+
+    p = sub.add_parser("calibrate", help="choose exit thresholds with a guarantee (Learn-then-Test) and check them")
+    p.add_argument("folder", help="a folder written by train-exits")
+    p.add_argument("--criterion", default="max_prob", help="criterion name(s), comma-separated (see `depthprune list`)")
+    p.add_argument("--delta", type=float, default=0.01, help="allowed disagreement with the full model (default 0.01)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability (default 0.05)")
+    _split_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("classify", help="predict with early exit; prints each input's label and exit layer")
+    p.add_argument("folder", help="a folder written by train-exits")
+    p.add_argument("--exit", help="CRITERION:THRESHOLD (default: the calibrated one in calibration.json)")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--file", help="a .jsonl/.csv file with a text column")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("eval-exits", help="accuracy, mean layers and wall-clock speedup vs the full model")
+    p.add_argument("folder", help="a folder written by train-exits")
+    p.add_argument("--exit", help="CRITERION:THRESHOLD (default: the calibrated one in calibration.json)")
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--timing-samples", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    _split_args(p)
+    p.set_defaults(func=cmd_eval_exits)
