@@ -47,7 +47,12 @@ class Scorer(Protocol):
     name: str
 
     def __call__(
-        self, model: nn.Module, batches: list[torch.Tensor], n_remove: int = 1, *, stack: str | None = None,
+        self,
+        model: nn.Module,
+        batches: list[torch.Tensor],
+        n_remove: int = 1,
+        *,
+        stack: str | None = None,
         progress: bool = False,
     ) -> LayerScores: ...
 

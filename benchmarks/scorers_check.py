@@ -1,0 +1,163 @@
+"""Held-out perplexity of SmolLM2-135M after removing the layers each importance scorer chooses.
+
+Calibration: blocks from Moby-Dick before chapter 110; evaluation: blocks from chapter 110 on (depthprune.data).
+Every scorer gets the same calibration batches; the pruned model is a what-if copy sharing the weights.
+
+    python benchmarks/scorers_check.py                       # all scorers, n_remove 4 and 8
+    python benchmarks/scorers_check.py --scorers sleb --n-remove 8 --json out/scorers.json
+    python benchmarks/scorers_check.py --scorers lookahead_kl --reuse out/scorers.json   # compare with earlier runs
+
+SLEB is greedy, so its choice for a smaller n_remove is the start of its removal order for the largest one (what a
+separate run would return); it runs once at the largest n unless --rerun-greedy is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import depthprune
+from depthprune.bench.perplexity import perplexity
+from depthprune.data import calibration_text, heldout_text, token_blocks
+from depthprune.plan import LayerPlan
+from depthprune.static.apply import apply_plan, layer_sizes
+from depthprune.static.scorers import LayerScores, get_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORERS = ("block_influence", "angular", "sleb", "lookahead_kl")
+GREEDY = ("sleb",)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--moby-dick", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"))
+    parser.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2)")
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--n-remove", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-blocks", type=int, default=8)
+    parser.add_argument("--heldout-blocks", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=1, help="calibration blocks per batch given to scorers")
+    parser.add_argument("--rerun-greedy", action="store_true", help="run SLEB separately for every n_remove")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="take the results of scorers found in these --json "
+        "outputs of earlier runs (same data) instead of running them again",
+    )
+    args = parser.parse_args(argv)
+
+    model = depthprune.load_model(args.model)
+    tokenizer = depthprune.load_tokenizer(args.model)
+    calib = token_blocks(tokenizer, calibration_text(args.moby_dick), args.seq_len, args.calib_blocks)
+    heldout = token_blocks(tokenizer, heldout_text(args.moby_dick), args.seq_len, args.heldout_blocks)
+    batches = list(calib.split(args.batch_size))
+    sizes = layer_sizes(model)
+    stack = list(sizes)[-1]
+    log(
+        f"model {type(model).__name__}, {sizes[stack]} layers; calibration {tuple(calib.shape)}, "
+        f"held-out {tuple(heldout.shape)}, {torch.get_num_threads()} threads"
+    )
+
+    t = time.perf_counter()
+    full_ppl = perplexity(model, heldout)
+    results: dict = {"full": {"heldout_ppl": full_ppl, "eval_seconds": time.perf_counter() - t}, "scorers": {}}
+    log(f"full model: held-out perplexity {full_ppl:.2f}")
+
+    reused = {}
+    for path in args.reuse:
+        for name, runs in json.loads(Path(path).read_text())["scorers"].items():
+            reused[name] = {int(n): run for n, run in runs.items()}
+    for name in reused:
+        if all(n in reused[name] for n in args.n_remove):
+            results["scorers"][name] = {n: reused[name][n] for n in sorted(set(args.n_remove))}
+            log(f"{name}: results taken from an earlier run")
+    for name in args.scorers:
+        if name in results["scorers"]:
+            continue
+        scorer = get_scorer(name)
+        ns = sorted(set(args.n_remove))
+        out = results["scorers"][name] = {}
+        if name in GREEDY and not args.rerun_greedy:
+            t = time.perf_counter()
+            result = scorer(model, batches, n_remove=ns[-1], progress=True)
+            seconds = time.perf_counter() - t
+            chosen = [(n, sorted(result.details["order"][:n]), seconds if n == ns[-1] else None, result) for n in ns]
+        else:
+            chosen = []
+            for n in ns:
+                t = time.perf_counter()
+                result = scorer(model, batches, n_remove=n, progress=True)
+                chosen.append((n, list(result.remove), time.perf_counter() - t, result))
+                out[n] = heldout_run(model, heldout, stack, *chosen[-1][1:])
+                log_run(name, n, out[n], ns[-1])
+        for n, remove, seconds, result in chosen:
+            if n not in out:
+                out[n] = heldout_run(model, heldout, stack, remove, seconds, result)
+                log_run(name, n, out[n], ns[-1])
+
+    print_tables(results, sorted(set(args.n_remove)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def heldout_run(
+    model: nn.Module, heldout: torch.Tensor, stack: str, remove: list[int], seconds: float | None, result: LayerScores
+) -> dict:
+    """Held-out perplexity of the model without the layers `remove`, with what the scorer said."""
+    pruned = apply_plan(model, LayerPlan.drop(layer_sizes(model), {stack: remove}), share_weights=True)
+    return {
+        "remove": remove,
+        "seconds": seconds,
+        "heldout_ppl": perplexity(pruned, heldout),
+        "scores": list(result.scores),
+        "details": result.details,
+    }
+
+
+def log_run(name: str, n: int, run: dict, largest: int) -> None:
+    took = f"from the n={largest} run" if run["seconds"] is None else f"{run['seconds']:.0f}s"
+    log(f"{name} n={n}: remove {run['remove']} ({took}) -> held-out perplexity {run['heldout_ppl']:.2f}")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def print_tables(results: dict, ns: list[int]) -> None:
+    scorers = results["scorers"]
+    width = max([len(s) for s in scorers] + [10])
+    print(f"\nHeld-out perplexity (full model: {results['full']['heldout_ppl']:.2f})")
+    print(f"{'scorer':<{width}} " + " ".join(f"{'n=' + str(n):>10}" for n in ns))
+    for name, runs in scorers.items():
+        print(f"{name:<{width}} " + " ".join(f"{runs[n]['heldout_ppl']:>10.2f}" for n in ns))
+    baselines = [s for s in scorers if s != "lookahead_kl"]
+    if "lookahead_kl" in scorers and baselines:
+        ratios = []
+        for n in ns:
+            best = min(scorers[s][n]["heldout_ppl"] for s in baselines)
+            ratios.append(f"{scorers['lookahead_kl'][n]['heldout_ppl'] / best:>10.3f}")
+        print(f"{'ratio':<{width}} " + " ".join(ratios) + "   (lookahead_kl / best other scorer)")
+    print("\nScorer runtime (seconds)")
+    for name, runs in scorers.items():
+        cells = ["from n=" + str(ns[-1]) if runs[n]["seconds"] is None else f"{runs[n]['seconds']:.0f}" for n in ns]
+        print(f"{name:<{width}} " + " ".join(f"{c:>10}" for c in cells))
+    print("\nLayers removed")
+    for name, runs in scorers.items():
+        for n in ns:
+            print(f"{name:<{width}} n={n}: {runs[n]['remove']}")
+
+
+if __name__ == "__main__":
+    main()

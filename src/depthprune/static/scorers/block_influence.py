@@ -1,0 +1,50 @@
+"""ShortGPT's Block Influence (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than
+You Expect").
+
+BI_i = 1 - E_tokens[cos(x_i, x_{i+1})], where x_i enters layer i and x_{i+1} leaves it: a layer that barely turns
+the hidden states it is given matters little. The n layers with the lowest BI are removed. One forward pass over
+the calibration batches; works on any stack (encoder, decoder) of any model type.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from depthprune.static.scorers import LayerScores
+from depthprune.static.scorers.hidden import as_batches, eval_mode, resolve_target, stack_states
+
+NAME = "block_influence"
+
+
+@torch.no_grad()
+def block_influence(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    n_remove: int = 1,
+    *,
+    stack: str | None = None,
+    progress: bool = False,
+) -> LayerScores:
+    """Score each layer by 1 - mean cosine similarity of its input and output hidden states over all tokens."""
+    target = resolve_target(model, stack, n_remove, NAME)
+    batches = as_batches(batches, NAME)
+    sums = torch.zeros(target.n_layers, dtype=torch.float64)
+    count = 0
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=NAME, unit="batch")
+    with eval_mode(model):
+        for ids in batches:
+            inputs, outputs = stack_states(model, ids, target)
+            for i, (x_in, x_out) in enumerate(zip(inputs, outputs, strict=True)):
+                cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [batch, seq]
+                sums[i] += cos.sum().double().cpu()
+            count += ids.numel()
+    bi = (1.0 - sums / count).tolist()
+    remove = sorted(range(target.n_layers), key=lambda i: (bi[i], i))[:n_remove]
+    return LayerScores(NAME, target.name, tuple(bi), tuple(remove), {"tokens": count})
+
+
+SCORER = block_influence
