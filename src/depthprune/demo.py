@@ -60,8 +60,9 @@ def run_demo(
     model_name: str | None = None,
     remove: float = 0.25,
     scorers: list[str] | None = None,
-    calib_blocks: int = 8,
-    heldout_blocks: int = 16,
+    calib_blocks: int = 4,
+    calib_seq_len: int = 128,
+    heldout_blocks: int = 8,
     seq_len: int = 256,
     speed_repeats: int = 3,
     overwrite: bool = False,
@@ -80,7 +81,9 @@ def run_demo(
     n = n_to_remove(sizes[stack], remove)
 
     print(f"[2/5] scoring {sizes[stack]} layers with every scorer, choosing {n} to remove")
-    batches = calibration_batches(tokenizer, seq_len=seq_len, n_blocks=calib_blocks)
+    # A small calibration set keeps the greedy and beam searches of SLEB and lookahead_kl within the demo's
+    # 10-minute budget on 2 CPU cores; benchmarks/scorers_check.py measures the scorers with more data.
+    batches = calibration_batches(tokenizer, seq_len=calib_seq_len, n_blocks=calib_blocks)
     results = analyze(model, batches, scorers=scorers, n_remove=n, progress=progress)
     files = write_analysis(results, out, title=f"SmolLM2 layer importance ({n} of {sizes[stack]} removed, circles)")
 
