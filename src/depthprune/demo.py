@@ -60,7 +60,7 @@ def run_demo(
     model_name: str | None = None,
     remove: float = 0.25,
     scorers: list[str] | None = None,
-    calib_blocks: int = 4,
+    calib_blocks: int = 2,
     calib_seq_len: int = 128,
     heldout_blocks: int = 8,
     seq_len: int = 256,
@@ -85,7 +85,7 @@ def run_demo(
     # 10-minute budget on 2 CPU cores; benchmarks/scorers_check.py measures the scorers with more data.
     batches = calibration_batches(tokenizer, seq_len=calib_seq_len, n_blocks=calib_blocks)
     results = analyze(model, batches, scorers=scorers, n_remove=n, progress=progress)
-    files = write_analysis(results, out, title=f"SmolLM2 layer importance ({n} of {sizes[stack]} removed, circles)")
+    files = write_analysis(results, out, title=f"SmolLM2 layer importance ({n} of {sizes[stack]} removed)")
 
     print("[3/5] building the pruned models")
     pruned = {
