@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from depthprune.errors import OutputExistsError
+from depthprune.fsutil import atomic_folder
 
 
 def _protected_folders(model: nn.Module) -> list[Path]:
@@ -80,22 +79,8 @@ def save_model(
     ):
         model = plain_copy(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, state_dict=_untied_state_dict(model), max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            os.replace(out, backup)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if backup.exists():
-            if out.exists():
-                shutil.rmtree(backup, ignore_errors=True)
-            else:  # the swap failed half-way: put the old folder back
-                os.replace(backup, out)
     return out

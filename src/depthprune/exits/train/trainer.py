@@ -204,27 +204,15 @@ def _save_checkpoint(out: Path, model, heads, optimizer, scheduler, state: dict[
 
 
 def _save_final(out: Path, model, heads, tokenizer, result: TrainResult) -> None:
+    from depthprune.fsutil import atomic_folder
     from depthprune.static.export import save_model
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(out) as tmp:
         save_model(model, tmp, tokenizer)
         heads.save(tmp)
         (tmp / LOG_NAME).write_text(json.dumps(result.to_dict(), indent=1))
         if (out / CHECKPOINTS).is_dir():
             os.replace(out / CHECKPOINTS, tmp / CHECKPOINTS)
-        if out.exists():
-            os.replace(out, backup)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if backup.exists():
-            if out.exists():
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(backup, out)
 
 
 def train_exits(
