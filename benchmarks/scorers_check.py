@@ -5,7 +5,7 @@ Every scorer gets the same calibration batches; the pruned model is a what-if co
 
     python benchmarks/scorers_check.py                       # all scorers, n_remove 4 and 8
     python benchmarks/scorers_check.py --scorers sleb --n-remove 8 --json out/scorers.json
-    python benchmarks/scorers_check.py --scorers lookahead_kl --reuse out/scorers.json   # compare with earlier runs
+    python benchmarks/scorers_check.py --json out/new.json --reuse out/scorers.json   # only what is not there yet
 
 SLEB is greedy, so its choice for a smaller n_remove is the start of its removal order for the largest one (what a
 separate run would return); it runs once at the largest n unless --rerun-greedy is given.
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         default=[],
         metavar="JSON",
-        help="take the results of scorers found in these --json "
-        "outputs of earlier runs (same data) instead of running them again",
+        help="take (scorer, n_remove) results found in these "
+        "--json outputs of earlier runs (same data) instead of running them again; also resumes a cut-short run",
     )
     args = parser.parse_args(argv)
 
@@ -73,42 +73,41 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"full": {"heldout_ppl": full_ppl, "eval_seconds": time.perf_counter() - t}, "scorers": {}}
     log(f"full model: held-out perplexity {full_ppl:.2f}")
 
-    reused = {}
+    ns = sorted(set(args.n_remove))
+    earlier: dict[str, dict[int, dict]] = {}
     for path in args.reuse:
-        for name, runs in json.loads(Path(path).read_text())["scorers"].items():
-            reused[name] = {int(n): run for n, run in runs.items()}
-    for name in reused:
-        if all(n in reused[name] for n in args.n_remove):
-            results["scorers"][name] = {n: reused[name][n] for n in sorted(set(args.n_remove))}
-            log(f"{name}: results taken from an earlier run")
+        if Path(path).exists():
+            for name, runs in json.loads(Path(path).read_text())["scorers"].items():
+                earlier.setdefault(name, {}).update({int(n): run for n, run in runs.items()})
     for name in args.scorers:
-        if name in results["scorers"]:
+        out = results["scorers"][name] = {}
+        for n in ns:
+            if n in earlier.get(name, {}):
+                out[n] = earlier[name][n]
+                log(f"{name} n={n}: taken from an earlier run")
+        todo = [n for n in ns if n not in out]
+        if not todo:
             continue
         scorer = get_scorer(name)
-        ns = sorted(set(args.n_remove))
-        out = results["scorers"][name] = {}
         if name in GREEDY and not args.rerun_greedy:
             t = time.perf_counter()
-            result = scorer(model, batches, n_remove=ns[-1], progress=True)
+            result = scorer(model, batches, n_remove=todo[-1], progress=True)
             seconds = time.perf_counter() - t
-            chosen = [(n, sorted(result.details["order"][:n]), seconds if n == ns[-1] else None, result) for n in ns]
-        else:
-            chosen = []
-            for n in ns:
-                t = time.perf_counter()
-                result = scorer(model, batches, n_remove=n, progress=True)
-                chosen.append((n, list(result.remove), time.perf_counter() - t, result))
-                out[n] = heldout_run(model, heldout, stack, *chosen[-1][1:])
-                log_run(name, n, out[n], ns[-1])
-        for n, remove, seconds, result in chosen:
-            if n not in out:
-                out[n] = heldout_run(model, heldout, stack, remove, seconds, result)
-                log_run(name, n, out[n], ns[-1])
+            for n in todo:
+                remove = sorted(result.details["order"][:n])
+                out[n] = heldout_run(model, heldout, stack, remove, seconds if n == todo[-1] else None, result)
+                log_run(name, n, out[n], todo[-1])
+                save(results, args.json)
+            continue
+        for n in todo:
+            t = time.perf_counter()
+            result = scorer(model, batches, n_remove=n, progress=True)
+            out[n] = heldout_run(model, heldout, stack, list(result.remove), time.perf_counter() - t, result)
+            log_run(name, n, out[n], n)
+            save(results, args.json)
 
-    print_tables(results, sorted(set(args.n_remove)))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print_tables(results, ns)
+    save(results, args.json)
     return results
 
 
@@ -129,6 +128,13 @@ def heldout_run(
 def log_run(name: str, n: int, run: dict, largest: int) -> None:
     took = f"from the n={largest} run" if run["seconds"] is None else f"{run['seconds']:.0f}s"
     log(f"{name} n={n}: remove {run['remove']} ({took}) -> held-out perplexity {run['heldout_ppl']:.2f}")
+
+
+def save(results: dict, path: str | None) -> None:
+    """Write the results so far (after every run, so a long check that is cut short keeps what it has)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2, default=str))
 
 
 def log(msg: str) -> None:
