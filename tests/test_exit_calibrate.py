@@ -107,3 +107,61 @@ def test_offline_replay_matches_online_inference():
         online = EarlyExitClassifier(model, heads, crit)(ids, mask)
         assert layers.tolist() == online.exit_layer.tolist(), name
         assert pred.tolist() == online.predictions.tolist(), name
+
+
+def with_noisy_labels(records, generator, wrong=0.2):
+    """The same records with labels the full model gets wrong on a `wrong` share of samples."""
+    final = records.final.argmax(-1)
+    flip = torch.rand(final.shape, generator=generator) < wrong
+    return ExitRecords(
+        records.logits, records.final, records.exit_layers, records.num_layers, labels=torch.where(flip, 1 - final, final)
+    )
+
+
+def test_accuracy_drop_counts_only_samples_the_full_model_gets_right():
+    # 4 samples, one exit after layer 0 that always fires (confidence 1): exit predictions 1, 1, 0, 0
+    logits = torch.tensor([[[0.0, 50.0], [0.0, 50.0], [50.0, 0.0], [50.0, 0.0]]])
+    final = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])  # full model predicts 0, 1, 0, 1
+    labels = torch.tensor([0, 1, 1, 0])  # full model right on samples 0 and 1, wrong on 2 and 3
+    records = ExitRecords(logits, final, (0,), 2, labels=labels)
+    grid = [0.99]
+    drop = calibrate("max_prob", records, delta=0.5, epsilon=0.5, grid=grid, risk="accuracy_drop")
+    dis = calibrate("max_prob", records, delta=0.5, epsilon=0.5, grid=grid)
+    # disagreements: samples 0 and 3 (risk 0.5); accuracy lost: sample 0 only (full right, exit wrong): 0.25
+    assert dis.table[0]["risk"] == pytest.approx(0.5)
+    assert drop.table[0]["risk"] == pytest.approx(0.25)
+    assert drop.risk == "accuracy_drop" and "accuracy drops by at most 50 points" in drop.guarantee()
+
+
+def test_accuracy_drop_guarantee_holds_and_is_never_more_conservative():
+    g = torch.Generator().manual_seed(3)
+    population = with_noisy_labels(synthetic(200_000, g), g)
+    delta, epsilon, grid = 0.08, 0.1, [1.0, 0.97, 0.95, 0.93, 0.9, 0.88, 0.86, 0.84, 0.82, 0.8, 0.75, 0.7, 0.6]
+    full_right = population.final.argmax(-1) == population.labels
+    true_risk = {}
+    for t in grid:
+        pred, _ = simulate(make_criterion("max_prob", t), population)
+        true_risk[t] = float((full_right & (pred != population.labels)).float().mean())
+    assert min(true_risk.values()) < delta < max(true_risk.values())
+    violations, draws, more_aggressive = 0, 150, 0
+    for _ in range(draws):
+        sample = with_noisy_labels(synthetic(300, g), g)
+        drop = calibrate("max_prob", sample, delta=delta, epsilon=epsilon, grid=grid, risk="accuracy_drop")
+        dis = calibrate("max_prob", sample, delta=delta, epsilon=epsilon, grid=grid)
+        if drop.threshold is not None and true_risk[drop.threshold] > delta:
+            violations += 1
+        # its losses are a subset of the disagreements, so it certifies at least as far down the grid
+        assert len(drop.table) >= len(dis.table)
+        more_aggressive += len(drop.table) > len(dis.table)
+    assert violations / draws <= epsilon + 0.05
+    assert more_aggressive > 0
+
+
+def test_risk_errors():
+    g = torch.Generator().manual_seed(2)
+    records = synthetic(50, g)
+    with pytest.raises(ValueError, match="unknown risk 'accuracy'.*disagreement, accuracy_drop"):
+        calibrate("max_prob", records, risk="accuracy")
+    unlabelled = ExitRecords(records.logits, records.final, records.exit_layers, records.num_layers)
+    with pytest.raises(ValueError, match="needs labels on the calibration split"):
+        calibrate("max_prob", unlabelled, risk="accuracy_drop")

@@ -240,6 +240,22 @@ def test_joint_training_lowers_the_loss_and_exits_learn():
     assert (out.exits[0].logits.argmax(-1) == truth).float().mean() > 0.8  # held-out texts, first exit
 
 
+def test_head_lr_gives_the_exit_heads_their_own_learning_rate():
+    model = _tiny()
+    heads = ExitHeads.for_model(model)
+    m0, h0 = _params(model), _params(heads)
+    result = train_exits(
+        model, heads, _data(), tokenizer=_tokenizer(), recipe="joint", epochs=1, lr=1e-12, head_lr=1e-2,
+        batch_size=16, progress=False,
+    )  # fmt: skip
+    assert _same(m0, _params(model), atol=1e-9)  # the backbone barely moves at lr 1e-12 ...
+    moved = max((h0[k] - v).abs().max().item() for k, v in _params(heads).items())
+    assert moved > 1e-3  # ... while the heads take steps of about 1e-2
+    assert result.head_lr == 1e-2
+    with pytest.raises(ValueError, match="head_lr must be positive"):
+        train_exits(model, heads, _data(), tokenizer=_tokenizer(), head_lr=0.0, progress=False)
+
+
 def test_recipe_needing_an_extra_refuses_heads_without_it():
     model = _tiny()
     with pytest.raises(ValueError, match=r"needs exit heads with the extras \['halting'\]"):

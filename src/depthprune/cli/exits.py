@@ -50,7 +50,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
     results, rows = [], []
     for name in args.criterion.split(","):
-        result = calibrate(name, cal, delta=args.delta, epsilon=args.epsilon)
+        result = calibrate(name, cal, delta=args.delta, epsilon=args.epsilon, risk=args.risk)
         held = check(make_criterion(name, result.threshold), test) if result.threshold is not None else {}
         results.append({**result.to_dict(), "heldout": held})
         rows.append({"criterion": name, "threshold": result.threshold, **held})
@@ -152,7 +152,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="choose exit thresholds with a guarantee (Learn-then-Test) and check them")
     p.add_argument("folder", help="a folder written by train-exits")
     p.add_argument("--criterion", default="max_prob", help="criterion name(s), comma-separated (see `depthprune list`)")
-    p.add_argument("--delta", type=float, default=0.01, help="allowed disagreement with the full model (default 0.01)")
+    p.add_argument(
+        "--risk",
+        default="disagreement",
+        choices=["disagreement", "accuracy_drop"],
+        help="what delta bounds: disagreement with the full model (default), or the accuracy drop (needs labels)",
+    )
+    p.add_argument("--delta", type=float, default=0.01, help="allowed risk (default 0.01)")
     p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability (default 0.05)")
     _split_args(p)
     p.set_defaults(func=cmd_calibrate)

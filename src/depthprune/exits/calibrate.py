@@ -9,6 +9,14 @@ that is not rejected at level epsilon (fixed-sequence testing controls the famil
 correction). The chosen threshold is the most aggressive rejected one: every rejected threshold has risk <= delta
 simultaneously with probability >= 1 - epsilon.
 
+Two risks can be controlled for classifiers (`risk=`):
+
+- "disagreement" (default): the share of samples whose early-exit prediction differs from the full model's.
+- "accuracy_drop": the share of samples the full model gets right and the early-exit prediction gets wrong. The
+  accuracy lost to early exit is at most this share (exits can also fix some of the full model's mistakes), so
+  controlling it bounds the accuracy drop by delta. Needs labels on the calibration split. It is the weaker, and often
+  the more useful, guarantee: disagreements on samples the full model already gets wrong cost no accuracy.
+
 The same machinery serves any per-sample loss in [0, 1] (token agreement, ROUGE-L, ...) through `ltt_select`; for
 losses that are not 0/1 the p-value uses Hoeffding's bound instead of the exact binomial tail.
 """
@@ -58,6 +66,9 @@ def risk_p_value(losses: torch.Tensor, delta: float) -> float:
     return 1.0 if mean >= delta else math.exp(-2 * n * (delta - mean) ** 2)
 
 
+RISKS = ("disagreement", "accuracy_drop")
+
+
 @dataclasses.dataclass
 class Calibration:
     """Result of calibrating one criterion: the chosen threshold (None if even the most conservative fails)."""
@@ -68,18 +79,26 @@ class Calibration:
     epsilon: float
     n: int
     table: list[dict[str, Any]]  # one row per tested threshold: threshold, risk, p_value, rejected, mean_layers
+    risk: str = "disagreement"
 
     def guarantee(self) -> str:
+        what = "disagreement" if self.risk == "disagreement" else "the accuracy drop"
         if self.threshold is None:
             return (
                 f"{self.criterion}: no threshold certified: even the most conservative candidate could not be shown to "
-                f"keep disagreement <= {self.delta} at confidence {1 - self.epsilon} on {self.n} calibration samples; "
+                f"keep {what} <= {self.delta} at confidence {1 - self.epsilon} on {self.n} calibration samples; "
                 "use more calibration data or a larger delta"
+            )
+        if self.risk == "disagreement":
+            claim = f"agreement with the full model on new data from the same distribution is >= {1 - self.delta:g}"
+        else:
+            claim = (
+                "on new data from the same distribution, the share of samples the full model gets right and early "
+                f"exit gets wrong is <= {self.delta:g}, so accuracy drops by at most {100 * self.delta:g} points"
             )
         return (
             f"{self.criterion}:{self.threshold:g} -- with probability >= {1 - self.epsilon:g} over the calibration "
-            f"draw ({self.n} samples), agreement with the full model on new data from the same distribution is "
-            f">= {1 - self.delta:g} (Learn-then-Test, fixed-sequence testing, exact binomial p-values)"
+            f"draw ({self.n} samples), {claim} (Learn-then-Test, fixed-sequence testing, exact binomial p-values)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,18 +255,29 @@ def calibrate(
     delta: float = 0.01,
     epsilon: float = 0.05,
     grid: Sequence[float] | None = None,
+    risk: str = "disagreement",
 ) -> Calibration:
-    """Pick the most aggressive threshold of `criterion` certified to keep disagreement with the full model
-    <= delta with probability >= 1 - epsilon (see the module docstring)."""
+    """Pick the most aggressive threshold of `criterion` certified to keep the risk (disagreement with the full
+    model, or the accuracy drop: see the module docstring) <= delta with probability >= 1 - epsilon."""
+    if risk not in RISKS:
+        raise ValueError(f"unknown risk {risk!r}; choose one of {', '.join(RISKS)}")
+    if risk == "accuracy_drop" and records.labels is None:
+        raise ValueError(
+            "risk='accuracy_drop' needs labels on the calibration split; give a label column, or use "
+            "risk='disagreement', which needs none"
+        )
     cls = criterion_class(criterion)
     thresholds = list(grid) if grid is not None else cls.grid()
     reference = records.final.argmax(-1)
+    full_right = None if records.labels is None else reference == records.labels
 
     def run(t: float) -> tuple[torch.Tensor, torch.Tensor]:
         return simulate(cls(t), records)
 
     def losses_of(t: float) -> torch.Tensor:
         pred, _ = run(t)
+        if risk == "accuracy_drop":
+            return (full_right & (pred != records.labels)).float()
         return (pred != reference).float()
 
     def extra_of(t: float) -> dict[str, Any]:
@@ -255,7 +285,7 @@ def calibrate(
         return {"mean_layers": float((layers + 1).float().mean())}
 
     chosen, table = ltt_select(thresholds, losses_of, delta, epsilon, extra_of)
-    return Calibration(criterion, chosen, delta, epsilon, records.n, table)
+    return Calibration(criterion, chosen, delta, epsilon, records.n, table, risk)
 
 
 def check(criterion: Criterion, records: ExitRecords) -> dict[str, float]:

@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="two_stage", choices=list_recipes())
     p.add_argument("--epochs", type=int, nargs="+", default=[1], help="one value, or one per stage")
     p.add_argument("--lr", type=float, nargs="+", default=[5e-5], help="one value, or one per stage")
+    p.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="the exit heads' learning rate in stages that also train the backbone (default: --lr)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the new heads and the training order")
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe=args.recipe,
         epochs=args.epochs,
         lr=args.lr,
+        head_lr=args.head_lr,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,

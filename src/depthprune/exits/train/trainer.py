@@ -57,6 +57,7 @@ class TrainResult:
     epoch_losses: list[dict[str, Any]]
     train_seconds: float
     output_dir: str | None = None
+    head_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,6 +146,20 @@ def _partial(fn: Callable[..., torch.Tensor], kwargs: dict[str, Any]) -> Callabl
     return bound
 
 
+def _param_groups(
+    params: list[nn.Parameter], heads: nn.Module, lr: float, head_lr: float | None
+) -> list[dict[str, Any]]:
+    """One optimizer group, or two when the exit heads get their own learning rate."""
+    if head_lr is None:
+        return [{"params": params, "lr": lr}]
+    head_ids = {id(p) for p in heads.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+        {"params": [p for p in params if id(p) in head_ids], "lr": head_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def no_accelerator() -> bool:
     """True on a machine without a GPU (or other torch accelerator): Accelerate must then be told to use the CPU, or
     several launched processes would not form one data-parallel group."""
@@ -224,6 +239,7 @@ def train_exits(
     recipe: str = "two_stage",
     epochs: int | Sequence[int] = 1,
     lr: float | Sequence[float] = 5e-5,
+    head_lr: float | None = None,
     batch_size: int = 32,
     max_length: int = 128,
     seed: int = 0,
@@ -241,7 +257,8 @@ def train_exits(
     """Train `heads` (and `model`, when the recipe's stages say so) on `data`, in place, through Accelerate.
 
     recipe: a name from `depthprune.exits.train.list_recipes()`; its stages run in order. epochs / lr: one value for
-    every stage or one per stage. batch_size is per process. hyper: the recipe loss's keyword arguments (e.g.
+    every stage or one per stage. head_lr: the exit heads' learning rate in stages that also train the backbone
+    (fresh heads usually want a larger one than a fine-tuned backbone; default: the stage's lr). batch_size is per process. hyper: the recipe loss's keyword arguments (e.g.
     palbert's beta, lambda_p). fit_agreement: append a stage that trains only the agreement extra (backbone and heads
     frozen); agreement_weight > 0 instead adds the agreement BCE to every stage that trains the heads.
     output_dir: where the main process writes the fine-tuned model (save_pretrained) + tokenizer + exit heads +
@@ -277,6 +294,8 @@ def train_exits(
     losses = _bind_hyper(stages, hyper)
     epochs_list = _per_stage(epochs, len(stages), "epochs", int)
     lr_list = _per_stage(lr, len(stages), "lr", float)
+    if head_lr is not None and not head_lr > 0:
+        raise ValueError(f"head_lr must be positive, got {head_lr!r}")
     if any(e < 0 for e in epochs_list) or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs_list}, {batch_size}")
     out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
@@ -324,7 +343,11 @@ def train_exits(
             model.train()
             heads.train()
             wrapper = _ExitModel(model, heads)
-            optimizer = torch.optim.AdamW(params, lr=stage_lr, weight_decay=weight_decay)
+            optimizer = torch.optim.AdamW(
+                _param_groups(params, heads, stage_lr, head_lr if stage.trainable == "all" else None),
+                lr=stage_lr,
+                weight_decay=weight_decay,
+            )
             wrapped, optimizer = accelerator.prepare(wrapper, optimizer)
             loaders = []
             for epoch in range(n_epochs):
@@ -401,6 +424,7 @@ def train_exits(
         stages=[s.name for s in stages],
         epochs=epochs_list,
         lr=lr_list,
+        head_lr=head_lr,
         batch_size=batch_size,
         seed=seed,
         hyper=hyper,
