@@ -4,7 +4,8 @@ For each trained model folder (backbone + exit heads, written by `depthprune tra
 1. record every exit's outputs on the calibration and test splits (the splits training used: same seed);
 2. for every criterion the heads support: calibrate its threshold with Learn-then-Test for each risk (disagreement
    with the full model <= delta, and/or the accuracy drop <= delta, with probability >= 1 - epsilon), check the
-   guarantee on the test split, and sweep its whole threshold grid (accuracy and mean layers from an exact offline replay of the criterion);
+   guarantee on the test split, and sweep its whole threshold grid (accuracy and mean layers from an exact offline
+   replay of the criterion);
 3. time the calibrated configurations on a fixed subset of the test split at batch 1 and batch 32, interleaved with the
    untouched classifier (the plain model forward) in the same run: median of repeats, ratio to the full model;
 4. measure what each criterion costs per exit (head + decision) next to one layer.

@@ -114,7 +114,11 @@ def with_noisy_labels(records, generator, wrong=0.2):
     final = records.final.argmax(-1)
     flip = torch.rand(final.shape, generator=generator) < wrong
     return ExitRecords(
-        records.logits, records.final, records.exit_layers, records.num_layers, labels=torch.where(flip, 1 - final, final)
+        records.logits,
+        records.final,
+        records.exit_layers,
+        records.num_layers,
+        labels=torch.where(flip, 1 - final, final),
     )
 
 

@@ -258,9 +258,10 @@ def train_exits(
 
     recipe: a name from `depthprune.exits.train.list_recipes()`; its stages run in order. epochs / lr: one value for
     every stage or one per stage. head_lr: the exit heads' learning rate in stages that also train the backbone
-    (fresh heads usually want a larger one than a fine-tuned backbone; default: the stage's lr). batch_size is per process. hyper: the recipe loss's keyword arguments (e.g.
-    palbert's beta, lambda_p). fit_agreement: append a stage that trains only the agreement extra (backbone and heads
-    frozen); agreement_weight > 0 instead adds the agreement BCE to every stage that trains the heads.
+    (fresh heads usually want a larger one than a fine-tuned backbone; default: the stage's lr). batch_size is per
+    process. hyper: the recipe loss's keyword arguments (e.g. palbert's beta, lambda_p). fit_agreement: append a
+    stage that trains only the agreement extra (backbone and heads frozen); agreement_weight > 0 instead adds the
+    agreement BCE to every stage that trains the heads.
     output_dir: where the main process writes the fine-tuned model (save_pretrained) + tokenizer + exit heads +
     train_log.json, atomically at the end; checkpoints go to output_dir/checkpoints/step-N every `checkpoint_every`
     optimizer steps (0: none), and `resume=True` goes on from the newest one (model, heads, optimizer, position in the
