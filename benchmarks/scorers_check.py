@@ -6,6 +6,9 @@ Every scorer gets the same calibration batches; the pruned model is a what-if co
     python benchmarks/scorers_check.py                       # all scorers, n_remove 4 and 8
     python benchmarks/scorers_check.py --scorers sleb --n-remove 8 --json out/scorers.json
     python benchmarks/scorers_check.py --json out/new.json --reuse out/scorers.json   # only what is not there yet
+    python benchmarks/scorers_check.py --n-remove 4 8 12 --png curve.png --reuse out/scorers.json  # plot, no runs
+
+--png writes the layers-removed vs held-out perplexity curve of every scorer (the untouched model at 0 removed).
 
 SLEB is greedy, so its choice for a smaller n_remove is the start of its removal order for the largest one (what a
 separate run would return); it runs once at the largest n unless --rerun-greedy is given.
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=1, help="calibration blocks per batch given to scorers")
     parser.add_argument("--rerun-greedy", action="store_true", help="run SLEB separately for every n_remove")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--png", default=None, help="also plot layers removed vs held-out perplexity here")
     parser.add_argument(
         "--reuse",
         nargs="+",
@@ -108,6 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     print_tables(results, ns)
     save(results, args.json)
+    if args.png:
+        from depthprune.bench.plots import plot_ppl_curves
+
+        full = results["full"]["heldout_ppl"]
+        curves = {
+            name: {0: full, **{n: run["heldout_ppl"] for n, run in runs.items()}}
+            for name, runs in results["scorers"].items()
+        }
+        title = f"{sizes[stack]}-layer model: held-out perplexity vs layers removed"
+        log(f"wrote {plot_ppl_curves(curves, args.png, baseline=full, title=title)}")
     return results
 
 
