@@ -1,0 +1,384 @@
+"""Train decoder exit heads on a frozen causal LM with Hugging Face Accelerate (the tuned-lens objective).
+
+Per batch, the model runs once under no_grad with output_hidden_states=True; every exit then learns to match the full
+model's next-token distribution at every position: loss = mean over exits of KL(p_final || p_exit), averaged over
+positions. With `confidence=True`, CALM's meta-classifier is trained beside it with a BCE loss against "the exit's top
+token equals the full model's", reading the exit's state detached (it does not steer the translators).
+
+The same call runs on one CPU, one GPU, or many processes: `accelerate launch --multi_gpu --num_processes N -m
+depthprune.generation.train --output-dir out/smollm2-lens` (on a machine without GPUs the processes use CPU and gloo;
+`--cpu --num_processes N` starts one process unless an MPI launcher is configured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from depthprune.errors import OutputExistsError
+from depthprune.generation.heads import KINDS, DecoderExitHeads
+
+LOG_NAME = "train_log.json"
+
+
+@dataclasses.dataclass
+class DecoderExitTrainResult:
+    """What a training run did. epoch_losses: per epoch, means over all processes of the loss, the KL (overall and
+    per exit layer) and the confidence BCE. history: this process's loss per optimizer step. checksums: the sum of the
+    heads' parameters on every process; equal values show that the data-parallel replicas stayed in sync."""
+
+    kind: str
+    layers: list[int]
+    epochs: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    seed: int
+    confidence: bool
+    num_blocks: int
+    num_processes: int
+    epoch_losses: list[dict[str, Any]]
+    history: list[float]
+    checksums: list[float]
+    train_seconds: float
+    output_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderExitTrainResult:
+        return cls(**data)
+
+
+def kl_to_final(exit_logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_final || p_exit) per position [batch, seq]; target_logp: the full model's log-probs [b, s, vocab]."""
+    logq = exit_logits.float().log_softmax(-1)  # [batch, seq, vocab]
+    return (target_logp.exp() * (target_logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def exit_kl(
+    model: nn.Module, heads: DecoderExitHeads, token_blocks: torch.Tensor, batch_size: int = 8
+) -> dict[int, float]:
+    """Mean KL(full model || exit) over all positions of `token_blocks` [n, seq], per exit layer (lower is better)."""
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(heads.layers, 0.0)
+    for ids in token_blocks.split(batch_size):
+        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        target_logp = out.logits.float().log_softmax(-1)
+        for layer in heads.layers:
+            sums[layer] += float(kl_to_final(heads.logits(layer, out.hidden_states[layer + 1]), target_logp).sum())
+    return {layer: v / token_blocks.numel() for layer, v in sums.items()}
+
+
+class _ExitLoss(nn.Module):
+    """The heads plus the loss, as one module whose forward DDP can wrap (gradients then synchronize)."""
+
+    def __init__(self, heads: DecoderExitHeads, confidence: bool, confidence_weight: float):
+        super().__init__()
+        self.heads = heads
+        self.confidence = confidence
+        self.confidence_weight = confidence_weight
+
+    def _one_exit(self, layer: int, hidden: torch.Tensor, target_logp: torch.Tensor, target_top: torch.Tensor):
+        state = self.heads.state(layer, hidden)
+        logits = self.heads.logits_from_state(state)  # [batch, seq, vocab]
+        kl = kl_to_final(logits, target_logp).mean()
+        if not self.confidence:
+            return kl, torch.zeros((), device=kl.device)
+        agree = (logits.argmax(-1) == target_top).float()  # [batch, seq]
+        conf = self.heads.confidence_logits(layer, state.detach()).float()
+        return kl, nn.functional.binary_cross_entropy_with_logits(conf, agree)
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], final_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        target_logp = final_logits.float().log_softmax(-1)  # [batch, seq, vocab]
+        target_top = final_logits.argmax(-1)  # [batch, seq]
+        kls, bces = [], []
+        for layer in self.heads.layers:
+            hidden = hidden_states[layer + 1]  # hidden_states[0] is the embedding output
+            # recompute each exit's [batch, seq, vocab] activations in backward instead of keeping them all
+            kl, bce = checkpoint(self._one_exit, layer, hidden, target_logp, target_top, use_reentrant=False)
+            kls.append(kl)
+            bces.append(bce)
+        kl, bce = torch.stack(kls), torch.stack(bces)
+        loss = kl.mean() + (self.confidence_weight * bce.mean() if self.confidence else 0.0)
+        return {"loss": loss, "kl": kl.detach(), "bce": bce.detach()}
+
+
+def _blocks(data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """Training token blocks [n, seq_len'] from texts (cut into seq_len tokens) or given token blocks (as they are)."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype not in (torch.long, torch.int32, torch.int64) or data.shape[1] < 1:
+            raise ValueError(
+                f"token blocks must be an integer tensor [n_blocks, seq_len], got {data.dtype} {tuple(data.shape)}"
+            )
+        return data.long()
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, Sequence) and all(isinstance(t, str) for t in data):
+        if tokenizer is None:
+            raise ValueError("training on texts needs the model's tokenizer (tokenizer=...), or pass token blocks")
+        from depthprune.data import token_blocks
+
+        return token_blocks(tokenizer, "\n\n".join(data), seq_len)
+    raise TypeError(
+        f"train_decoder_exits takes a text, a list of texts (with tokenizer=...) or a LongTensor of token blocks "
+        f"[n_blocks, seq_len], got {type(data).__name__}"
+    )
+
+
+def _checksum(heads: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum((p.double().sum() for p in heads.parameters()), torch.zeros((), dtype=torch.float64)))
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file; pass a folder for the trained exit heads")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite) to "
+            "replace it at the end"
+        )
+
+
+def train_decoder_exits(
+    model: nn.Module,
+    heads: DecoderExitHeads,
+    texts_or_token_blocks: str | Sequence[str] | torch.Tensor,
+    *,
+    tokenizer: Any = None,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    confidence: bool = False,
+    confidence_weight: float = 1.0,
+    warmup: float = 0.1,
+    weight_decay: float = 0.0,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DecoderExitTrainResult:
+    """Train `heads` in place on a frozen `model` (its weights, the shared final norm and LM head included, do not
+    change), through Accelerate; returns what happened.
+
+    Data: texts (joined, tokenized with `tokenizer`, cut into blocks of `seq_len` tokens) or token blocks
+    [n_blocks, seq_len] used as given. batch_size is per process. AdamW with linear warm-up (`warmup` of the steps)
+    and decay. confidence: also train CALM's classifier (heads built with confidence=True).
+    output_dir: the main process writes the heads + train_log.json there, atomically, at the end.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from depthprune.exits.train.trainer import no_accelerator
+    from depthprune.fsutil import atomic_folder
+
+    if not isinstance(heads, DecoderExitHeads):
+        raise TypeError(f"heads must be DecoderExitHeads, got {type(heads).__name__}")
+    if heads.config.kind == "logit_lens" and not confidence:
+        raise ValueError(
+            "logit_lens heads have nothing to train; build trainable ones with "
+            "DecoderExitHeads.for_model(model, kind='lens') (or 'mlp'), or pass confidence=True with heads that have "
+            "a confidence classifier"
+        )
+    if confidence and not heads.config.confidence:
+        raise ValueError(
+            "confidence=True needs heads with CALM's classifier: build them with "
+            "DecoderExitHeads.for_model(model, ..., confidence=True)"
+        )
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"epochs must be >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    blocks = _blocks(texts_or_token_blocks, tokenizer, seq_len)
+    if len(blocks) == 0:
+        raise ValueError("no training blocks")
+    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+
+    accelerator = Accelerator(cpu=no_accelerator())
+    if out is not None:
+        _check_output_dir(out, overwrite)
+    set_seed(seed)
+    device = accelerator.device
+    model.to(device)
+    heads.to(device)
+
+    trainable = [p for name, p in heads.named_parameters() if confidence or not name.startswith("confidence_nets.")]
+    flags = {id(p): p.requires_grad for p in [*model.parameters(), *heads.parameters()]}
+    was_training = model.training
+    history: list[float] = []
+    epoch_losses: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        for p in [*model.parameters(), *heads.parameters()]:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        model.eval()  # the teacher: no dropout
+        heads.train()
+        wrapped = _ExitLoss(heads, confidence, confidence_weight)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+        loaders = []
+        for epoch in range(epochs):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=True, generator=generator)
+            loaders.append(accelerator.prepare(loader))
+        total = sum(len(dl) for dl in loaders)
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup * total), max(total, 1))
+        layers = list(heads.layers)
+        for epoch, loader in enumerate(loaders):
+            bar = tqdm(
+                loader,
+                desc=f"decoder exits ({heads.config.kind}) epoch {epoch + 1}/{epochs}",
+                disable=not (progress and accelerator.is_main_process),
+            )
+            sums = torch.zeros(3 + len(layers), dtype=torch.float64, device=device)  # steps, loss, bce, kl per exit
+            for ids in bar:
+                with torch.no_grad():
+                    outputs = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+                parts = wrapped(outputs.hidden_states, outputs.logits)
+                accelerator.backward(parts["loss"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                value = float(parts["loss"].detach())
+                history.append(value)
+                sums += torch.cat(
+                    [torch.tensor([1.0, value, float(parts["bce"].mean())], device=device), parts["kl"].double()]
+                )
+                bar.set_postfix(loss=f"{value:.4f}")
+            bar.close()
+            sums = accelerator.reduce(sums, reduction="sum")
+            steps = max(float(sums[0]), 1.0)
+            kl = (sums[3:] / steps).tolist()
+            entry = {
+                "epoch": epoch,
+                "steps": int(sums[0]),
+                "loss": float(sums[1]) / steps,
+                "kl": sum(kl) / len(kl),
+                "kl_per_layer": {str(layer): v for layer, v in zip(layers, kl, strict=True)},
+            }
+            if confidence:
+                entry["confidence_bce"] = float(sums[2]) / steps
+            epoch_losses.append(entry)
+        del wrapped
+        accelerator.free_memory()
+    finally:
+        for p in [*model.parameters(), *heads.parameters()]:
+            p.requires_grad_(flags.get(id(p), True))
+        model.train(was_training)
+        heads.eval()
+    seconds = time.perf_counter() - t0
+
+    gathered = accelerator.gather(torch.tensor([_checksum(heads)], dtype=torch.float64, device=device))
+    result = DecoderExitTrainResult(
+        kind=heads.config.kind,
+        layers=list(heads.layers),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=int(blocks.shape[1]),
+        seed=seed,
+        confidence=confidence,
+        num_blocks=len(blocks),
+        num_processes=accelerator.num_processes,
+        epoch_losses=epoch_losses,
+        history=history,
+        checksums=[float(v) for v in gathered.cpu()],
+        train_seconds=round(seconds, 2),
+        output_dir=str(out) if out is not None else None,
+    )
+    if out is not None:
+        if accelerator.is_main_process:
+            with atomic_folder(out) as tmp:
+                heads.save(tmp)
+                (tmp / LOG_NAME).write_text(json.dumps(result.to_dict(), indent=1))
+        accelerator.wait_for_everyone()
+    return result
+
+
+# ---- command line (`accelerate launch -m depthprune.generation.train ...` or plain `python -m ...`) ------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m depthprune.generation.train", description="Train exit heads of a decoder-only causal LM."
+    )
+    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: the packaged Moby-Dick calibration text)")
+    p.add_argument("--kind", default="lens", choices=[k for k in KINDS if k != "logit_lens"])
+    p.add_argument(
+        "--layers", type=int, nargs="*", default=None, help="exit after these layers (default: all but last)"
+    )
+    p.add_argument("--mlp-dim", type=int, default=None, help="width of the 'mlp' kind (default: hidden size / 4)")
+    p.add_argument("--confidence", action="store_true", help="also train CALM's confidence classifier")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from depthprune.data import calibration_text, read_text, token_blocks
+    from depthprune.exits.train.trainer import no_accelerator
+    from depthprune.io import load_model, load_tokenizer
+
+    state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
+    model = load_model(args.model, task="causal-lm")
+    tokenizer = load_tokenizer(args.model)
+    text = read_text(args.data) if args.data else calibration_text()
+    blocks = token_blocks(tokenizer, text, args.seq_len)
+    if args.max_blocks is not None:
+        blocks = blocks[: args.max_blocks]
+    set_seed(args.seed)
+    heads = DecoderExitHeads.for_model(model, args.layers, args.kind, mlp_dim=args.mlp_dim, confidence=args.confidence)
+    result = train_decoder_exits(
+        model,
+        heads,
+        blocks,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        confidence=args.confidence,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if state.is_main_process:
+        last = result.epoch_losses[-1] if result.epoch_losses else {}
+        print(
+            f"trained {result.kind} exits after layers {result.layers} on {result.num_blocks} blocks of "
+            f"{result.seq_len} tokens in {result.train_seconds:.1f} s ({result.num_processes} process(es)); "
+            f"final mean KL {last.get('kl', float('nan')):.4f}; wrote {result.output_dir}"
+        )
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
