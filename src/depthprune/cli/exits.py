@@ -12,7 +12,7 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help=".jsonl/.csv with text/label columns, 'spam-assassin' or its path")
+    p.add_argument("--data", help=".jsonl/.csv with text/label columns, 'spam-assassin' or its path")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--train", type=float, default=0.6, help="train fraction used when the heads were trained")
@@ -32,34 +32,57 @@ def _load(folder: str):
 def _splits(args: argparse.Namespace):
     from depthprune.exits.data import load_data, split
 
+    if not args.data:
+        raise ValueError("give --data: a .jsonl/.csv file with text/label columns, or 'spam-assassin'")
     data = load_data(args.data, args.text_column, args.label_column, progress=False)
     return split(data, args.train, args.calibration, seed=args.seed)
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling and a rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def is_decoder_heads_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds decoder exit heads (written by the decoder trainer) rather than a classifier's."""
+    from depthprune.generation.heads import CONFIG_NAME
+
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if is_decoder_heads_folder(args.folder):
+        from depthprune.cli.generation import cmd_calibrate_decoder
+
+        return cmd_calibrate_decoder(args)
     from depthprune.bench.report import format_table
     from depthprune.exits.calibrate import calibrate, check, collect_records
     from depthprune.exits.criteria import make_criterion
     from depthprune.exits.data import tokenize_batches
 
+    splits = _splits(args)  # first: a missing --data fails before the model loads
     model, heads, tokenizer = _load(args.folder)
-    splits = _splits(args)
     cal = collect_records(
         model, heads, tokenize_batches(tokenizer, splits.calibration, 32, args.max_length), progress=True
     )
     test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
     results, rows = [], []
+    delta = 0.01 if args.delta is None else args.delta
     for name in args.criterion.split(","):
-        result = calibrate(name, cal, delta=args.delta, epsilon=args.epsilon, risk=args.risk)
+        result = calibrate(name, cal, delta=delta, epsilon=args.epsilon, risk=args.risk)
         held = check(make_criterion(name, result.threshold), test) if result.threshold is not None else {}
         results.append({**result.to_dict(), "heldout": held})
         rows.append({"criterion": name, "threshold": result.threshold, **held})
         print(result.guarantee())
     print(format_table(rows, title=f"held-out check on the test split ({test.n} samples)"))
-    path = Path(args.folder) / CALIBRATION_FILE
-    tmp = path.with_name(f".{CALIBRATION_FILE}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    os.replace(tmp, path)
+    path = write_atomic(Path(args.folder) / CALIBRATION_FILE, json.dumps(results, indent=2, default=float))
     print(f"wrote {path}")
     return 0
 
@@ -112,9 +135,9 @@ def cmd_eval_exits(args: argparse.Namespace) -> int:
     from depthprune.exits.data import tokenize_batches
     from depthprune.exits.evaluate import speedups, time_exit_configs
 
+    splits = _splits(args)
     model, heads, tokenizer = _load(args.folder)
     criterion = _criterion(args)
-    splits = _splits(args)
     test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
     row = {"criterion": f"{criterion.name}:{criterion.threshold:g}", **check(criterion, test)}
     timing = splits.test.subset(range(min(args.timing_samples, len(splits.test))))
@@ -143,24 +166,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-exits",
         add_help=False,
-        help="train exit heads (and the backbone, per recipe) through Accelerate; "
-        "`depthprune train-exits --help` for options; multi-process: "
-        "accelerate launch -m depthprune.exits.train.launch ...",
+        help="train exit heads through Accelerate: an encoder classifier's (and its backbone, per recipe), or a causal "
+        "LM's decoder exits when --model is one; `depthprune train-exits [--model M] --help` for options; "
+        "multi-process: accelerate launch -m depthprune.exits.train.launch (or -m depthprune.generation.train) ...",
     )
     p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing
 
-    p = sub.add_parser("calibrate", help="choose exit thresholds with a guarantee (Learn-then-Test) and check them")
-    p.add_argument("folder", help="a folder written by train-exits")
+    p = sub.add_parser(
+        "calibrate",
+        help="choose exit thresholds with a guarantee (Learn-then-Test) and check them; a folder of decoder exit heads "
+        "is calibrated on generated continuations",
+    )
+    p.add_argument("folder", help="a folder written by train-exits (classifier, or decoder exit heads)")
     p.add_argument("--criterion", default="max_prob", help="criterion name(s), comma-separated (see `depthprune list`)")
     p.add_argument(
         "--risk",
         default="disagreement",
         choices=["disagreement", "accuracy_drop"],
-        help="what delta bounds: disagreement with the full model (default), or the accuracy drop (needs labels)",
+        help="classifiers: what delta bounds: disagreement with the full model (default), or the accuracy drop "
+        "(needs labels)",
     )
-    p.add_argument("--delta", type=float, default=0.01, help="allowed risk (default 0.01)")
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="allowed risk (default 0.01 for classifiers; 0.2 for decoders, where it bounds 1 - expected consistency)",
+    )
     p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability (default 0.05)")
     _split_args(p)
+    from depthprune.cli.generation import add_calibrate_options
+
+    add_calibrate_options(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("classify", help="predict with early exit; prints each input's label and exit layer")
@@ -183,3 +219,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     _split_args(p)
     p.set_defaults(func=cmd_eval_exits)
+
+
+# ---- train-exits: one command, two trainers ---------------------------------------------------------------------
+def _model_option(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def is_causal_lm(name: str | os.PathLike) -> bool:
+    """Whether the checkpoint `name` (folder, hub id, .gguf or alias) is a causal LM (its config's architectures name
+    a *ForCausalLM or *LMHeadModel class). False when its config cannot be read: the encoder trainer reports that."""
+    from transformers import AutoConfig
+
+    from depthprune.errors import DepthpruneError
+    from depthprune.io import local_folder
+
+    try:
+        config = AutoConfig.from_pretrained(local_folder(name))
+    except (DepthpruneError, OSError, ValueError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
+
+
+def train_exits_main(argv: list[str]) -> int:
+    """`depthprune train-exits ...`: decoder exit heads (depthprune.generation.train) when --model is a causal LM,
+    else an encoder classifier's exits (depthprune.exits.train.launch, whose default model is minilm)."""
+    model = _model_option(argv)
+    if model is not None and is_causal_lm(model):
+        from depthprune.generation.train import main as decoder_main
+
+        return decoder_main(argv)
+    from depthprune.exits.train.launch import main as launch_main
+
+    return launch_main(argv)

@@ -116,10 +116,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from depthprune.adapters.registry import supported_model_types
     from depthprune.exits.criteria import list_criteria
+    from depthprune.generation.criteria import list_criteria as list_token_criteria
     from depthprune.static.scorers import list_scorers
 
     print("scorers:", ", ".join(list_scorers()))
-    print("exit criteria:", ", ".join(list_criteria()))
+    print("exit criteria (classifiers):", ", ".join(list_criteria()))
+    print("token exit criteria (generation):", ", ".join(list_token_criteria()))
     print("model types:", ", ".join(supported_model_types()))
     return 0
 
@@ -176,10 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from depthprune.cli.exits import add_commands
+    from depthprune.cli.generation import add_commands as add_generation_commands
 
     add_commands(sub)
+    add_generation_commands(sub)
 
-    p = sub.add_parser("list", help="list scorers, exit criteria and supported model types")
+    p = sub.add_parser(
+        "list", help="list scorers, exit criteria (classifiers and generation) and supported model types"
+    )
     p.set_defaults(func=cmd_list)
     return parser
 
@@ -189,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-exits"]:  # its options belong to the training launcher (also run by `accelerate launch`)
-        from depthprune.exits.train.launch import main as launch_main
+        from depthprune.cli.exits import train_exits_main
 
-        return launch_main(argv[1:])
+        return train_exits_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,271 @@
+"""The command line for early-exit generation, on a tiny saved causal LM: `generate` prints exit layers, `calibrate`
+routes a folder of decoder exit heads to the generation calibration, `train-exits` trains decoder exits for a causal
+LM, `list` names the token criteria, and mistakes get clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from tiny_models import build
+
+from depthprune.cli.exits import is_causal_lm, is_decoder_heads_folder
+from depthprune.cli.main import main
+from depthprune.generation.heads import CONFIG_NAME, DecoderExitHeads
+
+WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(tiny llama + tokenizer folder, its lens exit heads folder, a book of random WORDS)."""
+    root = tmp_path_factory.mktemp("gen_cli")
+    model = build("llama")
+    model.generation_config.eos_token_id = []  # a random model stops at random places otherwise
+    model.save_pretrained(root / "model")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root / "model")
+    DecoderExitHeads.for_model(model, kind="lens").save(root / "heads")
+    book = root / "book.txt"
+    book.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400)))
+    return root / "model", root / "heads", book
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_prints_the_exit_layers(folders, capsys):
+    model, heads, _ = folders
+    rc, out, _ = _run(
+        capsys,
+        "generate",
+        model,
+        "--heads",
+        heads,
+        "--exit",
+        "fixed:1",
+        "--prompt",
+        "the whale",
+        "--max-new-tokens",
+        "4",
+    )
+    assert rc == 0
+    assert "fixed:1, kv=propagate, deep prefill; exit layers are 0-based, 3 = all 4 layers" in out
+    assert "@3 " in out and out.count("@1") == 3  # the first token comes from the full model's prefill
+    assert "mean layers per token: 2.50 of 4" in out
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_generate_json_with_shallow_prefill_and_a_batch(folders, capsys, kv):
+    model, heads, _ = folders
+    rc, out, _ = _run(
+        capsys,
+        "generate",
+        model,
+        "--heads",
+        heads,
+        "--exit",
+        "fixed:0",
+        "--kv",
+        kv,
+        "--shallow-prefill",
+        "--prompt",
+        "the white whale",
+        "sea",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
+    assert rc == 0
+    report = json.loads(out)
+    assert report["criterion"] == "fixed:0" and report["kv"] == kv and report["deep_prefill"] is False
+    assert [r["prompt"] for r in report["results"]] == ["the white whale", "sea"]
+    for row in report["results"]:
+        assert row["exit_layers"] == [0, 0, 0] and row["mean_layers"] == 1.0 and len(row["tokens"]) == 3
+
+
+def test_generate_without_exit_equals_plain_greedy(folders, capsys):
+    model, heads, _ = folders
+    rc, out, _ = _run(
+        capsys,
+        "generate",
+        model,
+        "--heads",
+        heads,
+        "--exit",
+        "max_prob:1.0",
+        "--prompt",
+        "the sea",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
+    assert rc == 0
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = transformers.AutoTokenizer.from_pretrained(model)("the sea", return_tensors="pt")["input_ids"]
+    ref = lm.generate(ids, do_sample=False, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    assert json.loads(out)["results"][0]["tokens"] == ref[0, ids.shape[1] :].tolist()
+
+
+def test_generate_clear_errors(folders, capsys, tmp_path):
+    model, heads, _ = folders
+    base = ["generate", model, "--heads", heads, "--prompt", "the whale"]
+    for bad, message in [
+        ("nope:0.5", "unknown token exit criterion 'nope'"),
+        ("max_prob", "give a threshold: 'max_prob:VALUE'"),
+        ("max_prob:high", "threshold 'high' of criterion 'max_prob' is not a number"),
+        ("learned:0.9", "'learned' criterion needs exit heads trained with CALM's confidence classifier"),
+    ]:
+        rc, _, err = _run(capsys, *base, "--exit", bad)
+        assert rc == 2 and message in err, err
+    rc, _, err = _run(capsys, *base)
+    assert rc == 2 and "pass --exit CRITERION:THRESHOLD" in err
+    # heads of a 3-layer model on the 4-layer one
+    config = build("llama").config
+    config.num_hidden_layers = 3
+    DecoderExitHeads.for_model(transformers.LlamaForCausalLM(config)).save(tmp_path / "other")
+    rc, _, err = _run(
+        capsys, "generate", model, "--heads", tmp_path / "other", "--exit", "max_prob:0.9", "--prompt", "x"
+    )
+    assert rc == 2 and "these exit heads were built for a llama with 3 layers" in err
+    rc, _, err = _run(
+        capsys, "generate", model, "--heads", tmp_path / "missing", "--exit", "max_prob:0.9", "--prompt", "x"
+    )
+    assert rc == 2 and "has no decoder_exit_heads.json" in err
+
+
+def test_calibrate_routes_decoder_heads_to_the_generation_calibration(folders, capsys, tmp_path):
+    model, heads, book = folders
+    work = tmp_path / "heads"
+    work.mkdir()
+    for f in heads.iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    assert is_decoder_heads_folder(work)
+    rc, out, err = _run(
+        capsys,
+        "calibrate",
+        work,
+        "--model",
+        model,
+        "--text",
+        book,
+        "--criterion",
+        "fixed,saturation",
+        "--prompts",
+        "5",
+        "--prompt-len",
+        "6",
+        "--max-new-tokens",
+        "3",
+        "--delta",
+        "0.5",
+    )
+    assert rc == 0, err
+    # fixed's grid starts with thresholds a 4-layer model never reaches: risk 0, p = 0.5^5 = 0.031 <= 0.05
+    assert "fixed:" in out and "with probability >= 0.95" in out and "token agreement" in out
+    assert "held-out check (5 prompts of 6 tokens)" in out
+    results = json.loads((work / "calibration.json").read_text())
+    assert [r["criterion"] for r in results] == ["fixed", "saturation"]
+    fixed = results[0]
+    assert fixed["consistency"] == "tokens" and fixed["n"] == 5 and fixed["delta"] == 0.5
+    assert fixed["table"][0]["risk"] == 0.0 and fixed["table"][0]["rejected"]
+    assert fixed["threshold"] is not None and fixed["heldout"]["n"] == 5
+    # `generate` without --exit uses the calibrated criterion
+    rc, out, _ = _run(capsys, "generate", model, "--heads", work, "--prompt", "the", "--max-new-tokens", "2", "--json")
+    assert rc == 0 and json.loads(out)["criterion"] == f"fixed:{fixed['threshold']:g}"
+
+
+def test_calibrate_decoder_clear_errors(folders, capsys):
+    model, heads, book = folders
+    base = ["calibrate", heads, "--model", model, "--text", book, "--prompts", "2", "--prompt-len", "4"]
+    rc, _, err = _run(capsys, *base, "--consistency", "bleu")
+    assert rc == 2 and "unknown consistency measure 'bleu'; choose one of tokens, rouge_l" in err
+    rc, _, err = _run(capsys, *base, "--delta", "1.5")
+    assert rc == 2 and "--delta and --epsilon must lie in (0, 1)" in err
+    rc, _, err = _run(capsys, *base, "--prompts", "1000")
+    assert rc == 2 and "too few for 1000 prompts" in err
+    assert not (heads / "calibration.json").exists()
+
+
+def test_train_exits_trains_decoder_exits_for_a_causal_lm(folders, capsys, tmp_path):
+    model, _, book = folders
+    assert is_causal_lm(model)
+    build("bert").save_pretrained(tmp_path / "bert")
+    assert not is_causal_lm(tmp_path / "bert") and not is_causal_lm(tmp_path / "nothing")
+    out = tmp_path / "trained"
+    rc, stdout, _ = _run(
+        capsys,
+        "train-exits",
+        "--model",
+        model,
+        "--data",
+        book,
+        "--kind",
+        "lens",
+        "--layers",
+        "0",
+        "2",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "8",
+        "--max-blocks",
+        "8",
+        "--output-dir",
+        out,
+        "--no-progress",
+    )
+    assert rc == 0
+    assert "trained lens exits after layers [0, 2]" in stdout
+    assert (out / CONFIG_NAME).is_file() and json.loads((out / CONFIG_NAME).read_text())["layers"] == [0, 2]
+
+
+def test_list_names_the_token_criteria(capsys):
+    rc, out, _ = _run(capsys, "list")
+    assert rc == 0
+    assert "token exit criteria (generation): max_prob, margin, saturation, learned, fixed" in out
+
+
+def test_benchmark_script_smoke(folders, tmp_path):
+    """benchmarks/gen_exits_bench.py end to end on the tiny model with CALM's classifier: every file it promises."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, _, _ = folders
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    DecoderExitHeads.for_model(lm, [0, 2], kind="mlp", confidence=True).save(tmp_path / "heads")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gen_exits_bench.py"
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        str(script),
+        str(tmp_path / "heads"),
+        "--model",
+        str(model),
+        "--prompts",
+        "8",
+        "--prompt-len",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--thresholds",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gen_exits_bench.json").read_text())
+    assert {r["criterion"] for r in report["rows"]} == {"max_prob", "margin", "saturation", "learned", "fixed"}
+    assert len(report["rows"]) == 5 * 2 * 2 and all("speedup_b8" in r for r in report["rows"])
+    assert [c["batch"] for c in report["costs"]] == [1, 8]
+    assert (out / "gen_exits_pareto.png").stat().st_size > 0 and (out / "gen_exits_table.md").is_file()
