@@ -52,6 +52,37 @@ def test_smollm2_pruned_export_reloads_plainly_and_decodes_consistently(smollm2,
     assert torch.equal(cached, uncached)
 
 
+def test_smollm2_early_exit_generation_never_firing_equals_generate_and_batches_agree(smollm2):
+    from depthprune.generation.generate import early_exit_generate
+    from depthprune.generation.heads import DecoderExitHeads
+
+    model, tok = smollm2
+    heads = DecoderExitHeads.logit_lens(model, [9, 19])
+    tok.padding_side = "left"
+    prompts = ["Call me Ishmael. Some years ago", "The whale"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = model.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=None, min_new_tokens=8)
+    for kv in ("propagate", "recompute"):
+        out = early_exit_generate(
+            model, heads, batch["input_ids"], batch["attention_mask"], criterion="max_prob:1.0", max_new_tokens=8,
+            kv=kv, eos_token_id=(),
+        )  # fmt: skip
+        assert torch.equal(out.sequences, plain), kv
+        assert out.mean_layers() == 30
+    # a fixed exit after layer 19 (logit lens: poor text, but the batch must agree with each prompt alone)
+    both = early_exit_generate(
+        model, heads, batch["input_ids"], batch["attention_mask"], criterion="fixed:19", max_new_tokens=6,
+        eos_token_id=(),
+    )  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        alone = tok(prompt, return_tensors="pt")
+        one = early_exit_generate(
+            model, heads, alone["input_ids"], criterion="fixed:19", max_new_tokens=6, eos_token_id=()
+        )
+        assert torch.equal(both.sequences[i, -6:], one.sequences[0, -6:]), prompt
+
+
 def test_cli_prune_then_eval(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "depthprune", *a], capture_output=True, text=True)  # noqa: E731
     r = run("prune", "smollm2", "--plan", "0-19,24-29", "-o", str(tmp_path / "p"))
