@@ -15,10 +15,11 @@ which calibration walks in that order.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Protocol
 
 import torch
+
+from depthprune.registry import load_builtin, parse_threshold
 
 _BUILTIN = {
     "max_prob": "depthprune.exits.criteria.max_prob",
@@ -80,9 +81,7 @@ def list_criteria() -> list[str]:
 
 
 def criterion_class(name: str) -> Any:
-    if name not in _BUILTIN:
-        raise ValueError(f"unknown exit criterion {name!r}; available: {', '.join(_BUILTIN)}")
-    return importlib.import_module(_BUILTIN[name]).CRITERION
+    return load_builtin(_BUILTIN, name, "exit criterion", "CRITERION")
 
 
 def make_criterion(name: str, threshold: float) -> Criterion:
@@ -91,15 +90,7 @@ def make_criterion(name: str, threshold: float) -> Criterion:
 
 def parse_criterion(text: str) -> Criterion:
     """'max_prob:0.9' -> MaxProb(0.9)."""
-    name, sep, value = text.partition(":")
-    cls = criterion_class(name.strip())
-    if not sep:
-        raise ValueError(f"give a threshold: '{name}:VALUE', e.g. '{name}:{cls.grid()[len(cls.grid()) // 2]}'")
-    try:
-        threshold = float(value)
-    except ValueError:
-        raise ValueError(f"threshold {value!r} of criterion {name!r} is not a number") from None
-    return cls(threshold)
+    return parse_threshold(text, criterion_class)
 
 
 def check_range(name: str, value: float, low: float, high: float, *, integer: bool = False) -> None:

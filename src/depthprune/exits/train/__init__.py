@@ -15,7 +15,6 @@ entries). `NEEDS` names the exit-head extras a recipe reads ('halting', 'gate', 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune.exits.inference import AllExits
+from depthprune.registry import load_builtin
 
 _BUILTIN = {
     name: f"depthprune.exits.train.{name}"
@@ -53,9 +53,7 @@ def list_recipes() -> list[str]:
 
 
 def recipe_module(name: str) -> ModuleType:
-    if name not in _BUILTIN:
-        raise ValueError(f"unknown training recipe {name!r}; available: {', '.join(_BUILTIN)}")
-    return importlib.import_module(_BUILTIN[name])
+    return load_builtin(_BUILTIN, name, "training recipe")
 
 
 def recipe_stages(name: str) -> list[Stage]:

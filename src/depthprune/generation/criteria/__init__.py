@@ -17,13 +17,13 @@ The state computes the exit's logits (a vocabulary projection, the costly part o
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from depthprune.exits.criteria import check_range, probs
+from depthprune.registry import load_builtin, parse_threshold
 
 __all__ = [
     "TokenCriterion",
@@ -120,9 +120,7 @@ def list_criteria() -> list[str]:
 
 
 def criterion_class(name: str) -> Any:
-    if name not in _BUILTIN:
-        raise ValueError(f"unknown token exit criterion {name!r}; available: {', '.join(_BUILTIN)}")
-    return importlib.import_module(_BUILTIN[name]).CRITERION
+    return load_builtin(_BUILTIN, name, "token exit criterion", "CRITERION")
 
 
 def make_criterion(name: str, threshold: float) -> TokenCriterion:
@@ -131,12 +129,4 @@ def make_criterion(name: str, threshold: float) -> TokenCriterion:
 
 def parse_criterion(text: str) -> TokenCriterion:
     """'max_prob:0.9' -> MaxProb(0.9)."""
-    name, sep, value = text.partition(":")
-    cls = criterion_class(name.strip())
-    if not sep:
-        raise ValueError(f"give a threshold: '{name}:VALUE', e.g. '{name}:{cls.grid()[len(cls.grid()) // 2]}'")
-    try:
-        threshold = float(value)
-    except ValueError:
-        raise ValueError(f"threshold {value!r} of criterion {name!r} is not a number") from None
-    return cls(threshold)
+    return parse_threshold(text, criterion_class)
