@@ -1,0 +1,365 @@
+"""SkipDecode on tiny random decoders: schedules are monotone, bounded and hit their speed-up; a full-depth schedule is
+plain greedy generation; a batch equals each row alone; the skipped layers' cache entries are never read (NaN-filled,
+same finite output); teacher forcing equals decoding; LoRA adaptation lowers the loss and merges into an equal plain
+model, leaving the input model untouched."""
+
+import math
+
+import pytest
+import torch
+import transformers
+from tiny_models import PAD, VOCAB, build, input_ids
+
+from depthprune.generation.lora import LoRALinear, add_lora, lora_parameters, merge_lora
+from depthprune.generation.skipdecode import (
+    SkipSchedule,
+    skipdecode_generate,
+    skipdecode_logits,
+    skipdecode_perplexity,
+)
+from depthprune.generation.skipdecode_train import load_schedule, skipdecode_loss, train_skipdecode
+
+ARCHS = ["llama6", "gpt2"]
+NEW = 8
+
+
+def model_of(arch):
+    if arch == "llama6":  # six layers: room for a real decay
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            pad_token_id=PAD,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.1,
+        )
+        return transformers.LlamaForCausalLM(config).eval()
+    return build(arch)
+
+
+def depth(model):
+    return model.config.num_hidden_layers
+
+
+def decay(model):
+    """A schedule that reaches one layer within the test's tokens: most skipped entries get read-tested."""
+    n = depth(model)
+    return SkipSchedule.linear(n, n - 1, 1, 6)
+
+
+def padded_batch():
+    ids, mask = input_ids(batch=3, seq=6)
+    ids[2, :3], mask[2, :3] = PAD, 0  # rows 0 and 2 left-padded by 2 and 3
+    return ids, mask
+
+
+def greedy(model, ids, mask, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, **kw)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ---- schedules ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        SkipSchedule.constant(6, 6),
+        SkipSchedule.constant(6, 2),
+        SkipSchedule.linear(6, 6, 1, 10),
+        SkipSchedule.linear(24, 20, 3, 100),
+        SkipSchedule.linear(24, 24, 23, 7),
+        *(SkipSchedule.for_speedup(24, s) for s in (1.5, 2, 3, 5)),
+    ],
+)
+def test_schedule_is_non_increasing_and_bounded(schedule):
+    steps = schedule.steps(300)
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+    assert steps[0] == schedule.max_layers and steps[-1] == schedule.min_layers
+    assert all(1 <= schedule.min_layers <= n <= schedule.max_layers <= schedule.num_layers for n in steps)
+    if schedule.decay_tokens:
+        assert steps[math.ceil(schedule.decay_tokens)] == schedule.min_layers
+        ramp = [
+            schedule.max_layers - (schedule.max_layers - schedule.min_layers) * k / schedule.decay_tokens
+            for k in range(math.ceil(schedule.decay_tokens))
+        ]
+        assert all(abs(n - r) <= 0.5 for n, r in zip(steps, ramp, strict=False))  # the linear ramp, rounded
+    seq = schedule.for_sequence(4, 10)
+    assert seq == [schedule.num_layers] * 4 + steps[:6]
+    assert SkipSchedule.from_dict(schedule.to_dict()) == schedule
+
+
+@pytest.mark.parametrize("num_layers, speedup", [(24, 2), (24, 3), (24, 5), (6, 2), (6, 3), (6, 5), (32, 1.5)])
+@pytest.mark.parametrize("budget", [64, 128])
+def test_for_speedup_hits_its_target_mean(num_layers, speedup, budget):
+    schedule = SkipSchedule.for_speedup(num_layers, speedup, budget=budget)
+    assert schedule.mean_layers(budget) == pytest.approx(num_layers / speedup, rel=0.01)
+    assert schedule.speedup(budget) == pytest.approx(speedup, rel=0.01)
+    assert schedule.max_layers > schedule.min_layers  # a real decay, not a constant
+    given = SkipSchedule.for_speedup(num_layers, speedup, budget=budget, min_layers=1, max_layers=num_layers)
+    assert (given.max_layers, given.min_layers) == (num_layers, 1)
+    # with both ends forced, a steep ramp's rounding thresholds can coincide: within (max - min) / budget
+    assert abs(given.mean_layers(budget) - num_layers / speedup) <= (num_layers - 1) / budget
+    assert SkipSchedule.for_speedup(num_layers, 1.0) == SkipSchedule.constant(num_layers, num_layers)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="max_layers <= num_layers"):
+        SkipSchedule.linear(6, 7, 1, 4)
+    with pytest.raises(ValueError, match="1 <= min_layers"):
+        SkipSchedule.constant(6, 0)
+    with pytest.raises(ValueError, match="min_layers <= max_layers"):
+        SkipSchedule.linear(6, 2, 4, 4)
+    with pytest.raises(ValueError, match="decay_tokens > 0"):
+        SkipSchedule.linear(6, 6, 1, 0)
+    with pytest.raises(TypeError, match="must be an int"):
+        SkipSchedule.linear(6, 6.0, 1, 3)
+    with pytest.raises(TypeError, match="finite number"):
+        SkipSchedule.linear(6, 6, 1, float("inf"))
+    with pytest.raises(ValueError, match="target_speedup"):
+        SkipSchedule.for_speedup(6, 7)
+    with pytest.raises(ValueError, match="cannot come from a decay"):
+        SkipSchedule.for_speedup(24, 2, min_layers=14)
+
+
+# ---- decoding -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_depth_is_plain_greedy(arch):
+    model = model_of(arch)
+    ids, mask = padded_batch()
+    ref = greedy(model, ids, mask, NEW, eos_token_id=None, pad_token_id=PAD)
+    full = SkipSchedule.constant(depth(model), depth(model))
+    out = skipdecode_generate(model, ids, mask, schedule=full, max_new_tokens=NEW, eos_token_id=())
+    assert torch.equal(out.sequences, ref)
+    assert (out.layers == depth(model)).all() and out.speedup() == 1.0
+
+
+def test_end_of_sequence_pads_like_generate():
+    model = model_of("llama6")
+    ids, mask = padded_batch()
+    full = SkipSchedule.constant(6, 6)
+    free = skipdecode_generate(model, ids, mask, schedule=full, max_new_tokens=NEW, eos_token_id=())
+    eos = int(free.sequences[1, 6 + 2])  # the third token of row 1
+    ref = greedy(model, ids, mask, NEW, eos_token_id=eos, pad_token_id=PAD)
+    out = skipdecode_generate(model, ids, mask, schedule=full, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(out.sequences, ref)
+    new = out.sequences[:, 6:]
+    after_eos = torch.cumsum(new == eos, 1) - (new == eos).long() > 0
+    assert torch.equal(out.layers == 0, after_eos)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_equals_each_row_alone(arch):
+    model = model_of(arch)
+    ids, mask = padded_batch()
+    schedule = decay(model)
+    out = skipdecode_generate(
+        model, ids, mask, schedule=schedule, max_new_tokens=NEW, eos_token_id=(), return_logits=True
+    )
+    expected = [depth(model), *schedule.steps(NEW - 1)]
+    assert out.layers.tolist() == [expected] * 3
+    assert out.mean_layers() == pytest.approx(sum(expected) / NEW)
+    for r in range(3):
+        prompt = ids[r : r + 1, mask[r].bool()]
+        alone = skipdecode_generate(
+            model, prompt, schedule=schedule, max_new_tokens=NEW, eos_token_id=(), return_logits=True
+        )
+        assert torch.equal(alone.sequences[0, prompt.shape[1] :], out.sequences[r, 6:]), r
+        torch.testing.assert_close(alone.logits[0], out.logits[r], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_skipped_entries_are_never_read(arch):
+    model = model_of(arch)
+    ids, mask = padded_batch()
+    schedule = decay(model)
+    kw = {"schedule": schedule, "max_new_tokens": NEW, "eos_token_id": (), "return_logits": True, "return_cache": True}
+    zeros = skipdecode_generate(model, ids, mask, **kw)
+    nans = skipdecode_generate(model, ids, mask, **kw, hole_value=float("nan"))
+    assert torch.isfinite(nans.logits).all()
+    assert torch.equal(nans.sequences, zeros.sequences)
+    assert torch.equal(nans.logits, zeros.logits)
+    # the holes are really there: position 6 + k (token k fed back) skipped the lower L - layers_at(k) layers
+    n = depth(model)
+    for layer_idx, layer in enumerate(nans.past_key_values.layers):
+        assert layer.keys.shape[-2] == 6 + NEW - 1
+        for k, ran in enumerate(schedule.steps(NEW - 1)):
+            keys = layer.keys[:, :, 6 + k]
+            assert bool(keys.isnan().all()) == (layer_idx < n - ran), (layer_idx, k)
+        assert torch.isfinite(layer.keys[:, :, :6]).all()  # the prompt ran every layer
+    # and they would be noticed: one more token through every layer reads them and gets NaN logits
+    full_mask = torch.cat([mask, torch.ones(3, NEW, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        deeper = model(
+            nans.sequences[:, -1:],
+            attention_mask=full_mask,
+            position_ids=full_mask.sum(-1, keepdim=True) - 1,
+            past_key_values=nans.past_key_values,
+        ).logits
+    assert deeper.isnan().all()
+
+
+def test_an_explicit_list_equals_the_schedule():
+    model = model_of("llama6")
+    ids, mask = padded_batch()
+    schedule = decay(model)
+    a = skipdecode_generate(model, ids, mask, schedule=schedule, max_new_tokens=NEW, eos_token_id=())
+    b = skipdecode_generate(model, ids, mask, schedule=schedule.steps(6) + [1], max_new_tokens=NEW, eos_token_id=())
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.layers, b.layers)
+
+
+# ---- teacher forcing ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_teacher_forcing_equals_decoding(arch):
+    model = model_of(arch)
+    ids, mask = padded_batch()
+    schedule = decay(model)
+    out = skipdecode_generate(
+        model, ids, mask, schedule=schedule, max_new_tokens=NEW, eos_token_id=(), return_logits=True
+    )
+    full_mask = torch.cat([mask, torch.ones(3, NEW, dtype=torch.long)], dim=1)
+    per_position = schedule.for_sequence(6, 6 + NEW)
+    with torch.no_grad():
+        logits = skipdecode_logits(model, out.sequences, per_position, full_mask)  # [3, 14, vocab]
+        rows = skipdecode_logits(model, out.sequences, torch.tensor([per_position] * 3), full_mask)
+    torch.testing.assert_close(logits[:, 5:-1], out.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits[:, 5:-1].argmax(-1), out.sequences[:, 6:])
+    assert torch.equal(rows, logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_depth_teacher_forcing_is_the_model(arch):
+    model = model_of(arch)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+        got = skipdecode_logits(model, ids, [depth(model)] * 6, mask)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        blocks = input_ids(batch=4, seq=10, seed=3, pad_first_row=0)[0]
+        full = SkipSchedule.constant(depth(model), depth(model))
+        logp = model(blocks).logits[:, 3:-1].log_softmax(-1)
+        nll = -logp.gather(-1, blocks[:, 4:, None]).mean()
+    assert skipdecode_perplexity(model, blocks, full, prompt_len=4, batch_size=3) == pytest.approx(
+        float(nll.exp()), rel=1e-5
+    )
+    assert skipdecode_perplexity(model, blocks, decay(model), prompt_len=4) != pytest.approx(float(nll.exp()))
+
+
+def test_per_row_counts_differ_by_row():
+    """[batch, seq] counts: each row computes what it computes alone with its own counts."""
+    model = model_of("llama6")
+    ids = input_ids(batch=2, seq=9, pad_first_row=0)[0]
+    counts = torch.tensor([[6, 6, 6, 5, 4, 4, 2, 2, 1], [6, 6, 6, 6, 6, 3, 3, 3, 3]])
+    with torch.no_grad():
+        both = skipdecode_logits(model, ids, counts)
+        for r in range(2):
+            torch.testing.assert_close(both[r], skipdecode_logits(model, ids[r : r + 1], counts[r])[0])
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+def test_clear_errors():
+    model = model_of("llama6")
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="non-increasing"):
+        skipdecode_generate(model, ids, mask, schedule=[3, 4], max_new_tokens=3)
+    with pytest.raises(ValueError, match="non-increasing"):
+        skipdecode_logits(model, ids, [6, 6, 6, 2, 3, 1])
+    with pytest.raises(ValueError, match="must lie in 1..6"):
+        skipdecode_generate(model, ids, mask, schedule=[7, 6], max_new_tokens=3)
+    with pytest.raises(ValueError, match="must lie in 1..6"):
+        skipdecode_logits(model, ids, [6, 6, 6, 6, 6, 0])
+    with pytest.raises(ValueError, match="built for 4 layers"):
+        skipdecode_generate(model, ids, mask, schedule=SkipSchedule.constant(4, 2), max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"\[seq\] or \[batch, seq\]"):
+        skipdecode_logits(model, ids, [6, 6])
+    with pytest.raises(TypeError, match="for_sequence"):
+        skipdecode_logits(model, ids, decay(model))
+    with pytest.raises(ValueError, match="decoder-only"):
+        skipdecode_generate(build("bert"), ids, schedule=[2], max_new_tokens=2)
+    with pytest.raises(ValueError, match="full-attention"):  # Mistral's sliding window
+        skipdecode_generate(build("mistral"), ids, schedule=[2], max_new_tokens=2)
+
+
+# ---- LoRA adaptation ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_starts_equal_and_merges_equal(arch):
+    model = model_of(arch)
+    before = state(model)
+    ids, mask = padded_batch()
+    lora = add_lora(model, rank=2)
+    wrapped = [m for m in lora.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == depth(model) * (7 if arch == "llama6" else 4)  # q k v o gate up down / c_attn c_proj x2
+    assert all(p.requires_grad == any(p is q for q in lora_parameters(lora)) for p in lora.parameters())
+    counts = decay(model).for_sequence(3, 6)
+    with torch.no_grad():
+        ref = skipdecode_logits(model, ids, counts, mask)
+        torch.testing.assert_close(skipdecode_logits(lora, ids, counts, mask), ref)  # B = 0
+        g = torch.Generator().manual_seed(0)
+        for m in wrapped:
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+        adapted = skipdecode_logits(lora, ids, counts, mask)
+        merged = merge_lora(lora)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        assert type(merged) is type(model)
+        torch.testing.assert_close(skipdecode_logits(merged, ids, counts, mask), adapted, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted, ref)
+    assert any(isinstance(m, LoRALinear) for m in lora.modules())  # merging copied
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_lora_target_errors():
+    with pytest.raises(ValueError, match="matches targets"):
+        add_lora(model_of("llama6"), rank=2, targets=("nope",))
+    with pytest.raises(ValueError, match="no LoRA modules"):
+        merge_lora(model_of("llama6"))
+    only = add_lora(model_of("llama6"), rank=2, targets=("q_proj", "v_proj"))
+    assert len([m for m in only.modules() if isinstance(m, LoRALinear)]) == 12
+
+
+def test_training_lowers_the_loss_and_saves_a_plain_model(tmp_path):
+    model = model_of("llama6")
+    before = state(model)
+    g = torch.Generator().manual_seed(0)
+    cycle = torch.tensor([5, 17, 42, 63, 88, 30])
+    blocks = cycle[(torch.randint(0, 6, (24, 1), generator=g) + torch.arange(16)) % 6]  # a cycle: learnable
+    train, held_out = blocks[:16], blocks[16:]
+    schedule = SkipSchedule.linear(6, 5, 2, 8)
+    loss0 = skipdecode_loss(model, schedule, held_out, prompt_len=4)
+    result = train_skipdecode(
+        model,
+        schedule,
+        train,
+        lora_rank=4,
+        epochs=6,
+        lr=2e-2,
+        batch_size=4,
+        min_prompt=2,
+        output_dir=tmp_path / "adapted",
+        progress=False,
+    )
+    assert len(result.history) == 24 and result.epoch_losses[-1]["loss"] < result.epoch_losses[0]["loss"]
+    loss1 = skipdecode_loss(result.model, schedule, held_out, prompt_len=4)
+    assert loss1 < 0.75 * loss0
+    assert skipdecode_loss(result.lora_model, schedule, held_out, prompt_len=4) == pytest.approx(loss1, rel=1e-4)
+    # the merged model is a plain model, saved and reloaded without depthprune, that decodes like the LoRA one
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "adapted").eval()
+    assert load_schedule(reloaded) == schedule == load_schedule(tmp_path / "adapted")
+    ids, mask = padded_batch()
+    kw = {"schedule": schedule, "max_new_tokens": NEW, "eos_token_id": (), "return_logits": True}
+    a = skipdecode_generate(result.lora_model, ids, mask, **kw)
+    b = skipdecode_generate(reloaded, ids, mask, **kw)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    assert result.to_dict()["schedule"] == schedule.to_dict()
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
