@@ -236,7 +236,7 @@ def lookahead_kl(
         "swaps": swaps,
         "search_rows": search_rows,
         "evaluations": len(memo),
-        "seconds": seconds,
+        "phase_seconds": seconds,
     }
     return LayerScores(NAME, target.name, scores, tuple(sorted(best)), details)
 
