@@ -7,6 +7,15 @@ import torch
 from depthprune.exits.criteria import ExitState, check_range, probs
 
 
+def margin_at_least(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[batch]: top-1 minus top-2 softmax probability >= threshold (always True with a single class)."""
+    p = probs(logits)
+    if p.shape[-1] < 2:
+        return torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+    top = p.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1] >= threshold
+
+
 @dataclasses.dataclass(frozen=True)
 class Margin:
     threshold: float
@@ -17,11 +26,7 @@ class Margin:
         check_range(self.name, self.threshold, 0.0, 1.0)
 
     def decide(self, state: ExitState) -> torch.Tensor:
-        p = probs(state.logits)
-        if p.shape[-1] < 2:
-            return torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-        top = p.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1] >= self.threshold
+        return margin_at_least(state.logits, self.threshold)
 
     @staticmethod
     def grid() -> list[float]:

@@ -4,7 +4,8 @@ import dataclasses
 
 import torch
 
-from depthprune.generation.criteria import TokenState, check_range, probs
+from depthprune.exits.criteria.margin import margin_at_least
+from depthprune.generation.criteria import TokenState, check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,11 +18,7 @@ class Margin:
         check_range(self.name, self.threshold, 0.0, 1.0)
 
     def decide(self, state: TokenState) -> torch.Tensor:
-        p = probs(state.logits)
-        if p.shape[-1] < 2:
-            return torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-        top = p.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1] >= self.threshold
+        return margin_at_least(state.logits, self.threshold)
 
     @staticmethod
     def grid() -> list[float]:
