@@ -53,6 +53,18 @@ class EarlyExitOutput:
         return float((real + 1).float().mean()) if real.numel() else float("nan")
 
 
+def prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompts' attention mask as a long tensor on input_ids' device (all ones when None), shapes checked."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    return mask
+
+
 def early_exit_generate(
     model: nn.Module,
     heads: ExitHeadsLike,
@@ -93,13 +105,9 @@ def early_exit_generate(
     if any(not 0 <= i < num_layers - 1 for i in exits):
         raise ValueError(f"exit layers {sorted(exits)} must lie in 0..{num_layers - 2}")
 
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    mask = prompt_mask(input_ids, attention_mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
     eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate computes them
 

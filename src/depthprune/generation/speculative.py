@@ -46,7 +46,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from depthprune.generation import ExitHeadsLike
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
-from depthprune.generation.generate import _decoder_parts, _mask_arg, _now, _special_tokens
+from depthprune.generation.generate import _decoder_parts, _mask_arg, _now, _special_tokens, prompt_mask
 from depthprune.generation.kv import check_cache
 from depthprune.runner import LayerCall, capture_layer_inputs
 
@@ -174,13 +174,9 @@ def self_speculative_generate(
         logits = lm_head(final_norm(hidden) if final_norm is not None else hidden)
         return torch.tanh(logits / softcap) * softcap if softcap else logits
 
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    mask = prompt_mask(input_ids, attention_mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
     if not bool(mask[:, -1].all()):
         raise ValueError("self-speculative decoding needs left-padded prompts: every row's last position must be real")
     eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
