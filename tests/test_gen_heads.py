@@ -18,7 +18,7 @@ from depthprune.adapters import get_adapter
 from depthprune.errors import OutputExistsError
 from depthprune.generation import ExitHeadsLike
 from depthprune.generation.heads import CONFIG_NAME, WEIGHTS_NAME, DecoderExitHeads
-from depthprune.generation.train import exit_kl, train_decoder_exits
+from depthprune.generation.train import exit_agreement, exit_kl, fit_lens, train_decoder_exits
 
 
 def _layer_outputs(model: torch.nn.Module, **inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -162,6 +162,59 @@ def test_mlp_heads_and_confidence_train():
     conf = _state(heads.confidence_nets)
     train_decoder_exits(model, heads, _blocks(8), epochs=1, lr=1e-2, batch_size=8, progress=False)
     assert all(torch.equal(v, heads.confidence_nets.state_dict()[k]) for k, v in conf.items())
+
+
+def test_least_squares_lens_recovers_layers_that_do_nothing():
+    """Upper layers whose output projections are zero pass the state through: the fit must find the identity, and
+    the exit then gives the full model's logits (and every top token)."""
+    model = build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    heads = DecoderExitHeads.for_model(model, [0, 1], kind="lens", dtype=torch.float32)
+    blocks = _blocks()
+    residuals = fit_lens(model, heads, blocks, ridge=0.0)
+    assert residuals[1] < 1e-8 < residuals[0]
+    lin = heads.translators["1"].linear
+    assert lin.weight.abs().max() < 1e-4 and lin.bias.abs().max() < 1e-4
+    ids = _blocks(4, seed=5)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        torch.testing.assert_close(heads.logits(1, out.hidden_states[2]), out.logits, atol=1e-4, rtol=1e-4)
+    assert exit_agreement(model, heads, ids)[1] == 1.0
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_least_squares_lens_beats_the_logit_lens_on_held_out_tokens(name):
+    model = build(name)
+    before = _state(model)
+    lens = DecoderExitHeads.logit_lens(model, [0, 1])
+    heads = DecoderExitHeads.for_model(model, [0, 1], kind="lens")
+    fit_lens(model, heads, _blocks(64), batch_size=16)
+    held = _blocks(16, seed=9)
+    kl_lens, kl_fit = exit_kl(model, lens, held), exit_kl(model, heads, held)
+    assert all(kl_fit[i] < 0.9 * kl_lens[i] for i in heads.layers), (kl_lens, kl_fit)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_fit_lens_bad_input_and_training_only_the_classifier():
+    model = build("llama")
+    with pytest.raises(ValueError, match="kind='lens'"):
+        fit_lens(model, DecoderExitHeads.for_model(model, [0], kind="mlp"), _blocks())
+    heads = DecoderExitHeads.for_model(model, [0, 1], kind="lens", confidence=True)
+    with pytest.raises(ValueError, match="seq_len > skip_first"):
+        fit_lens(model, heads, _blocks(seq=1))
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_decoder_exits(model, heads, _blocks(), train_translators=False, progress=False)
+    fit_lens(model, heads, _blocks())
+    translators, conf = _state(heads.translators), _state(heads.confidence_nets)
+    result = train_decoder_exits(
+        model, heads, _blocks(), epochs=3, lr=1e-2, confidence=True, train_translators=False, progress=False
+    )
+    assert all(torch.equal(v, heads.translators.state_dict()[k]) for k, v in translators.items())
+    assert any(not torch.equal(v, heads.confidence_nets.state_dict()[k]) for k, v in conf.items())
+    assert result.epoch_losses[-1]["confidence_bce"] < result.epoch_losses[0]["confidence_bce"]
 
 
 def test_training_on_texts_needs_a_tokenizer():

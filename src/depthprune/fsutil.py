@@ -1,4 +1,5 @@
-"""Atomic writes of output folders: fill a temporary sibling, then swap it in; the old folder survives any failure."""
+"""Atomic writes of output folders and files: fill a temporary sibling, then swap it in; the old one survives any
+failure."""
 
 from __future__ import annotations
 
@@ -30,3 +31,17 @@ def atomic_folder(out: Path) -> Iterator[Path]:
                 shutil.rmtree(backup, ignore_errors=True)
             else:  # the swap failed half-way: put the old folder back
                 os.replace(backup, out)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (text as UTF-8) to `path` through a temporary sibling and a rename: readers see the old file or
+    the new one, never half of it. Returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

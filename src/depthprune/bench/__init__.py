@@ -6,6 +6,7 @@ Public functions (imported lazily, so `import depthprune.bench` stays fast):
     perplexity, mean_nll                            bench.perplexity
     plot_layer_scores, plot_ppl_curves              bench.plots
     format_table, write_json, write_csv             bench.report
+    interleaved_seconds, speed_ratios, markdown_table   bench.generation
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ _EXPORTS = {
     "format_table": "depthprune.bench.report",
     "write_json": "depthprune.bench.report",
     "write_csv": "depthprune.bench.report",
+    "interleaved_seconds": "depthprune.bench.generation",
+    "speed_ratios": "depthprune.bench.generation",
+    "markdown_table": "depthprune.bench.generation",
 }
 
 __all__ = sorted(_EXPORTS)

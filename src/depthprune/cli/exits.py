@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import uuid
 from pathlib import Path
+
+from depthprune.fsutil import write_atomic
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -36,18 +37,6 @@ def _splits(args: argparse.Namespace):
         raise ValueError("give --data: a .jsonl/.csv file with text/label columns, or 'spam-assassin'")
     data = load_data(args.data, args.text_column, args.label_column, progress=False)
     return split(data, args.train, args.calibration, seed=args.seed)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling and a rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def is_decoder_heads_folder(folder: str | os.PathLike) -> bool:

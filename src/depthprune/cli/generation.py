@@ -70,8 +70,8 @@ def add_calibrate_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
-    from depthprune.cli.exits import write_atomic
     from depthprune.data import calibration_text, heldout_text
+    from depthprune.fsutil import write_atomic
     from depthprune.generation.calibrate import (
         calibrate_generation,
         check,

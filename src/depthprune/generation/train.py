@@ -83,14 +83,105 @@ def exit_kl(
     return {layer: v / token_blocks.numel() for layer, v in sums.items()}
 
 
+@torch.no_grad()
+def exit_agreement(
+    model: nn.Module, heads: DecoderExitHeads, token_blocks: torch.Tensor, batch_size: int = 8
+) -> dict[int, float]:
+    """Share of positions of `token_blocks` [n, seq] where each exit's top token equals the full model's."""
+    device = next(model.parameters()).device
+    hits = dict.fromkeys(heads.layers, 0)
+    for ids in token_blocks.split(batch_size):
+        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        top = out.logits.argmax(-1)
+        for layer in heads.layers:
+            hits[layer] += int((heads.logits(layer, out.hidden_states[layer + 1]).argmax(-1) == top).sum())
+    return {layer: v / token_blocks.numel() for layer, v in hits.items()}
+
+
+@torch.no_grad()
+def fit_lens(
+    model: nn.Module,
+    heads: DecoderExitHeads,
+    token_blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    ridge: float = 1e-3,
+    skip_first: int = 1,
+) -> dict[int, float]:
+    """Closed-form tuned lens: set each "lens" translator (h -> A h + b) by least squares, no gradient steps.
+
+    Every norm a decoder ends in (RMSNorm, LayerNorm, Gemma's) is scale-invariant, so an exit reproduces the final
+    layer's normed state when its translated state is any positive multiple of the final hidden state h_L. The fit
+    regresses h_L / rms(h_L) on [h_l / rms(h_l), 1 / rms(h_l)] (so every position weighs the same whatever its
+    scale), i.e. translator(h_l) ~ rms(h_l) * h_L / rms(h_L). Full-matrix least squares is the same in any output
+    metric, hence also the fit of the logits through the shared LM head. `ridge`: Tikhonov term as a fraction of the
+    mean diagonal of the regressors' Gram matrix. The first `skip_first` positions of every block are left out (the
+    first token's outlier activations, an attention sink, would dominate). One forward pass over the data, float64
+    sums. Returns the relative residual |error|^2 / |target|^2 per layer.
+    """
+    if heads.config.kind != "lens":
+        raise ValueError(
+            f"fit_lens sets affine translators in closed form; these heads are {heads.config.kind!r}. Build them with "
+            "DecoderExitHeads.for_model(model, layers, kind='lens')"
+        )
+    if token_blocks.dim() != 2 or token_blocks.shape[1] <= skip_first:
+        raise ValueError(
+            f"token blocks must be [n_blocks, seq_len] with seq_len > skip_first={skip_first}, got "
+            f"{tuple(token_blocks.shape)}"
+        )
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    device = next(model.parameters()).device
+    norm = heads._shared.norm
+    width = heads.config.hidden_size + 1
+    gram = {layer: torch.zeros(width, width, dtype=torch.float64) for layer in heads.layers}
+    cross = {layer: torch.zeros(width, width - 1, dtype=torch.float64) for layer in heads.layers}
+    target_sq = dict.fromkeys(heads.layers, 0.0)
+    captured: list[torch.Tensor] = []
+    hook = norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+
+    def unit(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h[:, skip_first:].reshape(-1, h.shape[-1]).double()
+        r = h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return h / r, r
+
+    try:
+        for ids in token_blocks.split(batch_size):
+            captured.clear()
+            out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+            target, _ = unit(captured[-1])  # the last call of the final norm: the final hidden state, pre-norm
+            for layer in heads.layers:
+                x, r = unit(out.hidden_states[layer + 1])
+                z = torch.cat([x, 1.0 / r], dim=-1).cpu()
+                gram[layer] += z.T @ z
+                cross[layer] += z.T @ target.cpu()
+                target_sq[layer] += float(target.pow(2).sum())
+    finally:
+        hook.remove()
+    residuals = {}
+    for layer in heads.layers:
+        g = gram[layer]
+        reg = ridge * float(g.diagonal().mean()) * torch.eye(width, dtype=torch.float64)
+        w = torch.linalg.solve(g + reg, cross[layer])  # [hidden + 1, hidden]
+        # residual sum of squares = |Y|^2 - 2 tr(W'Z'Y) + tr(W'Z'ZW)
+        rss = target_sq[layer] - 2 * float((w * cross[layer]).sum()) + float((w * (g @ w)).sum())
+        residuals[layer] = rss / max(target_sq[layer], 1e-12)
+        linear = heads.translators[str(layer)].linear  # translator(h) = h + linear(h): linear = A - I
+        eye = torch.eye(width - 1, dtype=torch.float64)
+        linear.weight.copy_((w[:-1].T - eye).to(linear.weight))
+        linear.bias.copy_(w[-1].to(linear.bias))
+    return residuals
+
+
 class _ExitLoss(nn.Module):
     """The heads plus the loss, as one module whose forward DDP can wrap (gradients then synchronize)."""
 
-    def __init__(self, heads: DecoderExitHeads, confidence: bool, confidence_weight: float):
+    def __init__(self, heads: DecoderExitHeads, confidence: bool, confidence_weight: float, recompute: bool):
         super().__init__()
         self.heads = heads
         self.confidence = confidence
         self.confidence_weight = confidence_weight
+        self.recompute = recompute
 
     def _one_exit(self, layer: int, hidden: torch.Tensor, target_logp: torch.Tensor, target_top: torch.Tensor):
         state = self.heads.state(layer, hidden)
@@ -108,8 +199,10 @@ class _ExitLoss(nn.Module):
         kls, bces = [], []
         for layer in self.heads.layers:
             hidden = hidden_states[layer + 1]  # hidden_states[0] is the embedding output
-            # recompute each exit's [batch, seq, vocab] activations in backward instead of keeping them all
-            kl, bce = checkpoint(self._one_exit, layer, hidden, target_logp, target_top, use_reentrant=False)
+            if self.recompute:  # recompute each exit's [batch, seq, vocab] activations in backward, not keep them all
+                kl, bce = checkpoint(self._one_exit, layer, hidden, target_logp, target_top, use_reentrant=False)
+            else:  # translators frozen: nothing of size vocab is kept for backward
+                kl, bce = self._one_exit(layer, hidden, target_logp, target_top)
             kls.append(kl)
             bces.append(bce)
         kl, bce = torch.stack(kls), torch.stack(bces)
@@ -167,6 +260,7 @@ def train_decoder_exits(
     seed: int = 0,
     confidence: bool = False,
     confidence_weight: float = 1.0,
+    train_translators: bool = True,
     warmup: float = 0.1,
     weight_decay: float = 0.0,
     output_dir: str | os.PathLike | None = None,
@@ -179,6 +273,7 @@ def train_decoder_exits(
     Data: texts (joined, tokenized with `tokenizer`, cut into blocks of `seq_len` tokens) or token blocks
     [n_blocks, seq_len] used as given. batch_size is per process. AdamW with linear warm-up (`warmup` of the steps)
     and decay. confidence: also train CALM's classifier (heads built with confidence=True).
+    train_translators=False keeps the translators as they are (e.g. set by `fit_lens`) and trains only the classifier.
     output_dir: the main process writes the heads + train_log.json there, atomically, at the end.
     """
     from accelerate import Accelerator
@@ -191,11 +286,11 @@ def train_decoder_exits(
 
     if not isinstance(heads, DecoderExitHeads):
         raise TypeError(f"heads must be DecoderExitHeads, got {type(heads).__name__}")
-    if heads.config.kind == "logit_lens" and not confidence:
+    if (heads.config.kind == "logit_lens" or not train_translators) and not confidence:
         raise ValueError(
-            "logit_lens heads have nothing to train; build trainable ones with "
-            "DecoderExitHeads.for_model(model, kind='lens') (or 'mlp'), or pass confidence=True with heads that have "
-            "a confidence classifier"
+            "nothing to train: logit_lens heads (or train_translators=False) without confidence=True; build "
+            "trainable ones with DecoderExitHeads.for_model(model, kind='lens') (or 'mlp'), or pass confidence=True "
+            "with heads that have a confidence classifier"
         )
     if confidence and not heads.config.confidence:
         raise ValueError(
@@ -217,7 +312,11 @@ def train_decoder_exits(
     model.to(device)
     heads.to(device)
 
-    trainable = [p for name, p in heads.named_parameters() if confidence or not name.startswith("confidence_nets.")]
+    def trains(name: str) -> bool:
+        is_conf = name.startswith("confidence_nets.")
+        return (confidence and is_conf) or (train_translators and not is_conf)
+
+    trainable = [p for name, p in heads.named_parameters() if trains(name)]
     flags = {id(p): p.requires_grad for p in [*model.parameters(), *heads.parameters()]}
     was_training = model.training
     history: list[float] = []
@@ -230,7 +329,7 @@ def train_decoder_exits(
             p.requires_grad_(True)
         model.eval()  # the teacher: no dropout
         heads.train()
-        wrapped = _ExitLoss(heads, confidence, confidence_weight)
+        wrapped = _ExitLoss(heads, confidence, confidence_weight, recompute=train_translators)
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         loaders = []
@@ -318,13 +417,27 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m depthprune.generation.train", description="Train exit heads of a decoder-only causal LM."
     )
     p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: the packaged Moby-Dick calibration text)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
+        "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
+    )
     p.add_argument("--kind", default="lens", choices=[k for k in KINDS if k != "logit_lens"])
     p.add_argument(
         "--layers", type=int, nargs="*", default=None, help="exit after these layers (default: all but last)"
     )
     p.add_argument("--mlp-dim", type=int, default=None, help="width of the 'mlp' kind (default: hidden size / 4)")
     p.add_argument("--confidence", action="store_true", help="also train CALM's confidence classifier")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="lens kind: set the translators by least squares first (fit_lens; one forward pass, no gradient steps)",
+    )
+    p.add_argument("--fit-blocks", type=int, default=None, help="--fit on the first N token blocks (default: all)")
+    p.add_argument(
+        "--confidence-only", action="store_true", help="train only CALM's classifier, translators kept as fitted"
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -342,19 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from depthprune.data import calibration_text, read_text, token_blocks
+    from depthprune.data import calibration_text, token_blocks
     from depthprune.exits.train.trainer import no_accelerator
     from depthprune.io import load_model, load_tokenizer
 
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
     model = load_model(args.model, task="causal-lm")
     tokenizer = load_tokenizer(args.model)
-    text = read_text(args.data) if args.data else calibration_text()
+    text = calibration_text(args.data)
     blocks = token_blocks(tokenizer, text, args.seq_len)
     if args.max_blocks is not None:
         blocks = blocks[: args.max_blocks]
     set_seed(args.seed)
     heads = DecoderExitHeads.for_model(model, args.layers, args.kind, mlp_dim=args.mlp_dim, confidence=args.confidence)
+    if args.fit:
+        residuals = fit_lens(model, heads, blocks[: args.fit_blocks], batch_size=args.batch_size)
+        if state.is_main_process:
+            print("least-squares lens, relative residual per layer:", {k: round(v, 4) for k, v in residuals.items()})
     result = train_decoder_exits(
         model,
         heads,
@@ -365,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
         confidence=args.confidence,
+        train_translators=not args.confidence_only,
         output_dir=args.output_dir,
         overwrite=args.overwrite,
         progress=not args.no_progress,

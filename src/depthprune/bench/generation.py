@@ -1,0 +1,79 @@
+"""What the generation benchmarks (benchmarks/gen_exits_bench.py, benchmarks/spec_bench.py) share: interleaved timing
+against a baseline measured in the same rounds, the speed ratios taken from it, and markdown tables."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+
+def interleaved_seconds(
+    runs: Mapping[str, Callable[[], float]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    warmup_runs: Mapping[str, Callable[[], object]] | None = None,
+    label: str | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of every entry of `runs` per round (each callable times itself and returns its seconds).
+
+    Each of `repeats` rounds calls every entry once, the starting entry rotating from round to round, so a burst of
+    load from other processes hits all alike; garbage collection is paused during each call. Before the rounds,
+    `warmup` untimed rounds call `warmup_runs` (default: `runs`): the first call of each code path is slow.
+    label: print one progress line per round, starting with it.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(runs)
+    for _ in range(warmup):
+        for fn in (warmup_runs or runs).values():
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        t0 = time.perf_counter()
+        for name in order:
+            gc.collect()
+            gc.disable()
+            try:
+                times[name].append(runs[name]())
+            finally:
+                gc.enable()
+        if label is not None:
+            print(f"  {label}: round {r + 1}/{repeats} took {time.perf_counter() - t0:.0f} s", flush=True)
+    return times
+
+
+def speed_ratios(times: Mapping[str, Sequence[float]], baseline: str, tokens: int) -> dict[str, dict[str, Any]]:
+    """Per entry: ratio, the median over rounds of baseline seconds / the entry's seconds in the same round (> 1:
+    faster than the baseline); tok_s, `tokens` / the entry's median seconds; seconds, as measured."""
+    base = times[baseline]
+    return {
+        name: {
+            "ratio": statistics.median(b / t for b, t in zip(base, seconds, strict=True)),
+            "tok_s": tokens / statistics.median(seconds),
+            "seconds": list(seconds),
+        }
+        for name, seconds in times.items()
+    }
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `rows` (one dict per row): floats to 3 significant digits, a missing value as "-"."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["interleaved_seconds", "markdown_table", "speed_ratios"]
