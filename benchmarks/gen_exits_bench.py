@@ -30,19 +30,26 @@ Writes into --out: gen_exits_bench.json (everything, with the machine), gen_exit
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
+import io
 import json
-import os
 import statistics
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
+from depthprune.bench.generation import (
+    add_timing_arguments,
+    check_timing_arguments,
+    interleaved_seconds,
+    markdown_table,
+    speed_ratios,
+)
 from depthprune.bench.report import format_table, to_jsonable
 from depthprune.bench.speed import _decode_generate, machine_info
 from depthprune.data import calibration_text, heldout_text
+from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import (
     calibrate_generation,
     early_exit_continuations,
@@ -65,16 +72,6 @@ def pick_thresholds(name: str, k: int) -> list[float]:
     grid = criterion_class(name).grid()
     idx = torch.linspace(1, len(grid) - 1, k + 2)[1:-1].round().long().tolist()
     return [grid[i] for i in dict.fromkeys(idx)]
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---- agreement ----------------------------------------------------------------------------------------------------
@@ -124,32 +121,15 @@ def speed(model, heads, prompts, configs, batch_size, max_new_tokens, repeats, w
     """Interleaved timing: each round runs the baseline and every configuration once, in a rotating order."""
     ids = prompts[:batch_size]
     names = ["generate", *configs]
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(warmup):  # short runs: the first call of each code path is slow
-        for name in names:
-            decode_seconds(model, heads, ids, configs.get(name), min(4, max_new_tokens))
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        t0 = time.perf_counter()
-        for name in order:
-            gc.collect()
-            gc.disable()
-            try:
-                times[name].append(decode_seconds(model, heads, ids, configs.get(name), max_new_tokens))
-            finally:
-                gc.enable()
-        if progress:
-            print(f"  batch {batch_size}: round {r + 1}/{repeats} took {time.perf_counter() - t0:.0f} s", flush=True)
-    base = times["generate"]
-    steps = batch_size * (max_new_tokens - 1)
-    return {
-        name: {
-            "ratio": statistics.median(b / t for b, t in zip(base, times[name], strict=True)),
-            "tok_s": steps / statistics.median(times[name]),
-            "seconds": times[name],
-        }
-        for name in names
-    }
+
+    def runs(n_tokens):
+        return {c: functools.partial(decode_seconds, model, heads, ids, configs.get(c), n_tokens) for c in names}
+
+    label = f"batch {batch_size}" if progress else None  # warm-up: short runs (the first call of a path is slow)
+    times = interleaved_seconds(
+        runs(max_new_tokens), repeats, warmup=warmup, warmup_runs=runs(min(4, max_new_tokens)), label=label
+    )
+    return speed_ratios(times, "generate", batch_size * (max_new_tokens - 1))
 
 
 # ---- what a criterion costs ---------------------------------------------------------------------------------------
@@ -252,26 +232,9 @@ def pareto_png(rows, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def markdown(rows, columns) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_atomic(path, png.getvalue())
 
 
 def main() -> None:
@@ -289,16 +252,10 @@ def main() -> None:
     p.add_argument("--cal-prompts", type=int, default=64, help="calibration prompts for --calibrate")
     p.add_argument("--delta", type=float, default=0.2, help="--calibrate: 1 - expected token agreement allowed")
     p.add_argument("--epsilon", type=float, default=0.05)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="short (4-token) warm-up runs of each, per batch")
-    p.add_argument("--threads", type=int, default=1)
+    add_timing_arguments(p)
     p.add_argument("--out", default="benchmarks/gen_exits")
     args = p.parse_args()
-    if args.max_new_tokens < 2:
-        p.error("--max-new-tokens must be >= 2 (decode time covers the steps after the first token)")
-    if args.prompts < max(args.batch_sizes):
-        p.error(f"--prompts must be >= the largest batch size ({max(args.batch_sizes)})")
+    check_timing_arguments(p, args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +330,8 @@ def main() -> None:
     write_atomic(out / "gen_exits_table.txt", table + "\n\n" + cost_table + "\n")
     write_atomic(
         out / "gen_exits_table.md",
-        f"{title}\n\n{markdown(rows, columns)}\n\ncost per token and exit (ms)\n\n{markdown(costs, cost_cols)}\n",
+        f"{title}\n\n{markdown_table(rows, columns)}\n\n"
+        f"cost per token and exit (ms)\n\n{markdown_table(costs, cost_cols)}\n",
     )
     pareto_png(rows, out / "gen_exits_pareto.png", f"{args.model}, {heads.config.kind} exits")
     report = {

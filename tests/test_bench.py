@@ -244,3 +244,29 @@ def test_write_json_and_csv(tmp_path):
         read = list(csv.DictReader(f))
     assert read[0] == {"model": "full", "ratio": "1.0", "layers": "[1, 2]"}
     assert read[1]["layers"] == "" and read[1]["ratio"] == ""
+
+
+def test_interleaved_seconds_rotates_the_order_and_ratios_pair_the_rounds():
+    from depthprune.bench.generation import interleaved_seconds, speed_ratios
+
+    calls, given = [], {"base": [2.0, 4.0], "fast": [1.0, 1.0]}
+
+    def timer(name):
+        it = iter(given[name])
+        return lambda: calls.append(name) or next(it)
+
+    warm = {"base": lambda: calls.append("warm base"), "fast": lambda: calls.append("warm fast")}
+    times = interleaved_seconds({n: timer(n) for n in given}, 2, warmup=1, warmup_runs=warm)
+    assert calls == ["warm base", "warm fast", "base", "fast", "fast", "base"]
+    assert times == given
+    ratios = speed_ratios(times, "base", tokens=12)
+    assert ratios["fast"]["ratio"] == 3.0  # median of 2/1 and 4/1, round by round
+    assert ratios["base"]["ratio"] == 1.0 and ratios["fast"]["tok_s"] == 12.0
+
+
+def test_write_atomic_replaces_whole_files(tmp_path):
+    from depthprune.fsutil import write_atomic
+
+    path = write_atomic(tmp_path / "a.txt", "old")
+    assert write_atomic(path, b"\x89new") == path and path.read_bytes() == b"\x89new"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

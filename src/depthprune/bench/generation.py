@@ -1,13 +1,32 @@
-"""What the generation benchmarks (benchmarks/gen_exits_bench.py, benchmarks/spec_bench.py) share: interleaved timing
-against a baseline measured in the same rounds, the speed ratios taken from it, and markdown tables."""
+"""What the generation benchmarks (benchmarks/gen_exits_bench.py, benchmarks/spec_bench.py) share: their timing
+options, interleaved timing against a baseline measured in the same rounds, the speed ratios taken from it, markdown
+tables."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """--batch-sizes, --repeats, --warmup and --threads: how a generation benchmark times."""
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="short (4-token) warm-up runs of each, per batch")
+    p.add_argument("--threads", type=int, default=1)
+
+
+def check_timing_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An argparse error unless --max-new-tokens >= 2 (decode time covers the steps after the first token) and
+    --prompts >= the largest batch size (each batch size is timed on the first prompts)."""
+    if args.max_new_tokens < 2:
+        p.error("--max-new-tokens must be >= 2 (decode time covers the steps after the first token)")
+    if args.prompts < max(args.batch_sizes):
+        p.error(f"--prompts must be >= the largest batch size ({max(args.batch_sizes)})")
 
 
 def interleaved_seconds(
@@ -76,4 +95,4 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return "\n".join(lines)
 
 
-__all__ = ["interleaved_seconds", "markdown_table", "speed_ratios"]
+__all__ = ["add_timing_arguments", "check_timing_arguments", "interleaved_seconds", "markdown_table", "speed_ratios"]
