@@ -31,16 +31,11 @@ perplexity of the --max-new-tokens tokens after a --prompt-len prompt (`skipdeco
 plain greedy continuations. --adapted S=FOLDER adds a model adapted to a schedule by LoRA, measured the same way
 under the schedule it was trained for (skip_schedule.json in its folder). Such a folder for SmolLM2 and target 2x:
 
-    OMP_NUM_THREADS=1 python -c "from depthprune.io import load_model, load_tokenizer; \
-        from depthprune.data import calibration_text, token_blocks; \
-        from depthprune.generation.skipdecode import SkipSchedule; \
-        from depthprune.generation.skipdecode_train import train_skipdecode; \
-        model, tok = load_model('smollm2', task='causal-lm'), load_tokenizer('smollm2'); \
-        train_skipdecode(model, SkipSchedule.for_speedup(30, 2, budget=31), \
-            token_blocks(tok, calibration_text(), 96), epochs=1, output_dir='out/smollm2-skip2')"
+    OMP_NUM_THREADS=1 depthprune train-skipdecode --model smollm2 --speedup 2 --output-dir out/smollm2-skip2
 
-then `--adapted 2=out/smollm2-skip2` (budget=31 matches the default --max-new-tokens 32; blocks of 96 tokens cover
-a 64-token prompt plus 32 new ones).
+then `--adapted 2=out/smollm2-skip2` (its defaults --budget 31 and --seq-len 96 match the default --max-new-tokens 32:
+the speed-up is aimed at over the decode steps after the first token, and blocks of 96 tokens cover a 64-token prompt
+plus 32 new ones).
 
 Speed, at each of --batch-sizes on the first B prompts: every repeat runs plain greedy generate, plain generate of
 one token (the prompt's forward and the first token: "prefill") and every configuration once, in a rotating order

@@ -1,6 +1,7 @@
 """The command line for early-exit generation, on a tiny saved causal LM: `generate` prints exit layers, `calibrate`
 routes a folder of decoder exit heads to the generation calibration, `train-exits` trains decoder exits for a causal
-LM, `list` names the token criteria, and mistakes get clear errors."""
+LM, `train-skipdecode` adapts one to a SkipDecode schedule, `list` names the token criteria, and mistakes get clear
+errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from tiny_models import build
 from depthprune.cli.exits import is_causal_lm, is_decoder_heads_folder
 from depthprune.cli.main import main
 from depthprune.generation.heads import CONFIG_NAME, DecoderExitHeads
+from depthprune.generation.skipdecode import SkipSchedule
+from depthprune.generation.skipdecode_train import describe, load_schedule
+from depthprune.generation.skipdecode_train import main as skipdecode_main
 
 WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
 
@@ -269,3 +273,72 @@ def test_benchmark_script_smoke(folders, tmp_path):
     assert len(report["rows"]) == 5 * 2 * 2 and all("speedup_b8" in r for r in report["rows"])
     assert [c["batch"] for c in report["costs"]] == [1, 8]
     assert (out / "gen_exits_pareto.png").stat().st_size > 0 and (out / "gen_exits_table.md").is_file()
+
+
+def test_train_skipdecode_writes_a_plain_adapted_model(folders, capsys, tmp_path):
+    """`depthprune train-skipdecode` (skipdecode_train.main) replaces an old folder with --overwrite: a merged model
+    that plain transformers loads, recording the schedule for the requested speed-up."""
+    model, _, book = folders
+    out = tmp_path / "skip2"
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier run")
+    rc, stdout, _ = _run(
+        capsys,
+        "train-skipdecode",
+        "--model",
+        model,
+        "--data",
+        book,
+        "--speedup",
+        "2",
+        "--budget",
+        "7",
+        "--seq-len",
+        "12",
+        "--max-blocks",
+        "8",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--lora-rank",
+        "2",
+        "--output-dir",
+        out,
+        "--overwrite",
+        "--no-progress",
+    )
+    assert rc == 0
+    schedule = SkipSchedule.for_speedup(4, 2, budget=7)
+    assert schedule.speedup(7) == pytest.approx(2, abs=0.1)
+    assert f"SkipDecode schedule {describe(schedule, 7)}: LoRA rank 2 trained on 8 blocks of 12 tokens" in stdout
+    assert "loss first epoch" in stdout and f"wrote {out.resolve()}" in stdout
+    assert not (out / "old.txt").exists()
+    assert load_schedule(out) == schedule
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["epoch"] for e in log["epoch_losses"]] == [0, 1] and log["seq_len"] == 12
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and load_schedule(reloaded) == schedule
+
+
+def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
+    model, _, book = folders
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    base = ["--model", str(model), "--data", str(book), "--seq-len", "12", "--no-progress"]
+    for argv, message in [
+        (["--output-dir", str(full)], "already exists and is not empty; choose a new folder or pass overwrite=True"),
+        (["--speedup", "9", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
+        (["--speedup", "0.5", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
+        (["--min-prompt", "12", "--output-dir", str(tmp_path / "a")], "need 1 <= --min-prompt < --seq-len"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            skipdecode_main([*base, *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert (full / "keep.txt").read_text() == "mine" and not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit) as exc:  # the same through the depthprune command
+        main(["train-skipdecode", *base, "--speedup", "9", "--output-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "depthprune train-skipdecode: error: argument --speedup" in err

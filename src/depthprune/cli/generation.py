@@ -1,5 +1,5 @@
-"""Early-exit generation commands: generate, and `calibrate` for decoder exit heads (thin wrappers over
-depthprune.generation)."""
+"""Early-exit generation commands: generate, `calibrate` for decoder exit heads, and the train-skipdecode entry (thin
+wrappers over depthprune.generation)."""
 
 from __future__ import annotations
 
@@ -225,3 +225,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "train-skipdecode",
+        add_help=False,
+        help="adapt a causal LM to a SkipDecode schedule (--speedup S) with LoRA, through Accelerate; writes the "
+        "merged model; `depthprune train-skipdecode --help` for options; multi-process: accelerate launch -m "
+        "depthprune.generation.skipdecode_train ...",
+    )
+    p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing

@@ -198,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from depthprune.cli.exits import train_exits_main
 
         return train_exits_main(argv[1:])
+    if argv[:1] == ["train-skipdecode"]:  # likewise (`accelerate launch -m depthprune.generation.skipdecode_train`)
+        from depthprune.generation.skipdecode_train import main as skipdecode_main
+
+        return skipdecode_main(argv[1:], prog="depthprune train-skipdecode")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
