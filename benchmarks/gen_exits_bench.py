@@ -67,6 +67,18 @@ from depthprune.io import load_model, load_tokenizer
 NO_EOS = ()  # generate exactly max_new_tokens tokens on both sides
 
 
+def parse_exit(text: str, names: list[str]) -> tuple[str, float]:
+    """'max_prob:0.9' -> ('max_prob', 0.9), for a criterion these heads support."""
+    name, sep, value = text.partition(":")
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = None
+    if not sep or threshold is None or name not in names:
+        raise SystemExit(f"--exits takes NAME:THRESHOLD with NAME one of {names} (for these heads), got {text!r}")
+    return name, threshold
+
+
 def pick_thresholds(name: str, k: int) -> list[float]:
     """k thresholds spread over the inside of the criterion's grid (its first, never-exiting end left out)."""
     grid = criterion_class(name).grid()
@@ -246,6 +258,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--thresholds", type=int, default=2, help="thresholds per criterion, spread over its grid")
     p.add_argument("--criteria", nargs="*", default=None, help="default: every criterion the heads support")
+    p.add_argument(
+        "--exits",
+        nargs="+",
+        default=None,
+        metavar="NAME:THRESHOLD",
+        help="exactly these criterion:threshold pairs instead of --thresholds picks from each criterion's grid",
+    )
+    p.add_argument("--agreement-only", action="store_true", help="measure agreement and layers run, no timing")
     p.add_argument("--kv", nargs="+", default=["propagate", "recompute"])
     p.add_argument("--prefill", nargs="+", default=["deep", "shallow"], choices=["deep", "shallow"])
     p.add_argument("--calibrate", action="store_true", help="add each criterion's LTT threshold (kv propagate, deep)")
@@ -268,7 +288,12 @@ def main() -> None:
     prompts = prompt_blocks(tokenizer, heldout_text(), args.prompts, args.prompt_len)
     refs = greedy_continuations(model, prompts, args.max_new_tokens, eos_token_id=NO_EOS)
 
-    thresholds = {n: pick_thresholds(n, args.thresholds) for n in names}
+    if args.exits:
+        pairs = [parse_exit(text, names) for text in args.exits]
+        names = list(dict.fromkeys(n for n, _ in pairs))
+        thresholds = {n: [t for m, t in pairs if m == n] for n in names}
+    else:
+        thresholds = {n: pick_thresholds(n, args.thresholds) for n in names}
     calibrations = {}
     if args.calibrate:
         cal = prompt_blocks(tokenizer, calibration_text(), args.cal_prompts, args.prompt_len)
@@ -302,24 +327,24 @@ def main() -> None:
                          "prefill": c["prefill"], "ltt": c["calibrated"], **figs,
                          "layers_saved": 1 - figs["mean_layers"] / heads.num_layers})  # fmt: skip
     timings = {}
-    for bs in args.batch_sizes:
+    for bs in [] if args.agreement_only else args.batch_sizes:
         print(f"timing at batch {bs} ...", flush=True)
         timings[bs] = speed(model, heads, prompts, configs, bs, args.max_new_tokens, args.repeats, args.warmup, True)
         for row in rows:
             row[f"speedup_b{bs}"] = timings[bs][row["config"]]["ratio"]
             row[f"tok_s_b{bs}"] = timings[bs][row["config"]]["tok_s"]
     print("measuring per-token costs ...", flush=True)
-    costs = criterion_costs(model, heads, prompts, names)
+    costs = [] if args.agreement_only else criterion_costs(model, heads, prompts, names)
 
     columns = ["criterion", "threshold", "kv", "prefill", "ltt", "agreement", "rouge_l", "identical", "mean_layers",
-               "layers_saved"] + [f"speedup_b{bs}" for bs in args.batch_sizes]  # fmt: skip
-    base = {bs: timings[bs]["generate"]["tok_s"] for bs in args.batch_sizes}
+               "layers_saved"] + [f"speedup_b{bs}" for bs in timings]  # fmt: skip
+    base = {bs: timings[bs]["generate"]["tok_s"] for bs in timings}
     title = (
         f"{args.model} + {Path(args.heads).name} ({heads.config.kind} exits after {len(heads.layers)} of "
         f"{heads.num_layers} layers): {len(prompts)} held-out prompts of {args.prompt_len} tokens, "
         f"{args.max_new_tokens} new tokens; speedup = decode speed / plain greedy generate in the same run "
         f"(median of {args.repeats}; generate: "
-        + ", ".join(f"{base[bs]:.1f} tok/s at batch {bs}" for bs in args.batch_sizes)
+        + (", ".join(f"{base[bs]:.1f} tok/s at batch {bs}" for bs in timings) or "not timed")
         + f"); {torch.get_num_threads()} thread(s)"
     )
     table = format_table(rows, columns=columns, title=title)
@@ -333,7 +358,8 @@ def main() -> None:
         f"{title}\n\n{markdown_table(rows, columns)}\n\n"
         f"cost per token and exit (ms)\n\n{markdown_table(costs, cost_cols)}\n",
     )
-    pareto_png(rows, out / "gen_exits_pareto.png", f"{args.model}, {heads.config.kind} exits")
+    if timings:
+        pareto_png(rows, out / "gen_exits_pareto.png", f"{args.model}, {heads.config.kind} exits")
     report = {
         "rows": rows,
         "costs": costs,
