@@ -463,13 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, task="causal-lm")
     tokenizer = load_tokenizer(args.model)
     text = calibration_text(args.data)
-    blocks = token_blocks(tokenizer, text, args.seq_len)
-    if args.max_blocks is not None:
-        blocks = blocks[: args.max_blocks]
+    all_blocks = token_blocks(tokenizer, text, args.seq_len)
+    blocks = all_blocks[: args.max_blocks] if args.max_blocks is not None else all_blocks
     set_seed(args.seed)
     heads = DecoderExitHeads.for_model(model, args.layers, args.kind, mlp_dim=args.mlp_dim, confidence=args.confidence)
     if args.fit:
-        residuals = fit_lens(model, heads, blocks[: args.fit_blocks], batch_size=args.batch_size)
+        residuals = fit_lens(model, heads, all_blocks[: args.fit_blocks], batch_size=args.batch_size)
         if state.is_main_process:
             print("least-squares lens, relative residual per layer:", {k: round(v, 4) for k, v in residuals.items()})
     result = train_decoder_exits(
