@@ -228,6 +228,24 @@ def test_train_exits_trains_decoder_exits_for_a_causal_lm(folders, capsys, tmp_p
     assert (out / CONFIG_NAME).is_file() and json.loads((out / CONFIG_NAME).read_text())["layers"] == [0, 2]
 
 
+def test_train_exits_fit_then_classifier_only(folders, capsys, tmp_path):
+    """--fit sets the lens by least squares (reported), --confidence-only then trains CALM's classifier alone."""
+    model, _, book = folders
+    out = tmp_path / "fitted"
+    args = ["--model", model, "--data", book, "--kind", "lens", "--layers", "1", "--seq-len", "8", "--batch-size", "4"]
+    rc, stdout, _ = _run(
+        capsys, "train-exits", *args, "--fit", "--confidence", "--confidence-only", "--epochs", "1",
+        "--max-blocks", "4", "--output-dir", out, "--no-progress",
+    )  # fmt: skip
+    assert rc == 0
+    assert "least-squares lens, relative residual per layer: {1: " in stdout
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    heads = DecoderExitHeads.load(out, lm)
+    assert heads.config.confidence and heads.translators["1"].linear.weight.abs().sum() > 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["num_blocks"] == 4 and "confidence_bce" in log["epoch_losses"][0]
+
+
 def test_list_names_the_token_criteria(capsys):
     rc, out, _ = _run(capsys, "list")
     assert rc == 0
