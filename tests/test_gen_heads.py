@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from depthprune.adapters import get_adapter
 from depthprune.errors import OutputExistsError
 from depthprune.generation import ExitHeadsLike
 from depthprune.generation.heads import CONFIG_NAME, WEIGHTS_NAME, DecoderExitHeads
-from depthprune.generation.train import exit_agreement, exit_kl, fit_lens, train_decoder_exits
+from depthprune.generation.train import exit_agreement, exit_kl, fit_confidence, fit_lens, train_decoder_exits
 
 
 def _layer_outputs(model: torch.nn.Module, **inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -215,6 +216,33 @@ def test_fit_lens_bad_input_and_training_only_the_classifier():
     assert all(torch.equal(v, heads.translators.state_dict()[k]) for k, v in translators.items())
     assert any(not torch.equal(v, heads.confidence_nets.state_dict()[k]) for k, v in conf.items())
     assert result.epoch_losses[-1]["confidence_bce"] < result.epoch_losses[0]["confidence_bce"]
+
+
+def test_confidence_fitted_on_cached_features():
+    """An exit that always agrees (the layers above it do nothing) gets a confident classifier; one that often
+    disagrees gets a classifier better than the base rate on the positions it was fitted on. Nothing else moves."""
+    model = build("llama")
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    heads = DecoderExitHeads.for_model(model, [0, 1], kind="lens", confidence=True, dtype=torch.float32)
+    fit_lens(model, heads, _blocks(), ridge=0.0)
+    before_model, before_lens = _state(model), _state(heads.translators)
+    report = fit_confidence(model, heads, _blocks(40), steps=200, lr=1e-2)
+    assert report[1]["positive_rate"] == 1.0 and report[1]["heldout_accuracy"] == 1.0
+    ids = _blocks(2, seed=3)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        assert heads.confidence(1, out.hidden_states[2]).min() > 0.9
+    rate = report[0]["positive_rate"]
+    assert 0 < rate < 1
+    base = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))  # BCE of always predicting the rate
+    assert report[0]["train_bce"] < base, (report[0], base)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_model.items())
+    assert all(torch.equal(v, heads.translators.state_dict()[k]) for k, v in before_lens.items())
+    with pytest.raises(ValueError, match="confidence=True"):
+        fit_confidence(model, DecoderExitHeads.for_model(model, [0]), _blocks())
 
 
 def test_training_on_texts_needs_a_tokenizer():

@@ -173,6 +173,82 @@ def fit_lens(
     return residuals
 
 
+def fit_confidence(
+    model: nn.Module,
+    heads: DecoderExitHeads,
+    token_blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    steps: int = 300,
+    lr: float = 3e-3,
+    holdout: float = 0.1,
+    skip_first: int = 1,
+    seed: int = 0,
+) -> dict[int, dict[str, float]]:
+    """Train CALM's classifiers on cached features: one forward pass over `token_blocks` collects, per exit, the
+    exit's normed state and whether its top token equals the full model's; each classifier then takes `steps`
+    full-batch AdamW steps on BCE (seconds: a classifier is a 2-layer MLP on the hidden size). A `holdout` share of
+    the positions (whole blocks) is kept out of training. Returns per layer: positive rate (share of positions where
+    the exit agrees), and BCE and accuracy at 0.5 on the held-out positions and the training ones.
+    """
+    if not heads.config.confidence:
+        raise ValueError(
+            "these heads have no confidence classifier; build them with DecoderExitHeads.for_model(model, ..., "
+            "confidence=True)"
+        )
+    if token_blocks.dim() != 2 or token_blocks.shape[1] <= skip_first or len(token_blocks) < 2:
+        raise ValueError(
+            f"token blocks must be [n_blocks >= 2, seq_len > skip_first={skip_first}], got {tuple(token_blocks.shape)}"
+        )
+    if not 0 < holdout < 1 or steps < 1:
+        raise ValueError(f"holdout must be in (0, 1) and steps >= 1, got {holdout}, {steps}")
+    device = next(model.parameters()).device
+    states: dict[int, list[torch.Tensor]] = {layer: [] for layer in heads.layers}
+    labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in heads.layers}
+    with torch.no_grad():
+        for ids in token_blocks.split(batch_size):
+            out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+            top = out.logits[:, skip_first:].argmax(-1)
+            for layer in heads.layers:
+                state = heads.state(layer, out.hidden_states[layer + 1][:, skip_first:])
+                labels[layer].append((heads.logits_from_state(state).argmax(-1) == top).float().cpu())
+                states[layer].append(state.to(heads.dtype).cpu())
+    n_held = max(1, round(holdout * len(token_blocks)))
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.randperm(len(token_blocks), generator=generator)[:n_held]
+    is_held = torch.zeros(len(token_blocks), dtype=torch.bool)
+    is_held[held] = True
+    report = {}
+    for layer in heads.layers:
+        x, y = torch.cat(states[layer]), torch.cat(labels[layer])  # [blocks, seq - skip_first, hidden], [blocks, ...]
+        x_fit, y_fit = x[~is_held].flatten(0, 1), y[~is_held].flatten()
+        x_val, y_val = x[is_held].flatten(0, 1), y[is_held].flatten()
+        net = heads.confidence_nets[str(layer)]
+        flags = [p.requires_grad for p in net.parameters()]
+        net.train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+        x_dev, y_dev = x_fit.to(device), y_fit.to(device)
+        with torch.enable_grad():
+            for p in net.parameters():
+                p.requires_grad_(True)
+            for _ in range(steps):
+                loss = nn.functional.binary_cross_entropy_with_logits(net(x_dev).squeeze(-1).float(), y_dev)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        net.eval()
+        figures = {"positive_rate": float(y.mean())}
+        with torch.no_grad():
+            for name, xs, ys in (("train", x_dev, y_dev), ("heldout", x_val.to(device), y_val.to(device))):
+                z = net(xs).squeeze(-1).float()
+                figures[f"{name}_bce"] = float(nn.functional.binary_cross_entropy_with_logits(z, ys))
+                figures[f"{name}_accuracy"] = float(((z > 0).float() == ys).float().mean())
+        report[layer] = figures
+    return report
+
+
 class _ExitLoss(nn.Module):
     """The heads plus the loss, as one module whose forward DDP can wrap (gradients then synchronize)."""
 
@@ -438,6 +514,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--confidence-only", action="store_true", help="train only CALM's classifier, translators kept as fitted"
     )
+    p.add_argument(
+        "--fit-confidence",
+        action="store_true",
+        help="train CALM's classifiers on cached features of the training blocks first (fit_confidence: one forward "
+        "pass, then full-batch steps); with --confidence-only --epochs 0 nothing else trains",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -471,6 +553,15 @@ def main(argv: list[str] | None = None) -> int:
         residuals = fit_lens(model, heads, all_blocks[: args.fit_blocks], batch_size=args.batch_size)
         if state.is_main_process:
             print("least-squares lens, relative residual per layer:", {k: round(v, 4) for k, v in residuals.items()})
+    if args.fit_confidence:
+        report = fit_confidence(model, heads, blocks, batch_size=args.batch_size, seed=args.seed)
+        if state.is_main_process:
+            print("confidence classifiers (held-out positions):")
+            for layer, fig in report.items():
+                print(
+                    f"  layer {layer}: exit agrees on {fig['positive_rate']:.3f} of positions; held-out BCE "
+                    f"{fig['heldout_bce']:.4f}, accuracy {fig['heldout_accuracy']:.3f} (train {fig['train_bce']:.4f})"
+                )
     result = train_decoder_exits(
         model,
         heads,
