@@ -476,11 +476,12 @@ def choose_speculation(
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.eos_token_id, gen_config.pad_token_id = (eos or None), pad
     gen_config.do_sample = False
+    gen_config.max_new_tokens = max_new_tokens
 
     def baseline() -> tuple[float, torch.Tensor]:
         with torch.no_grad():
             start = _now(True, ids.device)
-            seq = model.generate(ids, attention_mask=mask, generation_config=gen_config, max_new_tokens=max_new_tokens)
+            seq = model.generate(ids, attention_mask=mask, generation_config=gen_config)
             return _now(True, ids.device) - start, seq
 
     def speculative(e: int, k: int) -> SpeculativeOutput:
