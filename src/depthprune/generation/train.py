@@ -13,6 +13,7 @@ depthprune.generation.train --output-dir out/smollm2-lens` (on a machine without
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -173,6 +174,11 @@ def fit_lens(
     return residuals
 
 
+@torch.no_grad()
+def _bce(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(nn.functional.binary_cross_entropy_with_logits(net(x).squeeze(-1).float(), y))
+
+
 def fit_confidence(
     model: nn.Module,
     heads: DecoderExitHeads,
@@ -184,12 +190,15 @@ def fit_confidence(
     holdout: float = 0.1,
     skip_first: int = 1,
     seed: int = 0,
+    eval_every: int = 10,
 ) -> dict[int, dict[str, float]]:
     """Train CALM's classifiers on cached features: one forward pass over `token_blocks` collects, per exit, the
-    exit's normed state and whether its top token equals the full model's; each classifier then takes `steps`
+    exit's normed state and whether its top token equals the full model's; each classifier then takes up to `steps`
     full-batch AdamW steps on BCE (seconds: a classifier is a 2-layer MLP on the hidden size). A `holdout` share of
-    the positions (whole blocks) is kept out of training. Returns per layer: positive rate (share of positions where
-    the exit agrees), and BCE and accuracy at 0.5 on the held-out positions and the training ones.
+    the blocks is kept out of training for early stopping: every `eval_every` steps the BCE on them is measured and the
+    classifier keeps its best state (a small MLP on a few ten thousand positions overfits within a few hundred full-
+    batch steps). Returns per layer: positive rate (share of positions where the exit agrees), the step kept, and BCE
+    and accuracy at 0.5 on the held-out positions (which chose the step, so slightly optimistic) and the training ones.
     """
     if not heads.config.confidence:
         raise ValueError(
@@ -228,20 +237,29 @@ def fit_confidence(
         net.train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
         x_dev, y_dev = x_fit.to(device), y_fit.to(device)
+        xv_dev, yv_dev = x_val.to(device), y_val.to(device)
+
+        best, best_step = _bce(net, xv_dev, yv_dev), 0
+        best_state = copy.deepcopy(net.state_dict())
         with torch.enable_grad():
             for p in net.parameters():
                 p.requires_grad_(True)
-            for _ in range(steps):
+            for step in range(1, steps + 1):
                 loss = nn.functional.binary_cross_entropy_with_logits(net(x_dev).squeeze(-1).float(), y_dev)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if step % eval_every == 0 or step == steps:
+                    value = _bce(net, xv_dev, yv_dev)
+                    if value < best:
+                        best, best_step, best_state = value, step, copy.deepcopy(net.state_dict())
+        net.load_state_dict(best_state)
         for p, flag in zip(net.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         net.eval()
-        figures = {"positive_rate": float(y.mean())}
+        figures = {"positive_rate": float(y.mean()), "step": best_step}
         with torch.no_grad():
-            for name, xs, ys in (("train", x_dev, y_dev), ("heldout", x_val.to(device), y_val.to(device))):
+            for name, xs, ys in (("train", x_dev, y_dev), ("heldout", xv_dev, yv_dev)):
                 z = net(xs).squeeze(-1).float()
                 figures[f"{name}_bce"] = float(nn.functional.binary_cross_entropy_with_logits(z, ys))
                 figures[f"{name}_accuracy"] = float(((z > 0).float() == ys).float().mean())
