@@ -329,7 +329,7 @@ def test_two_process_training_with_accelerate_launch(tmp_path):
     g = torch.Generator().manual_seed(0)
     words = [WORDS[i] for i in torch.randint(len(WORDS), (16 * 16 * 2,), generator=g)]
     data = tmp_path / "text.txt"
-    data.write_text(" ".join(words))
+    data.write_text(" ".join(words) + "\n\nCHAPTER 110.\n\n" + " ".join(words[:64]))  # --data trains before ch. 110
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,33 +70,39 @@ def kl_to_final(exit_logits: torch.Tensor, target_logp: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def exit_kl(
-    model: nn.Module, heads: DecoderExitHeads, token_blocks: torch.Tensor, batch_size: int = 8
+def _mean_over_positions(
+    model: nn.Module,
+    heads: DecoderExitHeads,
+    token_blocks: torch.Tensor,
+    batch_size: int,
+    per_position: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> dict[int, float]:
-    """Mean KL(full model || exit) over all positions of `token_blocks` [n, seq], per exit layer (lower is better)."""
+    """Per exit layer: mean over all positions of `token_blocks` of per_position(exit logits, full logits) [b, s]."""
     device = next(model.parameters()).device
     sums = dict.fromkeys(heads.layers, 0.0)
     for ids in token_blocks.split(batch_size):
         out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
-        target_logp = out.logits.float().log_softmax(-1)
         for layer in heads.layers:
-            sums[layer] += float(kl_to_final(heads.logits(layer, out.hidden_states[layer + 1]), target_logp).sum())
+            sums[layer] += float(per_position(heads.logits(layer, out.hidden_states[layer + 1]), out.logits).sum())
     return {layer: v / token_blocks.numel() for layer, v in sums.items()}
 
 
-@torch.no_grad()
+def exit_kl(
+    model: nn.Module, heads: DecoderExitHeads, token_blocks: torch.Tensor, batch_size: int = 8
+) -> dict[int, float]:
+    """Mean KL(full model || exit) over all positions of `token_blocks` [n, seq], per exit layer (lower is better)."""
+    return _mean_over_positions(
+        model, heads, token_blocks, batch_size, lambda mine, full: kl_to_final(mine, full.float().log_softmax(-1))
+    )
+
+
 def exit_agreement(
     model: nn.Module, heads: DecoderExitHeads, token_blocks: torch.Tensor, batch_size: int = 8
 ) -> dict[int, float]:
     """Share of positions of `token_blocks` [n, seq] where each exit's top token equals the full model's."""
-    device = next(model.parameters()).device
-    hits = dict.fromkeys(heads.layers, 0)
-    for ids in token_blocks.split(batch_size):
-        out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
-        top = out.logits.argmax(-1)
-        for layer in heads.layers:
-            hits[layer] += int((heads.logits(layer, out.hidden_states[layer + 1]).argmax(-1) == top).sum())
-    return {layer: v / token_blocks.numel() for layer, v in hits.items()}
+    return _mean_over_positions(
+        model, heads, token_blocks, batch_size, lambda mine, full: (mine.argmax(-1) == full.argmax(-1)).float()
+    )
 
 
 @torch.no_grad()
