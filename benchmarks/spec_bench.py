@@ -379,10 +379,13 @@ def main() -> None:
     spec_rows = [r for r in rows.values() if r.get("method") in ("self-spec", "hf generate")]
     skip_rows = [r for r in rows.values() if "target" in r]
     heads_desc = "" if args.no_speculative else f" + {Path(args.heads).name} ({heads.config.kind} exits {heads.layers})"
+    base_desc = ", ".join(
+        f"{v:.1f} tok/s at batch {bs}" if v else f"no decode time at batch {bs}" for bs, v in base_tok_s.items()
+    )
     setting = (
         f"{args.model}{heads_desc}, {num_layers} layers: {len(prompts)} held-out prompts of {args.prompt_len} tokens, "
         f"{n_new} new tokens; speedup = decode speed / plain greedy generate in the same run (median of "
-        f"{args.repeats}; generate: " + ", ".join(f"{v:.1f} tok/s at batch {bs}" for bs, v in base_tok_s.items())
+        f"{args.repeats}; generate: {base_desc}"
         + f"); {torch.get_num_threads()} thread(s)"
     )  # fmt: skip
     tables, mds = [], []

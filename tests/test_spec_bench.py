@@ -63,7 +63,7 @@ def test_self_speculative_is_token_identical_at_every_batch_size(run):
         for b in BATCHES:
             assert r[f"identical_b{b}"] == 1.0, r["name"]
             assert 0.0 <= r[f"mean_accepted_b{b}"] <= r["draft_len"]
-            assert r[f"speedup_b{b}"] > 0 and r[f"e2e_speedup_b{b}"] > 0
+            assert r[f"e2e_speedup_b{b}"] > 0 and (r[f"speedup_b{b}"] is None or r[f"speedup_b{b}"] > 0)
     skip = report["skip_draft"]
     assert len(skip["skip_layers"]) == 2 and len(skip["block_influence"]) == 4  # half of 4 layers, lowest BI
     assert rows["skip 2 k=2"]["skip_layers"] == skip["skip_layers"]
@@ -75,7 +75,7 @@ def test_hf_assistant_early_exit_runs_at_batch_one_only(run):
     hf = [r for r in report["speculative"] if r["method"] == "hf generate"]
     assert [r["name"] for r in hf] == ["hf assistant_early_exit=1", "hf assistant_early_exit=2"]
     for r in hf:
-        assert r["identical_b1"] == 1.0 and r["speedup_b1"] > 0
+        assert r["identical_b1"] == 1.0 and r["e2e_speedup_b1"] > 0
         assert "identical_b2" not in r and "speedup_b2" not in r
 
 
@@ -88,7 +88,8 @@ def test_skipdecode_reports_every_target_and_the_adapted_model(run):
         assert r["ppl_full"] == ppl_full and r["ppl"] > 0
         for b in BATCHES:
             assert 0.0 <= r[f"identical_b{b}"] <= r[f"agreement_b{b}"] <= 1.0
-            assert r[f"speedup_b{b}"] > 0
+            # decode = call - prefill can be lost in the noise on a tiny model: None then, never <= 0
+            assert r[f"e2e_speedup_b{b}"] > 0 and (r[f"speedup_b{b}"] is None or r[f"speedup_b{b}"] > 0)
         if which == "unadapted":  # for_speedup over the NEW - 1 decode steps
             assert r["ideal_speedup"] == pytest.approx(target, rel=0.25)
     adapted = rows[("adapted", 2.0)]

@@ -68,16 +68,21 @@ def interleaved_seconds(
 
 def speed_ratios(times: Mapping[str, Sequence[float]], baseline: str, tokens: int) -> dict[str, dict[str, Any]]:
     """Per entry: ratio, the median over rounds of baseline seconds / the entry's seconds in the same round (> 1:
-    faster than the baseline); tok_s, `tokens` / the entry's median seconds; seconds, as measured."""
+    faster than the baseline); tok_s, `tokens` / the entry's median seconds; seconds, as measured.
+
+    Times derived by subtraction (a call minus a separately timed prefill) can come out <= 0 when the part left is
+    lost in the noise (tiny models): such rounds are left out, and ratio / tok_s are None when no round is left."""
     base = times[baseline]
-    return {
-        name: {
-            "ratio": statistics.median(b / t for b, t in zip(base, seconds, strict=True)),
-            "tok_s": tokens / statistics.median(seconds),
+    out = {}
+    for name, seconds in times.items():
+        pairs = [(b, t) for b, t in zip(base, seconds, strict=True) if b > 0 and t > 0]
+        valid = [t for t in seconds if t > 0]
+        out[name] = {
+            "ratio": statistics.median(b / t for b, t in pairs) if pairs else None,
+            "tok_s": tokens / statistics.median(valid) if valid else None,
             "seconds": list(seconds),
         }
-        for name, seconds in times.items()
-    }
+    return out
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
