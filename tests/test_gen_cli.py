@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers
 from tiny_models import build
 
@@ -244,6 +245,16 @@ def test_train_exits_fit_then_classifier_only(folders, capsys, tmp_path):
     assert heads.config.confidence and heads.translators["1"].linear.weight.abs().sum() > 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["num_blocks"] == 4 and "confidence_bce" in log["epoch_losses"][0]
+    # the classifier fitted on cached states instead, no SGD epoch at all
+    rc, stdout, _ = _run(
+        capsys, "train-exits", *args, "--fit", "--fit-confidence", "--confidence", "--confidence-only", "--epochs",
+        "0", "--max-blocks", "4", "--output-dir", tmp_path / "fc", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0 and "confidence classifiers (held-out positions):" in stdout and "layer 1: exit agrees on" in stdout
+    fitted = DecoderExitHeads.load(tmp_path / "fc", lm)
+    assert fitted.config.confidence  # same seed, same data: the same least-squares translators as above
+    torch.testing.assert_close(fitted.translators.state_dict(), heads.translators.state_dict())
+    assert json.loads((tmp_path / "fc" / "train_log.json").read_text())["epoch_losses"] == []
 
 
 def test_list_names_the_token_criteria(capsys):
