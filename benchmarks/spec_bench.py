@@ -25,7 +25,8 @@ accept different numbers of drafts, so batched self-speculative decoding masks r
 mean_accepted_bB, accepted draft tokens per verification (each verification adds one token of the verifier's own).
 
 SkipDecode (`depthprune.generation.skipdecode`) at each --skip-speedups target s: the schedule
-`SkipSchedule.for_speedup(L, s, budget=max_new_tokens - 1)` (the decode steps after the first token); held-out
+`SkipSchedule.for_speedup(L, s, budget=max_new_tokens - 1, min_layers=--skip-min-layers)` (the decode steps after
+the first token); held-out
 perplexity of the --max-new-tokens tokens after a --prompt-len prompt (`skipdecode_perplexity`, teacher forcing, on
 --ppl-blocks held-out blocks) beside the untouched model's on the same tokens; token agreement and identical share with
 plain greedy continuations. --adapted S=FOLDER adds a model adapted to a schedule by LoRA, measured the same way
@@ -275,6 +276,13 @@ def main() -> None:
     p.add_argument("--choose", action="store_true", help="add the configuration choose_speculation picks")
     p.add_argument("--choose-prompts", type=int, default=1, help="calibration prompts for --choose (one batch)")
     p.add_argument("--skip-speedups", type=float, nargs="+", default=[2.0, 3.0, 5.0])
+    p.add_argument(
+        "--skip-min-layers",
+        type=int,
+        default=None,
+        help="floor of every SkipDecode schedule (for_speedup's min_layers; default: its centred ramp, which ends at "
+        "1 layer for 2x-5x on 30 layers)",
+    )
     p.add_argument("--adapted", nargs="+", default=[], metavar="SPEEDUP=FOLDER", help="LoRA-adapted SkipDecode models")
     p.add_argument("--ppl-blocks", type=int, default=16, help="held-out blocks for SkipDecode perplexity")
     add_timing_arguments(p)
@@ -340,7 +348,8 @@ def main() -> None:
         full = SkipSchedule.constant(num_layers, num_layers)
         print(f"SkipDecode perplexity on {len(blocks)} held-out blocks ...", flush=True)
         ppl_full = skipdecode_perplexity(model, blocks, full, prompt_len=args.prompt_len)
-        models = {"unadapted": {s: (model, SkipSchedule.for_speedup(num_layers, s, budget=n_new - 1)) for s in
+        models = {"unadapted": {s: (model, SkipSchedule.for_speedup(num_layers, s, budget=n_new - 1,
+                                                                      min_layers=args.skip_min_layers)) for s in
                                 args.skip_speedups}}  # fmt: skip
         models["adapted"] = {s: (load_model(f, task="causal-lm").eval(), load_schedule(f)) for s, f in adapted.items()}
         report["skipdecode"] = {"ppl_full": ppl_full, "ppl_blocks": list(blocks.shape), "schedules": {}}
