@@ -40,13 +40,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/lens_check.json")
     args = p.parse_args()
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data} is not a file; pass the book (e.g. ../shared/data/moby-dick.txt)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, task="causal-lm").eval()
     tokenizer = load_tokenizer(args.model)
-    book = args.data if Path(args.data).is_file() else None
-    fit_blocks = token_blocks(tokenizer, calibration_text(book), args.seq_len, args.fit_blocks)[: args.fit_blocks]
-    held = token_blocks(tokenizer, heldout_text(book), args.seq_len, args.eval_blocks)[: args.eval_blocks]
+    fit_blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len, args.fit_blocks)
+    held = token_blocks(tokenizer, heldout_text(args.data), args.seq_len, args.eval_blocks)
     variants = {"logit_lens": DecoderExitHeads.logit_lens(model, args.layers)}
     lens = DecoderExitHeads.for_model(model, args.layers, "lens", dtype=torch.float32)
     t0 = time.perf_counter()

@@ -75,15 +75,18 @@ def _mean_over_positions(
     heads: DecoderExitHeads,
     token_blocks: torch.Tensor,
     batch_size: int,
+    target: Callable[[torch.Tensor], torch.Tensor],
     per_position: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> dict[int, float]:
-    """Per exit layer: mean over all positions of `token_blocks` of per_position(exit logits, full logits) [b, s]."""
+    """Per exit layer: mean over all positions of `token_blocks` of per_position(exit logits, target) [b, s], where
+    target = target(full model's logits) is computed once per batch."""
     device = next(model.parameters()).device
     sums = dict.fromkeys(heads.layers, 0.0)
     for ids in token_blocks.split(batch_size):
         out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
+        wanted = target(out.logits)
         for layer in heads.layers:
-            sums[layer] += float(per_position(heads.logits(layer, out.hidden_states[layer + 1]), out.logits).sum())
+            sums[layer] += float(per_position(heads.logits(layer, out.hidden_states[layer + 1]), wanted).sum())
     return {layer: v / token_blocks.numel() for layer, v in sums.items()}
 
 
@@ -92,7 +95,7 @@ def exit_kl(
 ) -> dict[int, float]:
     """Mean KL(full model || exit) over all positions of `token_blocks` [n, seq], per exit layer (lower is better)."""
     return _mean_over_positions(
-        model, heads, token_blocks, batch_size, lambda mine, full: kl_to_final(mine, full.float().log_softmax(-1))
+        model, heads, token_blocks, batch_size, lambda full: full.float().log_softmax(-1), kl_to_final
     )
 
 
@@ -101,7 +104,7 @@ def exit_agreement(
 ) -> dict[int, float]:
     """Share of positions of `token_blocks` [n, seq] where each exit's top token equals the full model's."""
     return _mean_over_positions(
-        model, heads, token_blocks, batch_size, lambda mine, full: (mine.argmax(-1) == full.argmax(-1)).float()
+        model, heads, token_blocks, batch_size, lambda full: full.argmax(-1), lambda mine, top: mine.argmax(-1) == top
     )
 
 
