@@ -49,6 +49,8 @@ from depthprune.bench.generation import (
 from depthprune.bench.report import format_table, to_jsonable
 from depthprune.bench.speed import _decode_generate, machine_info
 from depthprune.data import calibration_text, heldout_text
+from depthprune.exits.lm_heads import DecoderExitHeads
+from depthprune.exits.token_criteria import TokenState, criterion_class, make_criterion
 from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import (
     calibrate_generation,
@@ -59,9 +61,7 @@ from depthprune.generation.calibrate import (
     supported_criteria,
     token_consistency,
 )
-from depthprune.generation.criteria import TokenState, criterion_class, make_criterion
 from depthprune.generation.generate import early_exit_generate
-from depthprune.generation.heads import DecoderExitHeads
 from depthprune.io import load_model, load_tokenizer
 
 NO_EOS = ()  # generate exactly max_new_tokens tokens on both sides
@@ -176,7 +176,7 @@ def criterion_costs(model, heads, prompts, names) -> list[dict]:
     from transformers.cache_utils import DynamicCache
 
     from depthprune.adapters.registry import get_adapter
-    from depthprune.generation.criteria import probs
+    from depthprune.exits.token_criteria import probs
     from depthprune.runner import capture_layer_inputs
 
     adapter = get_adapter(model)

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/lens_check.py --layers 5 9 13 17 21 25 28 --fit-blocks 64 \
         --out benchmarks/lens_check.json [--heads out/smollm2-lens]
 
-Fits `lens` translators in closed form (`depthprune.generation.train.fit_lens`) on --fit-blocks blocks of --seq-len
+Fits `lens` translators in closed form (`depthprune.exits.train.lm_exits.fit_lens`) on --fit-blocks blocks of --seq-len
 tokens of the calibration part of the book, then measures on --eval-blocks held-out blocks (from chapter 110 on), per
 exit layer: KL(full model || exit) and top-1 agreement with the full model's next token (teacher forcing: every
 position sees the true prefix). The logit lens (the model's own final norm + LM head on the layer's state) is the
@@ -22,9 +22,9 @@ import torch
 from depthprune.bench.report import format_table, to_jsonable
 from depthprune.bench.speed import machine_info
 from depthprune.data import calibration_text, heldout_text, token_blocks
+from depthprune.exits.lm_heads import DecoderExitHeads
+from depthprune.exits.train.lm_exits import exit_agreement, exit_kl, fit_lens
 from depthprune.fsutil import write_atomic
-from depthprune.generation.heads import DecoderExitHeads
-from depthprune.generation.train import exit_agreement, exit_kl, fit_lens
 from depthprune.io import load_model, load_tokenizer
 
 

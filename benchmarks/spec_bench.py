@@ -74,9 +74,9 @@ from depthprune.bench.generation import (
 from depthprune.bench.report import format_table, to_jsonable
 from depthprune.bench.speed import machine_info
 from depthprune.data import calibration_text, heldout_text
+from depthprune.exits.lm_heads import DecoderExitHeads
 from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import prompt_blocks, token_consistency
-from depthprune.generation.heads import DecoderExitHeads
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_generate, skipdecode_perplexity
 from depthprune.generation.skipdecode_train import load_schedule
 from depthprune.generation.speculative import choose_speculation, self_speculative_generate

@@ -5,17 +5,9 @@ import math
 import pytest
 import torch
 
-from depthprune.exits.calibrate import (
-    ExitRecords,
-    binomial_cdf,
-    calibrate,
-    check,
-    collect_records,
-    ltt_select,
-    risk_p_value,
-    simulate,
-)
+from depthprune.exits.calibrate import ExitRecords, calibrate, check, collect_records, simulate
 from depthprune.exits.criteria import make_criterion
+from depthprune.ltt import binomial_cdf, ltt_select, risk_p_value
 
 
 def test_binomial_cdf_matches_direct_sum():

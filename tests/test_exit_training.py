@@ -298,7 +298,7 @@ def test_two_process_training_with_accelerate_launch(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "depthprune.exits.train.launch", "--model", str(folder), "--data", str(data),
+        "-m", "depthprune", "train-exits", "--model", str(folder), "--data", str(data),
         "--text-column", "sentence", "--label-column", "sentiment", "--train", "96", "--calibration", "0",
         "--recipe", "two_stage", "--epochs", "6", "3", "--lr", "3e-3", "--batch-size", "8", "--max-length", "16",
         "--output-dir", str(out), "--no-progress",

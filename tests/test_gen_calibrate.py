@@ -9,7 +9,7 @@ import torch
 import transformers
 from tiny_models import VOCAB, build
 
-from depthprune.exits.calibrate import risk_p_value
+from depthprune.exits.lm_heads import DecoderExitHeads
 from depthprune.generation.calibrate import (
     calibrate_generation,
     check,
@@ -21,7 +21,7 @@ from depthprune.generation.calibrate import (
     supported_criteria,
     token_consistency,
 )
-from depthprune.generation.heads import DecoderExitHeads
+from depthprune.ltt import risk_p_value
 
 NEVER = 1024.0  # fixed:1024 never exits before the last layer
 

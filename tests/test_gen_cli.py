@@ -14,10 +14,11 @@ from tiny_models import build
 
 from depthprune.cli.exits import is_causal_lm, is_decoder_heads_folder
 from depthprune.cli.main import main
-from depthprune.generation.heads import CONFIG_NAME, DecoderExitHeads
+from depthprune.cli.train_skipdecode import describe
+from depthprune.cli.train_skipdecode import main as skipdecode_main
+from depthprune.exits.lm_heads import CONFIG_NAME, DecoderExitHeads
 from depthprune.generation.skipdecode import SkipSchedule
-from depthprune.generation.skipdecode_train import describe, load_schedule
-from depthprune.generation.skipdecode_train import main as skipdecode_main
+from depthprune.generation.skipdecode_train import load_schedule
 
 WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from depthprune.generation.criteria import (
+from depthprune.exits.token_criteria import (
     TokenState,
     criterion_class,
     list_criteria,

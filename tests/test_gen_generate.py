@@ -9,8 +9,8 @@ from tiny_models import build, input_ids
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from depthprune.adapters import get_adapter
-from depthprune.generation import ExitHeadsLike
-from depthprune.generation.criteria import TokenState, make_criterion
+from depthprune.exits.lm_heads import ExitHeadsLike
+from depthprune.exits.token_criteria import TokenState, make_criterion
 from depthprune.generation.generate import early_exit_generate
 from depthprune.runner import capture_layer_inputs
 

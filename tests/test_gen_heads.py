@@ -17,9 +17,8 @@ from tiny_models import DECODERS, VOCAB, build, input_ids
 
 from depthprune.adapters import get_adapter
 from depthprune.errors import OutputExistsError
-from depthprune.generation import ExitHeadsLike
-from depthprune.generation.heads import CONFIG_NAME, WEIGHTS_NAME, DecoderExitHeads
-from depthprune.generation.train import exit_agreement, exit_kl, fit_confidence, fit_lens, train_decoder_exits
+from depthprune.exits.lm_heads import CONFIG_NAME, WEIGHTS_NAME, DecoderExitHeads, ExitHeadsLike
+from depthprune.exits.train.lm_exits import exit_agreement, exit_kl, fit_confidence, fit_lens, train_decoder_exits
 
 
 def _layer_outputs(model: torch.nn.Module, **inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -334,7 +333,7 @@ def test_two_process_training_with_accelerate_launch(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "depthprune.generation.train", "--model", str(folder), "--data", str(data), "--kind", "lens",
+        "-m", "depthprune", "train-exits", "--model", str(folder), "--data", str(data), "--kind", "lens",
         "--layers", "0", "2", "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--seq-len", "16",
         "--output-dir", str(out), "--no-progress",
     ]  # fmt: skip

@@ -8,8 +8,8 @@ import transformers
 from tiny_models import build, input_ids
 
 from depthprune.adapters import get_adapter
+from depthprune.exits.lm_heads import DecoderExitHeads
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
-from depthprune.generation.heads import DecoderExitHeads
 from depthprune.generation.speculative import choose_speculation, self_speculative_generate
 
 ARCHS = ["llama", "gpt_neox"]

@@ -53,8 +53,8 @@ def test_smollm2_pruned_export_reloads_plainly_and_decodes_consistently(smollm2,
 
 
 def test_smollm2_early_exit_generation_never_firing_equals_generate_and_batches_agree(smollm2):
+    from depthprune.exits.lm_heads import DecoderExitHeads
     from depthprune.generation.generate import early_exit_generate
-    from depthprune.generation.heads import DecoderExitHeads
 
     model, tok = smollm2
     heads = DecoderExitHeads.logit_lens(model, [9, 19])

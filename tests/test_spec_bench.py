@@ -15,7 +15,7 @@ import pytest
 import transformers
 from tiny_models import build
 
-from depthprune.generation.heads import DecoderExitHeads
+from depthprune.exits.lm_heads import DecoderExitHeads
 from depthprune.generation.skipdecode import SkipSchedule
 from depthprune.generation.skipdecode_train import SCHEDULE_NAME
 

@@ -162,7 +162,7 @@ def load_model(
             f"could not load model {name!r} from {source!r}: {err}. Pass a local folder, a .gguf file, "
             "or a hub id on a machine that can reach the hub"
         ) from err
-    from depthprune.static.apply import tie_repeated_layers
+    from depthprune.sharing import tie_repeated_layers
 
     return tie_repeated_layers(model).eval()
 

@@ -19,6 +19,9 @@ from typing import Any
 
 from depthprune.errors import PlanError
 
+PLAN_CONFIG_KEY = "depthprune"
+"""The key under which a model made by depthprune records its plan in config.json."""
+
 # The stack name a plan parsed from text without names gets; resolved against the model's only stack.
 UNNAMED = "*"
 

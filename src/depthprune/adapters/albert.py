@@ -32,7 +32,7 @@ def _sequence(model: nn.Module, stack: StackSpec) -> list[nn.Module]:
 
 
 def _apply(model: nn.Module, stack: StackSpec, indices: list[int]) -> None:
-    from depthprune.static.apply import share_clone
+    from depthprune.sharing import share_clone
 
     config = backbone(model).config
     groups = list(get_path(backbone(model), _GROUPS))

@@ -41,7 +41,7 @@ def _splits(args: argparse.Namespace):
 
 def is_decoder_heads_folder(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds decoder exit heads (written by the decoder trainer) rather than a classifier's."""
-    from depthprune.generation.heads import CONFIG_NAME
+    from depthprune.exits.lm_heads import CONFIG_NAME
 
     return (Path(folder) / CONFIG_NAME).is_file()
 
@@ -157,7 +157,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         add_help=False,
         help="train exit heads through Accelerate: an encoder classifier's (and its backbone, per recipe), or a causal "
         "LM's decoder exits when --model is one; `depthprune train-exits [--model M] --help` for options; "
-        "multi-process: accelerate launch -m depthprune.exits.train.launch (or -m depthprune.generation.train) ...",
+        "multi-process: accelerate launch -m depthprune train-exits ...",
     )
     p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing
 
@@ -236,13 +236,13 @@ def is_causal_lm(name: str | os.PathLike) -> bool:
 
 
 def train_exits_main(argv: list[str]) -> int:
-    """`depthprune train-exits ...`: decoder exit heads (depthprune.generation.train) when --model is a causal LM,
-    else an encoder classifier's exits (depthprune.exits.train.launch, whose default model is minilm)."""
+    """`depthprune train-exits ...`: decoder exit heads (depthprune.cli.train_lm_exits) when --model is a causal LM,
+    else an encoder classifier's exits (depthprune.cli.train_exits, whose default model is minilm)."""
     model = _model_option(argv)
     if model is not None and is_causal_lm(model):
-        from depthprune.generation.train import main as decoder_main
+        from depthprune.cli.train_lm_exits import main as decoder_main
 
         return decoder_main(argv)
-    from depthprune.exits.train.launch import main as launch_main
+    from depthprune.cli.train_exits import main as launch_main
 
     return launch_main(argv)

@@ -26,7 +26,7 @@ def _model_name(model: str | None, heads_dir: str | None) -> str:
 
 def _load(model_name: str, heads_dir: str | None):
     """(causal LM, its tokenizer, its exit heads: the folder's, or logit-lens exits after every layer if None)."""
-    from depthprune.generation.heads import DecoderExitHeads
+    from depthprune.exits.lm_heads import DecoderExitHeads
     from depthprune.io import load_model, load_tokenizer
 
     model = load_model(model_name, task="causal-lm")
@@ -71,6 +71,7 @@ def add_calibrate_options(p: argparse.ArgumentParser) -> None:
 def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
     from depthprune.data import calibration_text, heldout_text
+    from depthprune.exits.token_criteria import criterion_class, make_criterion
     from depthprune.fsutil import write_atomic
     from depthprune.generation.calibrate import (
         calibrate_generation,
@@ -79,7 +80,6 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
         greedy_continuations,
         prompt_blocks,
     )
-    from depthprune.generation.criteria import criterion_class, make_criterion
 
     delta = 0.2 if args.delta is None else args.delta
     if not 0 < delta < 1 or not 0 < args.epsilon < 1:
@@ -131,7 +131,7 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
 
 # ---- generate ---------------------------------------------------------------------------------------------------
 def _criterion(args: argparse.Namespace):
-    from depthprune.generation.criteria import make_criterion, parse_criterion
+    from depthprune.exits.token_criteria import make_criterion, parse_criterion
 
     if args.exit:
         return parse_criterion(args.exit)
@@ -231,6 +231,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         add_help=False,
         help="adapt a causal LM to a SkipDecode schedule (--speedup S) with LoRA, through Accelerate; writes the "
         "merged model; `depthprune train-skipdecode --help` for options; multi-process: accelerate launch -m "
-        "depthprune.generation.skipdecode_train ...",
+        "depthprune train-skipdecode ...",
     )
     p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing

@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from depthprune.adapters.registry import supported_model_types
     from depthprune.exits.criteria import list_criteria
-    from depthprune.generation.criteria import list_criteria as list_token_criteria
+    from depthprune.exits.token_criteria import list_criteria as list_token_criteria
     from depthprune.static.scorers import list_scorers
 
     print("scorers:", ", ".join(list_scorers()))
@@ -198,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from depthprune.cli.exits import train_exits_main
 
         return train_exits_main(argv[1:])
-    if argv[:1] == ["train-skipdecode"]:  # likewise (`accelerate launch -m depthprune.generation.skipdecode_train`)
-        from depthprune.generation.skipdecode_train import main as skipdecode_main
+    if argv[:1] == ["train-skipdecode"]:  # likewise (`accelerate launch -m depthprune train-skipdecode`)
+        from depthprune.cli.train_skipdecode import main as skipdecode_main
 
         return skipdecode_main(argv[1:], prog="depthprune train-skipdecode")
     args = build_parser().parse_args(argv)

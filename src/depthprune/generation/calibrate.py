@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthprune.exits.calibrate import ltt_select
-from depthprune.generation import ExitHeadsLike
-from depthprune.generation.criteria import TokenCriterion, criterion_class, list_criteria
+from depthprune.exits.lm_heads import ExitHeadsLike
+from depthprune.exits.token_criteria import TokenCriterion, criterion_class, list_criteria
 from depthprune.generation.generate import KV_MODES, _special_tokens, early_exit_generate
+from depthprune.ltt import ltt_select
 
 CONSISTENCY = ("tokens", "rouge_l")
 
@@ -273,7 +273,7 @@ def calibrate_generation(
     references: list[list[int]] | None = None,
     progress: bool = False,
 ) -> GenerationCalibration:
-    """Pick the most aggressive threshold of token criterion `criterion` (a name, see `depthprune.generation.criteria`)
+    """Pick the most aggressive threshold of token criterion `criterion` (a name, see `depthprune.exits.token_criteria`)
     certified to keep the expected `consistency` with the full model's greedy continuation >= 1 - delta, with
     probability >= 1 - epsilon over the draw of `prompts` [n, prompt_len].
 

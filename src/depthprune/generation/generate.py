@@ -5,7 +5,7 @@ for it and is stopped before the first decoder layer (`capture_layer_inputs`); t
 one with exactly those arguments. After each layer that has an exit, every running row asks the criterion; rows that
 exit take the exit's argmax as their next token and leave the running set, so the upper layers run on fewer rows. The
 last layer always exits through the model's own final norm and LM head. Skipped layers get their KV entries by the
-chosen strategy (see `depthprune.generation.kv`).
+chosen strategy (see `depthprune.kv`).
 
 Exit layers are 0-based decoder layer indices: a token with exit layer e ran layers 0..e; num_layers - 1 means the full
 model; -1 marks the padding generated after a row's end-of-sequence token.
@@ -22,9 +22,9 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from depthprune.adapters.registry import get_adapter
-from depthprune.generation import ExitHeadsLike
-from depthprune.generation.criteria import TokenCriterion, TokenState, parse_criterion
-from depthprune.generation.kv import DeferredKV, RowView, check_cache, grow_cache, propagate, rows_call, with_cache
+from depthprune.exits.lm_heads import ExitHeadsLike
+from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
+from depthprune.kv import DeferredKV, RowView, check_cache, grow_cache, propagate, rows_call, with_cache
 from depthprune.runner import capture_layer_inputs
 
 KV_MODES = ("propagate", "recompute")
@@ -82,7 +82,7 @@ def early_exit_generate(
 ) -> EarlyExitOutput:
     """Greedy decoding where each token of each row may exit after any layer in `heads.layers`.
 
-    criterion: a token criterion or 'name:threshold' (see `depthprune.generation.criteria`).
+    criterion: a token criterion or 'name:threshold' (see `depthprune.exits.token_criteria`).
     kv: "propagate" (CALM: skipped layers get keys/values computed from the exited state) or "recompute" (EE-LLM:
         skipped entries are holes, filled by the row's next token that reaches the layer).
     deep_prefill: True runs the whole prompt through the full model, so the first new token is the full model's.

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from depthprune.generation.generate import _decoder_parts, _mask_arg, _special_tokens
-from depthprune.generation.kv import check_cache
+from depthprune.kv import check_cache
 from depthprune.runner import capture_layer_inputs
 
 

@@ -10,13 +10,12 @@ never modified. `output_dir`: the main process writes the merged model (save_pre
 config as `skipdecode_schedule`), skip_schedule.json and train_log.json there, atomically.
 
 Same call on one CPU, one GPU or many processes (`accelerate launch`): batch_size is per process. From the command
-line: `python -m depthprune.generation.skipdecode_train --speedup 2 --output-dir out/smollm2-skip2` (or `accelerate
-launch -m depthprune.generation.skipdecode_train ...`, or `depthprune train-skipdecode ...`).
+line: `depthprune train-skipdecode --speedup 2 --output-dir out/smollm2-skip2` (or `accelerate launch -m depthprune
+train-skipdecode ...`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -141,9 +140,9 @@ def train_skipdecode(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from depthprune.exits.train.trainer import no_accelerator
+    from depthprune.exits.train.lm_exits import _check_output_dir
     from depthprune.fsutil import atomic_folder
-    from depthprune.generation.train import _check_output_dir
+    from depthprune.training import no_accelerator
 
     if not isinstance(schedule, SkipSchedule):
         raise TypeError(f"schedule must be a SkipSchedule, got {type(schedule).__name__}")
@@ -260,143 +259,11 @@ def load_schedule(model_or_folder: nn.Module | str | os.PathLike) -> SkipSchedul
     return SkipSchedule.from_dict(json.loads(path.read_text()))
 
 
-# ---- command line (`accelerate launch -m depthprune.generation.skipdecode_train ...` or plain `python -m ...`) -------
-def parser(prog: str = "python -m depthprune.generation.skipdecode_train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Adapt a decoder-only causal LM to a SkipDecode schedule with LoRA; writes the merged model.",
-    )
-    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
-        "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
-    )
-    p.add_argument(
-        "--speedup",
-        type=float,
-        default=2.0,
-        help="target mean decoder-layer speed-up S over --budget generated tokens: SkipSchedule.for_speedup(L, S) "
-        "(default 2)",
-    )
-    p.add_argument(
-        "--budget",
-        type=int,
-        default=31,
-        help="generated tokens after the first one that the speed-up is averaged over (default 31: 32 new tokens)",
-    )
-    p.add_argument("--max-layers", type=int, default=None, help="layers of the first generated token (default: auto)")
-    p.add_argument("--min-layers", type=int, default=None, help="layers at the end of the decay (default: auto)")
-    p.add_argument(
-        "--seq-len", type=int, default=96, help="tokens per training block (default 96: a 64-token prompt + 32 new)"
-    )
-    p.add_argument("--min-prompt", type=int, default=1, help="shortest prompt (full depth) drawn per row (default 1)")
-    p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
-    p.add_argument(
-        "--targets", nargs="+", default=None, help="projections to adapt, e.g. q_proj v_proj (default: every linear)"
-    )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--output-dir", required=True, help="folder for the merged model, skip_schedule.json, train_log.json"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (atomically, at the end)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def describe(schedule: SkipSchedule, budget: int) -> str:
-    """One line for people: the decay and the speed-up it gives over `budget` generated tokens."""
-    s = schedule
-    return (
-        f"{s.max_layers} -> {s.min_layers} of {s.num_layers} layers over {s.decay_tokens:g} tokens "
-        f"({s.speedup(budget):.2f}x over {budget} tokens)"
-    )
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = parser() if prog is None else parser(prog)
-    args = p.parse_args(argv)
-    from accelerate import PartialState
-    from accelerate.utils import set_seed
-
-    from depthprune.data import calibration_text, token_blocks
-    from depthprune.errors import OutputExistsError
-    from depthprune.exits.train.trainer import no_accelerator
-    from depthprune.generation.train import _check_output_dir
-    from depthprune.io import load_model, load_tokenizer
-
-    try:  # before anything loads: a full folder is refused at once, not after training
-        _check_output_dir(Path(args.output_dir).expanduser().resolve(), args.overwrite)
-    except OutputExistsError as err:
-        p.error(f"argument --output-dir: {err}")
-    if args.budget < 1:
-        p.error(f"argument --budget: must be >= 1 generated token, got {args.budget}")
-    if args.max_blocks is not None and args.max_blocks < 1:
-        p.error(f"argument --max-blocks: must be >= 1, got {args.max_blocks}")
-    if not 1 <= args.min_prompt < args.seq_len:
-        p.error(f"need 1 <= --min-prompt < --seq-len, got {args.min_prompt} and {args.seq_len}")
-    state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
-    model = load_model(args.model, task="causal-lm")
-    tokenizer = load_tokenizer(args.model)
-    num_layers = len(_parts(model)[1])
-    try:
-        schedule = SkipSchedule.for_speedup(
-            num_layers, args.speedup, budget=args.budget, max_layers=args.max_layers, min_layers=args.min_layers
-        )
-    except (TypeError, ValueError) as err:
-        p.error(f"argument --speedup/--max-layers/--min-layers: {err}")
-    try:
-        blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len)
-    except ValueError as err:
-        p.error(f"argument --data/--seq-len: {err}")
-    if args.max_blocks is not None:
-        blocks = blocks[: args.max_blocks]
-    set_seed(args.seed)  # the LoRA initialization too
-    result = train_skipdecode(
-        model,
-        schedule,
-        blocks,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        targets=args.targets,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        min_prompt=args.min_prompt,
-        seed=args.seed,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    if state.is_main_process:
-        losses = [e["loss"] for e in result.epoch_losses] or [float("nan")]
-        print(
-            f"SkipDecode schedule {describe(schedule, args.budget)}: LoRA rank {result.lora_rank} trained on "
-            f"{result.num_blocks} blocks of {result.seq_len} tokens in {result.train_seconds:.1f} s "
-            f"({result.num_processes} process(es)); loss first epoch {losses[0]:.4f}, last epoch {losses[-1]:.4f}; "
-            f"wrote {result.output_dir}"
-        )
-    state.wait_for_everyone()
-    return 0
-
-
 __all__ = [
     "SkipDecodeTrainResult",
-    "describe",
     "load_schedule",
-    "main",
     "sample_layer_counts",
     "skip_lm_loss",
     "skipdecode_loss",
     "train_skipdecode",
 ]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -44,10 +44,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from depthprune.generation import ExitHeadsLike
+from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
 from depthprune.generation.generate import _decoder_parts, _mask_arg, _now, _special_tokens, prompt_mask
-from depthprune.generation.kv import check_cache
+from depthprune.kv import check_cache
 from depthprune.runner import LayerCall, capture_layer_inputs
 
 DRAFTS = ("exit", "skip")

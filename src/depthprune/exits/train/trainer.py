@@ -1,7 +1,7 @@
 """Train exit heads (and the backbone, when a recipe asks) with Hugging Face Accelerate.
 
 The same call runs on one CPU, one GPU, or many processes: `accelerate launch --multi_gpu --num_processes N -m
-depthprune.exits.train.launch ...` (on a machine without GPUs the processes use CPU and gloo). Note that
+depthprune.cli.train_exits ...` (on a machine without GPUs the processes use CPU and gloo). Note that
 `accelerate launch --cpu --num_processes N` starts a single process unless an MPI launcher is configured.
 
 A recipe's stages run in order; each stage trains the parameters it names with AdamW (linear warm-up and decay) and
@@ -31,6 +31,7 @@ from depthprune.exits.data import LabelledTexts, tokenize_batch
 from depthprune.exits.heads import ExitHeads
 from depthprune.exits.inference import all_exit_outputs
 from depthprune.exits.train import Stage, recipe_module, recipe_stages, trainable_parameters, with_agreement
+from depthprune.training import no_accelerator
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -158,15 +159,6 @@ def _param_groups(
         {"params": [p for p in params if id(p) in head_ids], "lr": head_lr},
     ]
     return [g for g in groups if g["params"]]
-
-
-def no_accelerator() -> bool:
-    """True on a machine without a GPU (or other torch accelerator): Accelerate must then be told to use the CPU, or
-    several launched processes would not form one data-parallel group."""
-    probe = getattr(torch, "accelerator", None)
-    if probe is not None and hasattr(probe, "is_available"):
-        return not probe.is_available()
-    return not torch.cuda.is_available()
 
 
 def _checksum(model: nn.Module, heads: nn.Module) -> float:

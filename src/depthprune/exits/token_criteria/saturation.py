@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from depthprune.generation.criteria import TokenState, check_range
+from depthprune.exits.token_criteria import TokenState, check_range
 
 
 @dataclasses.dataclass(frozen=True)

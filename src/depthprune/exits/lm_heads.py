@@ -19,7 +19,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -309,7 +309,7 @@ class DecoderExitHeads(nn.Module):
         if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
                 f"{folder} has no {CONFIG_NAME} + {WEIGHTS_NAME}; train decoder exit heads first "
-                "(depthprune.generation.train.train_decoder_exits, or python -m depthprune.generation.train)"
+                "(depthprune.exits.train.lm_exits.train_decoder_exits, or depthprune train-exits --model ...)"
             )
         config = DecoderExitConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         saved = load_file(str(folder / WEIGHTS_NAME))
@@ -318,3 +318,24 @@ class DecoderExitHeads(nn.Module):
         heads = cls(config, model, dtype)
         heads.load_state_dict(saved)  # copies into the heads' own device and dtype
         return heads
+
+
+@runtime_checkable
+class ExitHeadsLike(Protocol):
+    """What the generation loop needs from a decoder's exit heads.
+
+    layers: sorted 0-based indices of the decoder layers after which an exit exists (never the last layer: the model's
+    own final norm + LM head is the last exit). num_layers: depth of the decoder stack the heads were built for.
+    """
+
+    layers: tuple[int, ...]
+    num_layers: int
+
+    def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [batch, seq, hidden_size] leaving layer `layer` -> logits [batch, seq, vocab]."""
+        ...
+
+    def confidence(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """CALM's learned meta-classifier: P(this exit's token equals the full model's) [batch, seq], or None when
+        the heads have no such classifier."""
+        ...

@@ -1,6 +1,6 @@
 """Command line for `train_exits`, meant to be started by `accelerate launch` (or plain `python -m`):
 
-    accelerate launch --multi_gpu --num_processes 2 -m depthprune.exits.train.launch \\
+    accelerate launch --multi_gpu --num_processes 2 -m depthprune.cli.train_exits \\
         --model minilm --data spam-assassin --recipe two_stage --epochs 1 2 --output-dir out/minilm-spam
 
 On a machine without GPUs the processes run on CPU (gloo). `accelerate launch --cpu --num_processes N` starts only
@@ -38,7 +38,7 @@ def _hyper(items: list[str]) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     from depthprune.exits.train import list_recipes
 
-    p = argparse.ArgumentParser(prog="python -m depthprune.exits.train.launch", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="depthprune train-exits", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="minilm", help="model folder, hub id or embedded alias (default: minilm)")
     p.add_argument("--data", required=True, help=".jsonl/.csv file, 'spam-assassin', or a Hugging Face dataset name")
     p.add_argument("--text-column", default="text")
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     from depthprune.exits.heads import ExitHeads
     from depthprune.exits.train import recipe_module
     from depthprune.exits.train.evaluate import exit_accuracies
-    from depthprune.exits.train.trainer import no_accelerator, train_exits
+    from depthprune.exits.train.trainer import train_exits
     from depthprune.io import load_model, load_tokenizer
+    from depthprune.training import no_accelerator
 
     state = PartialState(cpu=no_accelerator())  # as train_exits' Accelerator, so both see the same processes
     data = load_data(

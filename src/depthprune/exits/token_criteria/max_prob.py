@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from depthprune.generation.criteria import TokenState, check_range, probs
+from depthprune.exits.token_criteria import TokenState, check_range, probs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,11 +37,11 @@ __all__ = [
 ]
 
 _BUILTIN = {
-    "max_prob": "depthprune.generation.criteria.max_prob",
-    "margin": "depthprune.generation.criteria.margin",
-    "saturation": "depthprune.generation.criteria.saturation",
-    "learned": "depthprune.generation.criteria.learned",
-    "fixed": "depthprune.generation.criteria.fixed",
+    "max_prob": "depthprune.exits.token_criteria.max_prob",
+    "margin": "depthprune.exits.token_criteria.margin",
+    "saturation": "depthprune.exits.token_criteria.saturation",
+    "learned": "depthprune.exits.token_criteria.learned",
+    "fixed": "depthprune.exits.token_criteria.fixed",
 }
 
 
