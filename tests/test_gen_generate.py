@@ -327,9 +327,11 @@ def test_encoders_and_unsupported_caches_are_refused():
     t5 = build("t5")
     with pytest.raises(ValueError, match="encoder-decoder"):
         early_exit_generate(t5, None, ids, mask, criterion=NEVER, max_new_tokens=2)
-    qwen = build("qwen2")  # sliding-window layers: its cache is not one full-attention layer per decoder layer
-    with pytest.raises(ValueError, match="sliding"):
-        early_exit_generate(qwen, Lens(qwen), ids, mask, criterion=NEVER, max_new_tokens=2)
+    chunked = build("llama")  # chunked attention keeps no entry per position: refused by name
+    chunked.config.layer_types = ["full_attention", "chunked_attention", "full_attention", "full_attention"]
+    chunked.config.attention_chunk_size = 4
+    with pytest.raises(ValueError, match="chunked_attention"):
+        early_exit_generate(chunked, Lens(chunked), ids, mask, criterion=NEVER, max_new_tokens=2)
 
 
 def test_qwen2_without_sliding_window_is_plain_greedy():

@@ -284,8 +284,11 @@ def test_clear_errors():
         skipdecode_logits(model, ids, decay(model))
     with pytest.raises(ValueError, match="decoder-only"):
         skipdecode_generate(build("bert"), ids, schedule=[2], max_new_tokens=2)
-    with pytest.raises(ValueError, match="full-attention"):  # Mistral's sliding window
-        skipdecode_generate(build("mistral"), ids, schedule=[2], max_new_tokens=2)
+    chunked = build("llama")  # chunked attention keeps no entry per position: refused by name
+    chunked.config.layer_types = ["chunked_attention"] * 4
+    chunked.config.attention_chunk_size = 4
+    with pytest.raises(ValueError, match="chunked_attention"):
+        skipdecode_generate(chunked, ids, schedule=[2], max_new_tokens=2)
 
 
 # ---- LoRA adaptation ------------------------------------------------------------------------------------------------

@@ -322,6 +322,7 @@ def test_bad_settings_are_refused():
     bert = build("bert")
     with pytest.raises(ValueError, match="decoder-only"):
         self_speculative_generate(bert, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
-    qwen = build("qwen2")  # sliding-window layers
-    with pytest.raises(ValueError, match="sliding"):
-        self_speculative_generate(qwen, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
+    linear = build("llama")  # linear (recurrent) attention keeps no entry per position: refused by name
+    linear.config.layer_types = ["full_attention", "linear_attention"] * 2
+    with pytest.raises(ValueError, match="linear_attention"):
+        self_speculative_generate(linear, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
