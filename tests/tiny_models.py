@@ -85,6 +85,7 @@ def _gemma3_text(**extra: Any) -> transformers.PretrainedConfig:
         **extra,
     )
 
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in [
