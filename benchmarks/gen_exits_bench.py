@@ -176,8 +176,9 @@ def criterion_costs(model, heads, prompts, names) -> list[dict]:
     from transformers.cache_utils import DynamicCache
 
     from depthprune.adapters.registry import get_adapter
+    from depthprune.decoding import step_inputs
     from depthprune.exits.token_criteria import probs
-    from depthprune.runner import capture_layer_inputs
+    from depthprune.runner import capture_stack
 
     adapter = get_adapter(model)
     layers = adapter.run_sequence(model, "decoder")
@@ -186,9 +187,9 @@ def criterion_costs(model, heads, prompts, names) -> list[dict]:
     for bs in (1, 8):
         ids = prompts[:bs]
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        inputs = {"input_ids": ids[:, -1:], "past_key_values": cache, "use_cache": True}
-        hidden, call = capture_layer_inputs(model, inputs, adapter=adapter)  # [bs, 1, hidden]
+        model(**step_inputs(model, ids, None, None, cache))
+        hidden, stack = capture_stack(model, step_inputs(model, ids[:, -1:], None, None, cache), adapter=adapter)
+        call = stack.calls[mid]  # [bs, 1, hidden] enters; the arguments of layer `mid`
         kv = cache.layers[mid]
         kept = (kv.keys, kv.values)  # [bs, heads, n, dim]: restored after each timed call, which appends a position
 

@@ -2,10 +2,12 @@
 with each sequence generated alone, with hand computations of the propagated cache entries, and with uncached
 reference loops."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
-from tiny_models import build, input_ids
+from tiny_models import build, build_gemma3_sliding, input_ids
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from depthprune.adapters import get_adapter
@@ -327,9 +329,11 @@ def test_encoders_and_unsupported_caches_are_refused():
     t5 = build("t5")
     with pytest.raises(ValueError, match="encoder-decoder"):
         early_exit_generate(t5, None, ids, mask, criterion=NEVER, max_new_tokens=2)
-    qwen = build("qwen2")  # sliding-window layers: its cache is not one full-attention layer per decoder layer
-    with pytest.raises(ValueError, match="sliding"):
-        early_exit_generate(qwen, Lens(qwen), ids, mask, criterion=NEVER, max_new_tokens=2)
+    chunked = build("llama")  # chunked attention keeps no entry per position: refused by name
+    chunked.config.layer_types = ["full_attention", "chunked_attention", "full_attention", "full_attention"]
+    chunked.config.attention_chunk_size = 4
+    with pytest.raises(ValueError, match="chunked_attention"):
+        early_exit_generate(chunked, Lens(chunked), ids, mask, criterion=NEVER, max_new_tokens=2)
 
 
 def test_qwen2_without_sliding_window_is_plain_greedy():
@@ -349,3 +353,47 @@ def test_qwen2_without_sliding_window_is_plain_greedy():
     ids, mask = input_ids(batch=3, seq=6)
     out = early_exit_generate(model, Lens(model), ids, mask, criterion=NEVER, max_new_tokens=6, kv="recompute")
     assert torch.equal(out.sequences, greedy(model, ids, mask, 6))
+
+
+# ---- sliding-window decoders -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["gemma3_sliding", "qwen2", "mistral"])
+def test_sliding_window_decoders_with_a_never_firing_criterion_are_plain_greedy(name, batch, kv):
+    """Gemma 3 (sliding window 3, soft-capped logits), Qwen 2 and Mistral: prompts and generations longer than the
+    window, a padded row; every layer gets its own attention type's mask."""
+    model = build_gemma3_sliding() if name == "gemma3_sliding" else build(name)
+    ids, mask = input_ids(batch=batch, seq=6, pad_first_row=2)
+    out = early_exit_generate(model, Lens(model), ids, mask, criterion=NEVER, max_new_tokens=8, kv=kv)
+    assert torch.equal(out.sequences, greedy(model, ids, mask, 8))
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_sliding_window_exits_batched_equal_alone(kv):
+    model = build_gemma3_sliding()
+    ids, mask = input_ids(batch=3, seq=6, pad_first_row=2)
+    crit = PerRow([0, 2, 1])
+    out = early_exit_generate(model, Lens(model), ids, mask, criterion=crit, max_new_tokens=6, kv=kv, eos_token_id=())
+    for r in range(3):
+        real = mask[r].bool()
+        one = early_exit_generate(
+            model,
+            Lens(model),
+            ids[r : r + 1, real],
+            None,
+            criterion=PerRow([[0, 2, 1][r]]),
+            max_new_tokens=6,
+            kv=kv,
+            eos_token_id=(),
+        )
+        assert torch.equal(out.sequences[r, -6:], one.sequences[0, -6:])
+
+
+def test_no_future_warning_from_depthprunes_own_calls():
+    """transformers 5.2x deprecates `past_key_values=`; depthprune passes its cache by the keyword the model takes."""
+    model = build("llama")
+    ids, mask = input_ids(batch=2, seq=5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        for kv in ("propagate", "recompute"):
+            early_exit_generate(model, Lens(model), ids, mask, criterion=NEVER, max_new_tokens=3, kv=kv)

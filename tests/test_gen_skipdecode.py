@@ -4,11 +4,12 @@ same finite output); teacher forcing equals decoding; LoRA adaptation lowers the
 model, leaving the input model untouched."""
 
 import math
+import warnings
 
 import pytest
 import torch
 import transformers
-from tiny_models import PAD, VOCAB, build, input_ids
+from tiny_models import PAD, VOCAB, build, build_gemma3_sliding, input_ids
 
 from depthprune.generation.lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from depthprune.generation.skipdecode import (
@@ -284,8 +285,11 @@ def test_clear_errors():
         skipdecode_logits(model, ids, decay(model))
     with pytest.raises(ValueError, match="decoder-only"):
         skipdecode_generate(build("bert"), ids, schedule=[2], max_new_tokens=2)
-    with pytest.raises(ValueError, match="full-attention"):  # Mistral's sliding window
-        skipdecode_generate(build("mistral"), ids, schedule=[2], max_new_tokens=2)
+    chunked = build("llama")  # chunked attention keeps no entry per position: refused by name
+    chunked.config.layer_types = ["chunked_attention"] * 4
+    chunked.config.attention_chunk_size = 4
+    with pytest.raises(ValueError, match="chunked_attention"):
+        skipdecode_generate(chunked, ids, schedule=[2], max_new_tokens=2)
 
 
 # ---- LoRA adaptation ------------------------------------------------------------------------------------------------
@@ -363,3 +367,33 @@ def test_training_lowers_the_loss_and_saves_a_plain_model(tmp_path):
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- sliding-window decoders -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["gemma3_sliding", "qwen2", "mistral"])
+def test_sliding_window_full_depth_schedule_is_plain_greedy(name, batch):
+    model = build_gemma3_sliding() if name == "gemma3_sliding" else build(name)
+    ids, mask = input_ids(batch=batch, seq=6, pad_first_row=2)
+    out = skipdecode_generate(model, ids, mask, schedule=SkipSchedule.constant(4, 4), max_new_tokens=NEW)
+    assert torch.equal(out.sequences, greedy(model, ids, mask, NEW))
+
+
+def test_sliding_window_teacher_forcing_equals_decoding():
+    model = build_gemma3_sliding()
+    ids, mask = input_ids(batch=2, seq=5, pad_first_row=2)
+    schedule = SkipSchedule.linear(4, 4, 2, 4)
+    out = skipdecode_generate(
+        model, ids, mask, schedule=schedule, max_new_tokens=NEW, eos_token_id=(), return_logits=True
+    )
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 5:])], dim=1)
+    logits = skipdecode_logits(model, out.sequences, schedule.for_sequence(5, out.sequences.shape[1]), full_mask)
+    assert torch.allclose(logits[:, 4:-1], out.logits, atol=1e-4)
+
+
+def test_no_future_warning_from_depthprunes_own_calls():
+    model = build("llama")
+    ids, mask = input_ids(batch=2, seq=5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        skipdecode_generate(model, ids, mask, schedule=[4, 3, 2], max_new_tokens=4)

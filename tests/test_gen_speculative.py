@@ -2,10 +2,12 @@
 (batch 1 and left-padded batches whose rows accept different numbers of drafts), the cache left behind equals the
 full model's, drafted positions run the shared layers once, and sampling draws from the full model's distribution."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
-from tiny_models import build, input_ids
+from tiny_models import build, build_gemma3_sliding, input_ids
 
 from depthprune.adapters import get_adapter
 from depthprune.exits.lm_heads import DecoderExitHeads
@@ -322,6 +324,34 @@ def test_bad_settings_are_refused():
     bert = build("bert")
     with pytest.raises(ValueError, match="decoder-only"):
         self_speculative_generate(bert, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
-    qwen = build("qwen2")  # sliding-window layers
-    with pytest.raises(ValueError, match="sliding"):
-        self_speculative_generate(qwen, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
+    linear = build("llama")  # linear (recurrent) attention keeps no entry per position: refused by name
+    linear.config.layer_types = ["full_attention", "linear_attention"] * 2
+    with pytest.raises(ValueError, match="linear_attention"):
+        self_speculative_generate(linear, None, ids, mask, draft="skip", skip_layers=[1], max_new_tokens=2)
+
+
+# ---- sliding-window decoders -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", DRAFTS)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", ["gemma3_sliding", "qwen2"])
+def test_sliding_window_decoders_are_token_identical_to_greedy(name, batch, kind):
+    """Sliding window 3, prompts and generations longer than it; in the padded batch rows accept different numbers
+    of drafts, so their rejected columns are moved left to keep each row's window on its latest real tokens."""
+    model = build_gemma3_sliding() if name == "gemma3_sliding" else build(name)
+    heads, kw = draft_kwargs(model, kind)
+    ids, mask = padded_batch()
+    ids, mask = ids[:batch], mask[:batch]
+    out = self_speculative_generate(model, heads, ids, mask, draft_len=3, max_new_tokens=12, **kw)
+    assert torch.equal(out.sequences, greedy(model, ids, mask, 12))
+    if batch > 1:
+        assert len(set(out.accepted.tolist())) > 1  # the rows really kept different numbers of tokens
+
+
+def test_no_future_warning_from_depthprunes_own_calls():
+    model = build("llama")
+    ids, mask = padded_batch()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning)
+        for kind in ("logit_lens", "skip"):
+            heads, kw = draft_kwargs(model, kind)
+            self_speculative_generate(model, heads, ids, mask, draft_len=2, max_new_tokens=4, return_cache=True, **kw)

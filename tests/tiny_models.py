@@ -73,6 +73,19 @@ def _bert_like(cls: type, **extra: Any) -> transformers.PretrainedConfig:
 _QWEN2_TYPES = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
 _GEMMA3_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 
+
+def _gemma3_text(**extra: Any) -> transformers.PretrainedConfig:
+    return _llama_like(
+        transformers.Gemma3TextConfig,
+        tie=True,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=3,
+        layer_types=list(_GEMMA3_TYPES),
+        **extra,
+    )
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in [
@@ -95,19 +108,7 @@ CASES: dict[str, Case] = {
             ),
             "decoder",
         ),
-        Case(
-            "gemma3_text",
-            "Gemma3ForCausalLM",
-            lambda: _llama_like(
-                transformers.Gemma3TextConfig,
-                tie=True,
-                head_dim=8,
-                query_pre_attn_scalar=8,
-                sliding_window=3,
-                layer_types=list(_GEMMA3_TYPES),
-            ),
-            "decoder",
-        ),
+        Case("gemma3_text", "Gemma3ForCausalLM", _gemma3_text, "decoder"),
         Case("phi3", "Phi3ForCausalLM", lambda: _llama_like(transformers.Phi3Config), "decoder"),
         Case(
             "gpt2",
@@ -293,6 +294,14 @@ def build_gemma3_multimodal(seed: int = 0) -> nn.Module:
     )
     torch.manual_seed(seed)
     return transformers.Gemma3ForConditionalGeneration(config).eval()
+
+
+def build_gemma3_sliding(seed: int = 0, softcap: float | None = 3.0) -> nn.Module:
+    """Gemma 3 text with a sliding window of 3 (shorter than every test sequence), a sliding/full layer mix and, by
+    default, a final logit soft-cap small enough to change the logits of a random model."""
+    config = _gemma3_text(final_logit_softcapping=softcap)
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForCausalLM(config).eval()
 
 
 def input_ids(batch: int = 2, seq: int = SEQ, seed: int = 1, pad_first_row: int = 2) -> tuple[torch.Tensor, ...]:

@@ -26,8 +26,20 @@ What is exact, what is approximate:
   hole is one extra single-position layer call, batched across rows by position.
 - Only the early-exited token itself is approximate (it is the exit's argmax, not the full model's).
 
+Attention types (Gemma 3, Mistral, Qwen 2 mix sliding-window and full attention layers): every cache layer is a plain
+full-length `DynamicLayer` (`decoder_cache`), also for sliding layers. The model's own sliding-window mask, built
+against such a cache, hides the positions outside the window (transformers counts the window in cache columns), so
+the layers attend to exactly what they attend to with transformers' own `DynamicSlidingWindowLayer` (the tests compare
+with `model.generate`). Why not keep the sliding layers: they drop old columns and roll, while early exit, speculative
+crops and SkipDecode address entries by absolute column (holes, row views, crops); a full-length layer keeps every
+column addressable at the cost of a full-attention layer's memory. Because the window counts columns, real tokens of a
+row must stay contiguous: `left_align` moves a row's masked columns to its left, where they act as left padding.
+Chunked, linear (recurrent) and shared-KV attention keep state that is not one entry per column: `check_decoder`
+refuses them.
+
 Layers are always the model's own modules, called with the arguments the model's own forward captured
-(`depthprune.runner.capture_layer_inputs`); only the cache object passed to them is replaced by a view.
+(`depthprune.runner.capture_stack`); only the cache object passed to them is replaced by a view. All padding, growing
+and surgery of cache tensors lives in this module.
 """
 
 from __future__ import annotations
@@ -35,17 +47,53 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from depthprune.runner import LayerCall
+from depthprune.runner import StackCall
+
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
 
 
 class KVStored(Exception):
     """Raised by `StoreAndStop.update` once the layer's keys/values are written: stops the rest of the layer."""
 
 
+def check_decoder(model: torch.nn.Module, what: str = "early-exit generation") -> None:
+    """Raise a clear error unless every decoder layer of `model` keeps one key/value entry per position (full or
+    sliding-window attention)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = model.config.get_text_config(decoder=True)
+    types, _ = get_layer_types_and_kwargs(config)
+    bad = sorted({t for t in types if t not in ATTENTION_TYPES})
+    if bad or getattr(config, "num_kv_shared_layers", 0):
+        bad = bad or ["shared-KV"]
+        raise ValueError(
+            f"{what} supports full-attention and sliding-window attention layers; {type(model).__name__} has "
+            f"{', '.join(bad)} layers (chunked, linear/recurrent and shared-KV attention keep state that is not one "
+            "cache entry per position)"
+        )
+
+
+def decoder_cache(model: torch.nn.Module, num_layers: int, what: str = "early-exit generation") -> DynamicCache:
+    """An empty DynamicCache of `num_layers` full-length DynamicLayers (sliding layers included: see the module
+    docstring), after `check_decoder`."""
+    check_decoder(model, what)
+    cache = DynamicCache()
+    cache.layers[:] = [DynamicLayer() for _ in range(num_layers)]
+    return cache
+
+
+def has_sliding_layers(model: torch.nn.Module) -> bool:
+    """Whether some decoder layer attends through a sliding window (which counts cache columns)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    return "sliding_attention" in types
+
+
 def check_cache(cache: Any, num_layers: int) -> None:
-    """Raise a clear error unless `cache` is a DynamicCache of `num_layers` plain full-attention layers."""
+    """Raise a clear error unless `cache` is a DynamicCache of `num_layers` plain full-length layers."""
     if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
         raise ValueError(
             f"early-exit generation needs a transformers DynamicCache without offloading, got {type(cache).__name__}"
@@ -53,13 +101,13 @@ def check_cache(cache: Any, num_layers: int) -> None:
     if len(cache.layers) != num_layers:
         raise ValueError(
             f"the model's cache has {len(cache.layers)} layers but its decoder {num_layers}; early-exit generation "
-            "needs one full-attention cache layer per decoder layer"
+            "needs one cache layer per decoder layer"
         )
     for i, layer in enumerate(cache.layers):
         if type(layer) is not DynamicLayer:
             raise ValueError(
-                f"early-exit generation supports full-attention decoders only: cache layer {i} is "
-                f"{type(layer).__name__} (sliding-window, chunked, linear or shared-KV attention is not supported)"
+                f"early-exit generation needs full-length cache layers (depthprune.kv.decoder_cache): cache layer {i} "
+                f"is {type(layer).__name__}"
             )
 
 
@@ -72,16 +120,18 @@ def grow_cache(cache: DynamicCache, length: int, batch_size: int, like: torch.Te
     if like is None:
         like = next((layer.keys for layer in cache.layers if layer.is_initialized and layer.keys.dim() == 4), None)
     for layer in cache.layers:
-        _grow_layer(layer, length, batch_size, like)
+        grow_layer(layer, length, like, batch_size)
 
 
-def _grow_layer(layer: DynamicLayer, length: int, batch_size: int, like: torch.Tensor | None) -> None:
+def grow_layer(layer: DynamicLayer, length: int, like: torch.Tensor | None, batch_size: int | None = None) -> None:
+    """Append zero columns (holes) to one cache layer up to `length`; `like`: a key tensor [batch, kv_heads, *,
+    head_dim] sizing a layer that holds nothing yet (batch_size: its batch, default like's)."""
     if not layer.is_initialized or layer.keys.dim() != 4:
         if like is None:
             raise RuntimeError("cannot size the KV cache: no layer holds keys yet")
         if not layer.is_initialized:
             layer.lazy_initialization(like, like)
-        shape = (batch_size, like.shape[1], 0, like.shape[-1])
+        shape = (like.shape[0] if batch_size is None else batch_size, like.shape[1], 0, like.shape[-1])
         layer.keys = like.new_zeros(shape)
         layer.values = like.new_zeros(shape)
     have = layer.keys.shape[-2]
@@ -89,6 +139,60 @@ def _grow_layer(layer: DynamicLayer, length: int, batch_size: int, like: torch.T
         pad = layer.keys.new_zeros((*layer.keys.shape[:2], length - have, layer.keys.shape[-1]))
         layer.keys = torch.cat([layer.keys, pad], dim=-2)
         layer.values = torch.cat([layer.values, pad.clone()], dim=-2)
+
+
+def truncate_layer(layer: DynamicLayer, length: int) -> None:
+    """Keep the first `length` columns of a cache layer (DynamicLayer.crop takes how many to remove)."""
+    have = layer.get_seq_length()
+    if have > length:
+        layer.crop(length - have)
+
+
+def append_holes(cache: DynamicCache, layers: int, position: int, value: float = 0.0) -> None:
+    """Append one entry holding `value` at `position` to cache layers 0..layers-1 (the layers a position skipped)
+    and check that every layer then holds position + 1 entries."""
+    for idx, layer in enumerate(cache.layers):
+        if idx < layers:
+            keys = layer.keys
+            hole = keys.new_full((*keys.shape[:2], 1, keys.shape[-1]), value)
+            layer.keys = torch.cat([keys, hole], dim=-2)
+            layer.values = torch.cat([layer.values, hole.clone()], dim=-2)
+        if layer.keys.shape[-2] != position + 1:
+            raise RuntimeError(
+                f"cache out of step: layer {idx} holds {layer.keys.shape[-2]} positions after position {position} "
+                f"(expected {position + 1})"
+            )
+
+
+def left_align(cache: DynamicCache, mask: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each row's columns right by shift[r] (its last shift[r] columns, masked ones, come first), in every
+    layer and in `mask` [batch, columns]; return the rotated mask. Masked columns then sit left of a row's real ones,
+    like left padding, so a sliding window (counted in columns) sees the row's latest real tokens."""
+    if not bool((shift > 0).any()):
+        return mask
+    width = mask.shape[1]
+    index = (torch.arange(width, device=mask.device) - shift[:, None]) % width  # [batch, columns]
+    for i, layer in enumerate(cache.layers):
+        if layer.keys.shape[-2] != width:
+            raise RuntimeError(f"cache layer {i} holds {layer.keys.shape[-2]} columns, the mask {width}")
+        at = index.to(layer.keys.device)[:, None, :, None].expand_as(layer.keys)
+        layer.keys, layer.values = layer.keys.gather(2, at), layer.values.gather(2, at)
+    return mask.gather(1, index)
+
+
+def stack_rows(
+    rows: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]],
+) -> tuple[DynamicCache, torch.Tensor]:
+    """One rectangular cache from per-row caches (rows[r]: ([(keys, values) [heads, columns, head_dim] per layer],
+    mask [columns])), right-padded with masked zeros; and its [batch, columns] mask."""
+    width = max(m.shape[0] for _, m in rows)
+    cache = DynamicCache()
+    masks = torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[0])) for _, m in rows])
+    for i in range(len(rows[0][0])):
+        keys = [torch.nn.functional.pad(kv[i][0], (0, 0, 0, width - kv[i][0].shape[-2])) for kv, _ in rows]
+        values = [torch.nn.functional.pad(kv[i][1], (0, 0, 0, width - kv[i][1].shape[-2])) for kv, _ in rows]
+        cache.update(torch.stack(keys), torch.stack(values), i)
+    return cache, masks
 
 
 class RowView:
@@ -118,7 +222,7 @@ class RowView:
         if key_states.shape[-2] != 1:
             raise RuntimeError(f"a row view takes one position at a time, got {key_states.shape[-2]}")
         layer = self.cache.layers[layer_idx]
-        _grow_layer(layer, self.position + 1, self.batch_size, key_states)
+        grow_layer(layer, self.position + 1, key_states, self.batch_size)
         p = self.position
         if self.rows is None:
             layer.keys[:, :, p] = key_states[:, :, 0]
@@ -144,63 +248,31 @@ class StoreAndStop(RowView):
         raise KVStored
 
 
-def with_cache(call: LayerCall, view: Any) -> LayerCall:
-    """The same layer call with every Cache argument (past_key_values / layer_past, by keyword or position) replaced
-    by `view`."""
-    found = False
-
-    def swap(value: Any) -> Any:
-        nonlocal found
-        if isinstance(value, Cache):
-            found = True
-            return view
-        return value
-
-    args = tuple(swap(a) for a in call.args)
-    kwargs = {k: swap(v) for k, v in call.kwargs.items()}
-    if not found:
-        raise RuntimeError(
-            "the model's forward passed no KV cache to its layers; early-exit generation needs use_cache=True and a "
-            "DynamicCache reaching every layer"
-        )
-    return LayerCall(args, kwargs, call.batch_size)
-
-
-def rows_call(call: LayerCall, rows: torch.Tensor) -> LayerCall:
-    """`call.select(rows)` without the shortcut that returns the same object (callers swap its cache)."""
-    return (
-        call.select(rows)
-        if rows.numel() != call.batch_size
-        else LayerCall(call.args, dict(call.kwargs), call.batch_size)
-    )
-
-
 def propagate(
-    layer: torch.nn.Module,
-    call: LayerCall,
-    cache: DynamicCache,
-    rows: torch.Tensor,
-    hidden: torch.Tensor,
-    position: int,
+    stack: StackCall, layer_idx: int, cache: DynamicCache, rows: torch.Tensor, hidden: torch.Tensor, position: int
 ) -> None:
-    """CALM state propagation: write layer `layer`'s keys/values at `position` for `rows`, computed by the layer's own
-    forward from `hidden` ([len(rows), 1, hidden_size], the states those rows exited with) and stopped before attention.
+    """CALM state propagation: write layer `layer_idx`'s keys/values at `position` for `rows`, computed by the layer's
+    own forward from `hidden` ([len(rows), 1, hidden_size], the states those rows exited with) and stopped before
+    attention.
 
-    `call` is the full-batch call the model gave this step's tokens.
+    `stack` is the full-batch StackCall the model gave this step's tokens.
     """
-    sub = with_cache(rows_call(call, rows), StoreAndStop(cache, rows, position, call.batch_size))
     try:
-        sub.run(layer, hidden)
+        stack.run(
+            hidden, layer_idx, layer_idx + 1, rows=rows, cache=StoreAndStop(cache, rows, position, stack.batch_size)
+        )
     except KVStored:
         return
-    raise RuntimeError(f"{type(layer).__name__} finished without writing its keys/values to the cache")
+    raise RuntimeError(
+        f"{type(stack.layers[layer_idx]).__name__} finished without writing its keys/values to the cache"
+    )
 
 
 class DeferredKV:
     """EE-LLM's deferred recomputation: which cache entries are holes, and the states that will fill them.
 
     depth[b, p]: how many decoder layers hold real keys/values for row b at position p (layers 0..depth-1); held[b, p]:
-    the state leaving layer depth-1 there (the input of layer depth). calls[p]: the full-batch layer call the model gave
+    the state leaving layer depth-1 there (the input of layer depth). calls[p]: the full-batch StackCall the model gave
     the token at position p, kept while some row still has a hole at p.
     Invariant (asserted): when a row's token runs layer l, every earlier position of that row has depth >= l; `fill`
     then raises the positions with depth == l to l + 1, oldest first, so a token never attends to a hole.
@@ -210,9 +282,9 @@ class DeferredKV:
         self.num_layers = num_layers
         self.depth = torch.full((batch_size, length), num_layers, dtype=torch.long, device=like.device)
         self.held = like.new_zeros((batch_size, length, like.shape[-1]))
-        self.calls: dict[int, LayerCall] = {}
+        self.calls: dict[int, StackCall] = {}
 
-    def add_step(self, position: int, call: LayerCall) -> None:
+    def add_step(self, position: int, call: StackCall) -> None:
         self.calls[position] = call
 
     def exited(self, rows: torch.Tensor, position: int, layer: int, hidden: torch.Tensor) -> None:
@@ -224,9 +296,7 @@ class DeferredKV:
         """`rows` ran no layer at all at `position` (finished sequences); their entries stay holes forever."""
         self.depth[rows, position] = 0
 
-    def fill(
-        self, layer_idx: int, layer: torch.nn.Module, rows: torch.Tensor, cache: DynamicCache, position: int
-    ) -> int:
+    def fill(self, layer_idx: int, rows: torch.Tensor, cache: DynamicCache, position: int) -> int:
         """Fill the holes of layer `layer_idx` for `rows` at positions before `position`; return how many."""
         depth = self.depth[rows, :position]  # [n, position]
         if bool((depth < layer_idx).any()):
@@ -237,8 +307,11 @@ class DeferredKV:
         count = 0
         for p in todo.any(0).nonzero().flatten().tolist():  # oldest first: later holes attend to earlier ones
             sub_rows = rows[todo[:, p]]
-            call = with_cache(rows_call(self.calls[p], sub_rows), RowView(cache, sub_rows, p, self.depth.shape[0]))
-            out = call.run(layer, self.held[sub_rows, p].unsqueeze(1))  # [n, 1, hidden]
+            view = RowView(cache, sub_rows, p, self.depth.shape[0])
+            out = self.calls[p].run(
+                self.held[sub_rows, p].unsqueeze(1), layer_idx, layer_idx + 1, rows=sub_rows, cache=view
+            )
+            # out: [n, 1, hidden]
             self.held[sub_rows, p] = out[:, 0].to(self.held.dtype)
             self.depth[sub_rows, p] = layer_idx + 1
             count += int(sub_rows.numel())

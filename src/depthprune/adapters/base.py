@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -69,6 +70,8 @@ class Adapter:
         modules before the plan.
     layer_sequence: optional function giving the modules a stack runs, in order, when that is not simply its module
         list (ALBERT runs its shared groups several times). Used when depthprune runs layers one at a time.
+    logit_softcap: the config field of the soft-capping the model applies to its head's logits
+        (tanh(logits / cap) * cap, Gemma's `final_logit_softcapping`); read from the text config when set there.
     """
 
     family: str
@@ -79,6 +82,7 @@ class Adapter:
     apply_stack: Callable[[nn.Module, StackSpec, list[int]], None] | None = None
     post_apply: Callable[[nn.Module, StackSpec, list[nn.Module], list[int]], None] | None = None
     layer_sequence: Callable[[nn.Module, StackSpec], list[nn.Module]] | None = None
+    logit_softcap: str | None = "final_logit_softcapping"
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -134,6 +138,38 @@ class Adapter:
             if found is not None:
                 return found
         return None
+
+    def layer_types(self, model: nn.Module, stack: str | StackSpec) -> list[str] | None:
+        """The stack's per-layer attention types (the `layer_types` config field it names), or None."""
+        spec = self.stack(stack) if isinstance(stack, str) else stack
+        for field in spec.depth_fields:
+            if field.name == "layer_types" and field.per_layer:
+                owner = get_path(backbone(model), field.owner, default=None)
+                types = getattr(getattr(owner, "config", None), "layer_types", None)
+                return list(types) if types is not None else None
+        return None
+
+    def softcap(self, model: nn.Module) -> float | None:
+        """The model's final logit soft-cap, or None when it has none."""
+        if self.logit_softcap is None:
+            return None
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, self.logit_softcap, None)
+        return float(cap) if cap else None
+
+    def head_logits(self, model: nn.Module, state: torch.Tensor) -> torch.Tensor:
+        """The model's own head on a final-normed state [b, s, hidden] -> [b, s, vocab], soft-capped like the model."""
+        logits = self.head(model)(state)
+        cap = self.softcap(model)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
+        """The model's final step on the states leaving the last layer of `stack` (default: the last stack): its
+        final norm, its head and its logit soft-capping. [b, s, hidden] -> [b, s, vocab]."""
+        norm = self.final_norm(model, stack)
+        return self.head_logits(model, norm(hidden) if norm is not None else hidden)
 
 
 _MISSING = object()

@@ -9,7 +9,7 @@ One measurement of a model at one batch size:
   prefill: the model's forward on a [batch, prompt_len] prompt with an empty KV cache (logits for the last position
       only, as generation computes them), timed alone;
   decode: `new_tokens` greedy steps from that prefill's cache, timed alone. method='loop' calls the model's own
-      forward once per step with `past_key_values`, then takes the argmax (the model's cost and nothing else);
+      forward once per step with its KV cache, then takes the argmax (the model's cost and nothing else);
       method='generate' times the steps inside `model.generate(do_sample=False, ...)` by timestamping each step from
       a stopping criterion, so it includes generate's per-step bookkeeping (logits processors, stopping checks) and
       covers `new_tokens - 1` steps (the first token comes out of the prefill).
@@ -346,7 +346,9 @@ def _measure_round(
 def _greedy_step(model: nn.Module, state: tuple[Any, torch.Tensor]) -> tuple[Any, torch.Tensor]:
     """One decoding step: the model's forward on the last token with its KV cache, then the greedy next token."""
     cache, token = state  # token [batch, 1]
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    from depthprune.decoding import cache_kwarg
+
+    out = model(input_ids=token, **{cache_kwarg(model): cache}, use_cache=True)
     return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from depthprune.generation.skipdecode import SkipSchedule, _parts
+from depthprune.generation.skipdecode import SkipSchedule
+from depthprune.generation.skipdecode import skipdecode_parts as _parts
 from depthprune.generation.skipdecode_train import train_skipdecode
 
 

@@ -2,7 +2,7 @@
 
 Each sample exits at its own layer and leaves the batch; the samples still running go on as a smaller batch, so a
 batch of 32 gets faster too (DeeBERT, PABEE and EE-LLM only exit at batch size 1). Layers run one at a time with the
-arguments the model's own forward gives them (depthprune.runner), so no forward pass is re-implemented.
+arguments the model's own forward gives each of them (depthprune.runner), so no forward pass is re-implemented.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from depthprune.adapters.registry import get_adapter
 from depthprune.exits.criteria import Criterion, ExitState
 from depthprune.exits.families import final_head, head_family
 from depthprune.exits.heads import ExitHeads, ExitOutput
-from depthprune.runner import capture_layer_inputs
+from depthprune.runner import capture_stack
 
 
 @dataclasses.dataclass
@@ -73,9 +73,8 @@ class EarlyExitClassifier:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra: Any) -> ExitResult:
         inputs = _model_inputs(input_ids, attention_mask, extra)
-        hidden, call = capture_layer_inputs(self.model, inputs, stack=self.stack, adapter=self.adapter)
-        layers = self.adapter.run_sequence(self.model, self.stack)
-        n_layers = len(layers)
+        hidden, call = capture_stack(self.model, inputs, stack=self.stack, adapter=self.adapter)
+        n_layers = len(call)
         batch = hidden.shape[0]
         device = hidden.device
         active = torch.arange(batch, device=device)
@@ -85,8 +84,8 @@ class EarlyExitClassifier:
         halting: list[torch.Tensor] = []
         mask = attention_mask  # [active, seq] or None
         use_exits = self.heads is not None and self.criterion is not None
-        for i, layer in enumerate(layers):
-            hidden = call.run(layer, hidden)  # [active, seq, hidden]
+        for i in range(n_layers):
+            hidden = call.run(hidden, i, i + 1)  # [active, seq, hidden]
             if i == n_layers - 1:
                 logits = head_forward(self.final, self.heads, self.model, hidden)
                 out_logits = _put(out_logits, active, logits, batch)
@@ -153,14 +152,11 @@ def all_exit_outputs(
     """Run every layer and every exit head (with autograd when enabled): what training and calibration need."""
     adapter = get_adapter(model)
     stack = adapter.present_stacks(model)[-1]
-    hidden, call = capture_layer_inputs(
-        model, _model_inputs(input_ids, attention_mask, extra), stack=stack, adapter=adapter
-    )
+    hidden, call = capture_stack(model, _model_inputs(input_ids, attention_mask, extra), stack=stack, adapter=adapter)
     exits: list[ExitOutput] = []
-    layers = adapter.run_sequence(model, stack)
-    for i, layer in enumerate(layers):
-        hidden = call.run(layer, hidden)
+    for i in range(len(call)):
+        hidden = call.run(hidden, i, i + 1)
         j = heads.position(i)
         if j is not None:
             exits.append(heads(j, hidden, attention_mask))
-    return AllExits(exits, head_forward(final_head(model), heads, model, hidden), heads.config.layers, len(layers))
+    return AllExits(exits, head_forward(final_head(model), heads, model, hidden), heads.config.layers, len(call))

@@ -88,7 +88,9 @@ class _Shared:
 
     norm: nn.Module
     head: nn.Module
-    softcap: float | None  # Gemma 2's final_logit_softcapping, applied by the model after its head
+    softcap: float | None  # Gemma's final_logit_softcapping, applied by the model after its head
+    adapter: Any = None  # the model's adapter and the model: `Adapter.head_logits` is the model's own final step
+    model: Any = None
 
     def __deepcopy__(self, memo: dict) -> _Shared:
         return self  # a copy of the heads still reads through the same model's modules
@@ -153,9 +155,8 @@ def _model_facts(model: nn.Module) -> tuple[Any, _Shared, int, int, int]:
             "model projects hidden states between the final norm and the head (e.g. OPT-350m's project_out), which "
             "decoder exit heads do not support"
         )
-    softcap = getattr(config, "final_logit_softcapping", None)
     depth = adapter.num_layers(model)["decoder"]
-    return adapter, _Shared(norm, head, float(softcap) if softcap else None), depth, hidden, vocab
+    return adapter, _Shared(norm, head, adapter.softcap(model), adapter, model), depth, hidden, vocab
 
 
 class DecoderExitHeads(nn.Module):
@@ -251,10 +252,7 @@ class DecoderExitHeads(nn.Module):
 
     def logits_from_state(self, state: torch.Tensor) -> torch.Tensor:
         """The model's own LM head (and logit soft-capping, where the model has it): [b, s, hidden] -> [b, s, vocab]."""
-        logits = self._shared.head(state)
-        if self._shared.softcap:
-            logits = torch.tanh(logits / self._shared.softcap) * self._shared.softcap
-        return logits
+        return self._shared.adapter.head_logits(self._shared.model, state)
 
     def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [batch, seq, hidden_size] leaving layer `layer` -> next-token logits [batch, seq, vocab]."""

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from depthprune.decoding import special_tokens
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, criterion_class, list_criteria
-from depthprune.generation.generate import KV_MODES, _special_tokens, early_exit_generate
+from depthprune.generation.generate import KV_MODES, early_exit_generate
 from depthprune.ltt import ltt_select
 
 CONSISTENCY = ("tokens", "rouge_l")
@@ -111,7 +112,7 @@ def greedy_continuations(
 ) -> list[list[int]]:
     """The full model's greedy continuations of `prompts` [n, prompt_len] by plain `model.generate` (ending at the
     first end-of-sequence token, which is kept). eos_token_id: None takes the model's; () never stops early."""
-    eos, pad = _special_tokens(model, _eos_arg(eos_token_id), pad_token_id)
+    eos, pad = special_tokens(model, _eos_arg(eos_token_id), pad_token_id)
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for ids in prompts.split(batch_size):
@@ -159,7 +160,7 @@ def early_exit_continuations(
 ) -> Continuations:
     """`early_exit_generate` over `prompts` [n, prompt_len] in batches; continuations cut as `greedy_continuations`
     cuts them."""
-    eos, pad = _special_tokens(model, _eos_arg(eos_token_id), pad_token_id)
+    eos, pad = special_tokens(model, _eos_arg(eos_token_id), pad_token_id)
     device = next(model.parameters()).device
     tokens: list[list[int]] = []
     layers: list[list[int]] = []

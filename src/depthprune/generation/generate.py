@@ -1,11 +1,12 @@
 """Greedy text generation with token-level early exit, batched, with a correct KV cache.
 
-Each new token is embedded by the model's own forward, which also builds the attention mask and position embeddings
-for it and is stopped before the first decoder layer (`capture_layer_inputs`); the decoder layers are then run one by
-one with exactly those arguments. After each layer that has an exit, every running row asks the criterion; rows that
-exit take the exit's argmax as their next token and leave the running set, so the upper layers run on fewer rows. The
-last layer always exits through the model's own final norm and LM head. Skipped layers get their KV entries by the
-chosen strategy (see `depthprune.kv`).
+Each new token is embedded by the model's own forward, which also builds the attention masks and position embeddings
+for it without running a decoder layer (`depthprune.runner.capture_stack`); the decoder layers are then run one by
+one, each with exactly its own arguments (sliding-window and full-attention layers get different masks). After each
+layer that has an exit, every running row asks the criterion; rows that exit take the exit's argmax as their next
+token and leave the running set, so the upper layers run on fewer rows. The last layer always exits through the
+model's own final step (final norm, LM head, logit soft-capping). Skipped layers get their KV entries by the chosen
+strategy (see `depthprune.kv`).
 
 Exit layers are 0-based decoder layer indices: a token with exit layer e ran layers 0..e; num_layers - 1 means the full
 model; -1 marks the padding generated after a row's end-of-sequence token.
@@ -15,17 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from depthprune.adapters.registry import get_adapter
+from depthprune.decoding import decoder_parts, positions_from_mask, prompt_mask, special_tokens, step_inputs
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
-from depthprune.kv import DeferredKV, RowView, check_cache, grow_cache, propagate, rows_call, with_cache
-from depthprune.runner import capture_layer_inputs
+from depthprune.kv import DeferredKV, RowView, check_cache, decoder_cache, grow_cache, propagate
+from depthprune.runner import capture_stack
 
 KV_MODES = ("propagate", "recompute")
 
@@ -51,18 +53,6 @@ class EarlyExitOutput:
             raise ValueError("exit layers were not recorded (return_exit_layers=False)")
         real = self.exit_layers[self.exit_layers >= 0]
         return float((real + 1).float().mean()) if real.numel() else float("nan")
-
-
-def prompt_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The prompts' attention mask as a long tensor on input_ids' device (all ones when None), shapes checked."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    return mask
 
 
 def early_exit_generate(
@@ -97,7 +87,7 @@ def early_exit_generate(
         raise ValueError(f"unknown kv strategy {kv!r}; choose one of {KV_MODES}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    adapter, layers, final_norm, lm_head = _decoder_parts(model)
+    _, layers, final_logits = decoder_parts(model)
     num_layers = len(layers)
     if heads.num_layers != num_layers:
         raise ValueError(f"the exit heads were built for {heads.num_layers} layers, the model has {num_layers}")
@@ -108,28 +98,23 @@ def early_exit_generate(
     mask = prompt_mask(input_ids, attention_mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate computes them
+    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
+    positions = positions_from_mask(mask)
 
-    cache = DynamicCache(config=model.config)
-    check_cache(cache, num_layers)
+    cache = decoder_cache(model, num_layers)
     total = prompt_len + max_new_tokens
     sequences = torch.cat([input_ids, input_ids.new_full((batch, max_new_tokens), pad)], dim=1)
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     times: list[float] = []
-    loop = _Loop(model, heads, crit, kv, layers, final_norm, lm_head, exits, cache, batch)
+    loop = _Loop(model, heads, crit, kv, layers, final_logits, exits, cache, batch)
 
     with torch.no_grad():
         start = _now(timing, device)
         n_prefill = prompt_len if deep_prefill else prompt_len - 1
         if n_prefill > 0:
             out = model(
-                input_ids=input_ids[:, :n_prefill],
-                attention_mask=_mask_arg(mask[:, :n_prefill]),
-                position_ids=positions[:, :n_prefill],
-                past_key_values=cache,
-                use_cache=True,
+                **step_inputs(model, input_ids[:, :n_prefill], mask[:, :n_prefill], positions[:, :n_prefill], cache)
             )
         check_cache(cache, num_layers)
         if deep_prefill:
@@ -177,14 +162,13 @@ class _Loop:
         criterion: TokenCriterion,
         kv: str,
         layers: list[nn.Module],
-        final_norm: nn.Module | None,
-        lm_head: nn.Module,
+        final_logits: Callable[[torch.Tensor], torch.Tensor],
         exits: set[int],
         cache: DynamicCache,
         batch: int,
     ) -> None:
         self.model, self.heads, self.criterion, self.kv = model, heads, criterion, kv
-        self.layers, self.final_norm, self.lm_head, self.exits = layers, final_norm, lm_head, exits
+        self.layers, self.final_logits, self.exits = layers, final_logits, exits
         self.cache, self.batch = cache, batch
         self.adapter = get_adapter(model)
         self.deferred: DeferredKV | None = None
@@ -200,14 +184,8 @@ class _Loop:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the token at cache position `position`; return (next token [batch], its exit layer [batch])."""
         num_layers, batch, cache = len(self.layers), self.batch, self.cache
-        inputs = {
-            "input_ids": token[:, None],
-            "attention_mask": _mask_arg(mask),
-            "position_ids": pos_ids[:, None],
-            "past_key_values": cache,
-            "use_cache": True,
-        }
-        hidden, call = capture_layer_inputs(self.model, inputs, adapter=self.adapter)  # [batch, 1, hidden]
+        inputs = step_inputs(self.model, token[:, None], mask, pos_ids[:, None], cache)
+        hidden, call = capture_stack(self.model, inputs, adapter=self.adapter)  # [batch, 1, hidden], every layer's call
         if self.kv == "recompute":
             if self.deferred is None:
                 self.deferred = DeferredKV(batch, total, num_layers, hidden)
@@ -219,20 +197,20 @@ class _Loop:
         h = hidden.index_select(0, running)  # [n, 1, hidden]
         gone_rows = running[:0]  # rows that exited (propagate: they still need keys/values above their exit)
         gone_hidden = h[:0]
-        for idx, layer in enumerate(self.layers):
+        for idx in range(num_layers):
             if gone_rows.numel() and self.kv == "propagate":
-                propagate(layer, call, cache, gone_rows, gone_hidden, position)
+                propagate(call, idx, cache, gone_rows, gone_hidden, position)
             if not running.numel():
                 if self.kv == "propagate" and gone_rows.numel():
                     continue
                 break
             if self.deferred is not None:
-                self.deferred.fill(idx, layer, running, cache, position)
+                self.deferred.fill(idx, running, cache, position)
             rows_arg = None if running.numel() == batch else running
-            sub = with_cache(rows_call(call, running), RowView(cache, rows_arg, position, batch))
-            prev, h = h, sub.run(layer, h)
+            view = RowView(cache, rows_arg, position, batch)
+            prev, h = h, call.run(h, idx, idx + 1, rows=running, cache=view)
             if idx == num_layers - 1:
-                logits = self.lm_head(self.final_norm(h) if self.final_norm is not None else h)[:, -1]
+                logits = self.final_logits(h)[:, -1]
                 go = torch.ones(running.numel(), dtype=torch.bool, device=h.device)
             elif idx in self.exits:
                 state = self._state(idx, h, prev, running)
@@ -278,48 +256,6 @@ class _Loop:
             logits_fn=lambda: heads.logits(idx, h)[:, -1],
             confidence_fn=confidence,
         )
-
-
-def _decoder_parts(model: nn.Module) -> tuple[Any, list[nn.Module], nn.Module | None, nn.Module]:
-    """Adapter, decoder layers, final norm and LM head of a decoder-only causal LM, or a clear error."""
-    adapter = get_adapter(model)
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"early-exit generation supports decoder-only causal LMs; {type(model).__name__} is an encoder-decoder"
-        )
-    stacks = adapter.present_stacks(model)
-    if [s.name for s in stacks] != ["decoder"]:
-        raise ValueError(
-            f"early-exit generation needs a decoder-only causal LM; {type(model).__name__} has the stacks "
-            f"{[s.name for s in stacks]} (encoders cannot generate text)"
-        )
-    head = adapter.head(model)
-    if head is None or not hasattr(model, "generate") or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
-    if head.weight.shape[0] != getattr(config, "vocab_size", head.weight.shape[0]):
-        raise ValueError(f"{type(model).__name__}'s head is not a language-model head (load with AutoModelForCausalLM)")
-    layers = adapter.run_sequence(model, "decoder")
-    return adapter, layers, adapter.final_norm(model, "decoder"), head
-
-
-def _special_tokens(
-    model: nn.Module, eos_token_id: int | list[int] | tuple[int, ...] | None, pad_token_id: int | None
-) -> tuple[list[int], int]:
-    gen = getattr(model, "generation_config", None)
-    if eos_token_id is None:
-        eos_token_id = getattr(gen, "eos_token_id", None)
-    eos = [] if eos_token_id is None else [int(eos_token_id)] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(gen, "pad_token_id", None)
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    return eos, int(pad_token_id)
-
-
-def _mask_arg(mask: torch.Tensor) -> torch.Tensor | None:
-    # transformers' generate drops an all-ones mask (no padding); do the same so the model builds the same 4D mask.
-    return None if bool(mask.all()) else mask
 
 
 def _now(timing: bool, device: torch.device) -> float:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from depthprune.generation.generate import _decoder_parts
+from depthprune.decoding import decoder_parts
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -68,11 +68,11 @@ def add_lora(
     """A copy of the decoder-only LM `model` with LoRA on the linear projections of its decoder layers; only the LoRA
     weights require gradients. alpha: the update is scaled by alpha / rank (default alpha = rank). targets: module
     names (last part, e.g. ("q_proj", "v_proj")) to wrap; default every linear projection in the layers."""
-    _, layers, _, _ = _decoder_parts(model)
+    layers = decoder_parts(model, "LoRA adaptation").layers
     if not layers:
         raise ValueError(f"{type(model).__name__} has no decoder layers to adapt")
     out = copy.deepcopy(model)
-    _, layers, _, _ = _decoder_parts(out)
+    layers = decoder_parts(out, "LoRA adaptation").layers
     for p in out.parameters():
         p.requires_grad_(False)
     alpha = float(rank if alpha is None else alpha)

@@ -8,8 +8,9 @@ nothing is ever recomputed. The skipped lower layers of a position still get a c
 rectangular for the model's own mask and position code; no later position ever runs those layers, so the entries are
 never read (the tests fill them with NaN and get the same, finite output).
 
-Layers are the model's own modules, called with the arguments the model's own forward gives them
-(`depthprune.runner.capture_layer_inputs`); the last one is followed by the model's own final norm and LM head.
+Layers are the model's own modules, each called with the arguments the model's own forward gives it
+(`depthprune.runner.capture_stack`); the last one is followed by the model's own final step (final norm, LM head,
+logit soft-capping).
 
 - `SkipSchedule`: SkipDecode's linear decay of the layer count from max_layers to min_layers over decay_tokens
   generated positions (then min_layers), or a constant count; `SkipSchedule.for_speedup` aims at a mean speed-up.
@@ -29,9 +30,17 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from depthprune.generation.generate import _decoder_parts, _mask_arg, _special_tokens
-from depthprune.kv import check_cache
-from depthprune.runner import capture_layer_inputs
+from depthprune.decoding import (
+    DecoderParts,
+    decoder_parts,
+    mask_arg,
+    positions_from_mask,
+    prompt_mask,
+    special_tokens,
+    step_inputs,
+)
+from depthprune.kv import append_holes, check_cache, check_decoder, decoder_cache
+from depthprune.runner import capture_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,47 +257,12 @@ def _check_counts(depth: torch.Tensor, num_layers: int) -> None:
         )
 
 
-def _parts(model: nn.Module) -> tuple[Any, list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
-    """(adapter, decoder layers, hidden [b, s, h] -> logits [b, s, vocab] by the model's own final norm + LM head)."""
-    adapter, layers, final_norm, lm_head = _decoder_parts(model)
-    check_cache(DynamicCache(config=model.config), len(layers))  # full-attention decoders only
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def final_logits(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(final_norm(hidden) if final_norm is not None else hidden)
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
-
-    return adapter, layers, final_logits
-
-
-def _inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    mask = (
-        torch.ones_like(input_ids)
-        if attention_mask is None
-        else attention_mask.to(device=input_ids.device, dtype=torch.long)
-    )
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate computes them
-    return mask, positions
-
-
-def _fill_skipped(cache: DynamicCache, skipped: int, position: int, value: float) -> None:
-    """Append an entry holding `value` at `position` to cache layers 0..skipped-1 (the layers this position skipped)
-    and check that every layer then holds position + 1 entries."""
-    for idx, layer in enumerate(cache.layers):
-        if idx < skipped:
-            keys = layer.keys
-            hole = keys.new_full((*keys.shape[:2], 1, keys.shape[-1]), value)
-            layer.keys = torch.cat([keys, hole], dim=-2)
-            layer.values = torch.cat([layer.values, hole.clone()], dim=-2)
-        if layer.keys.shape[-2] != position + 1:
-            raise RuntimeError(
-                f"SkipDecode cache out of step: layer {idx} holds {layer.keys.shape[-2]} positions after position "
-                f"{position} (expected {position + 1})"
-            )
+def skipdecode_parts(model: nn.Module) -> DecoderParts:
+    """(adapter, decoder layers, hidden [b, s, h] -> logits [b, s, vocab] by the model's own final step) of a
+    decoder-only LM whose layers SkipDecode can run (full or sliding-window attention), or a clear error."""
+    parts = decoder_parts(model, "SkipDecode")
+    check_decoder(model, "SkipDecode")
+    return parts
 
 
 def skipdecode_generate(
@@ -315,16 +289,17 @@ def skipdecode_generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    adapter, layers, final_logits = _parts(model)
+    adapter, layers, final_logits = skipdecode_parts(model)
     num_layers = len(layers)
     layers_at = _step_layers(schedule, num_layers)
-    mask, positions = _inputs(input_ids, attention_mask)
+    mask = prompt_mask(input_ids, attention_mask)
+    positions = positions_from_mask(mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
     eos_t = torch.tensor(eos, dtype=input_ids.dtype, device=device)
 
-    cache = DynamicCache(config=model.config)
+    cache = decoder_cache(model, num_layers, "SkipDecode")
     sequences = torch.cat([input_ids, input_ids.new_full((batch, max_new_tokens), pad)], dim=1)
     used = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
     scores: list[torch.Tensor] = []
@@ -332,13 +307,7 @@ def skipdecode_generate(
     deepest = num_layers  # fewest layers any earlier position ran: no later position may run more
 
     with torch.no_grad():
-        out = model(
-            input_ids=input_ids,
-            attention_mask=_mask_arg(mask),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        out = model(**step_inputs(model, input_ids, mask, positions, cache))
         check_cache(cache, num_layers)
         logits = out.logits[:, -1]  # [batch, vocab]
         ran = num_layers
@@ -360,17 +329,10 @@ def skipdecode_generate(
             position = prompt_len + k
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            inputs = {
-                "input_ids": token[:, None],
-                "attention_mask": _mask_arg(mask),
-                "position_ids": positions[:, -1:],
-                "past_key_values": cache,
-                "use_cache": True,
-            }
-            hidden, call = capture_layer_inputs(model, inputs, adapter=adapter)  # [batch, 1, hidden] embedded
-            for idx in range(num_layers - ran, num_layers):  # the top `ran` layers, each appending its own entry
-                hidden = call.run(layers[idx], hidden)
-            _fill_skipped(cache, num_layers - ran, position, hole_value)
+            inputs = step_inputs(model, token[:, None], mask, positions[:, -1:], cache)
+            hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, 1, hidden] embedded
+            hidden = call.run(hidden, num_layers - ran, num_layers)  # the top `ran` layers, each appending its entry
+            append_holes(cache, num_layers - ran, position, hole_value)
             logits = final_logits(hidden)[:, -1]
 
     return SkipDecodeOutput(
@@ -420,17 +382,18 @@ def skipdecode_logits(
     embedding, and no position that runs a layer attends to one that skipped it (those come later: causal mask).
     Gradients flow (no torch.no_grad here).
     """
-    adapter, layers, final_logits = _parts(model)
+    adapter, layers, final_logits = skipdecode_parts(model)
     num_layers = len(layers)
-    mask, positions = _inputs(input_ids, attention_mask)
+    mask = prompt_mask(input_ids, attention_mask)
+    positions = positions_from_mask(mask)
     depth = _depth_per_position(schedule_per_position, input_ids.shape, num_layers, input_ids.device)
-    inputs = {"input_ids": input_ids, "attention_mask": _mask_arg(mask), "position_ids": positions, "use_cache": False}
-    hidden, call = capture_layer_inputs(model, inputs, adapter=adapter)  # [batch, seq, hidden] embedded
-    for idx, layer in enumerate(layers):
+    inputs = {"input_ids": input_ids, "attention_mask": mask_arg(mask), "position_ids": positions, "use_cache": False}
+    hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, seq, hidden] embedded
+    for idx in range(num_layers):
         runs = depth >= num_layers - idx  # [batch, seq] positions whose top-n layers include this one
         if not bool(runs.any()):
             continue
-        out = call.run(layer, hidden)
+        out = call.run(hidden, idx, idx + 1)
         hidden = out if bool(runs.all()) else torch.where(runs[..., None], out, hidden)
     return final_logits(hidden)
 
@@ -463,4 +426,11 @@ def skipdecode_perplexity(
     return math.exp(nll / count)
 
 
-__all__ = ["SkipDecodeOutput", "SkipSchedule", "skipdecode_generate", "skipdecode_logits", "skipdecode_perplexity"]
+__all__ = [
+    "SkipDecodeOutput",
+    "SkipSchedule",
+    "skipdecode_generate",
+    "skipdecode_logits",
+    "skipdecode_parts",
+    "skipdecode_perplexity",
+]

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from depthprune.generation.lora import add_lora, lora_parameters, merge_lora
-from depthprune.generation.skipdecode import SkipSchedule, _parts, skipdecode_logits
+from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits
+from depthprune.generation.skipdecode import skipdecode_parts as _parts
 
 LOG_NAME = "train_log.json"
 SCHEDULE_NAME = "skip_schedule.json"

@@ -21,13 +21,16 @@ keeps the accepted drafts d_1..d_a and the verifier's next token. Every round yi
 Batches whose rows accept different numbers of tokens: the cache stays rectangular (one column per fed position, the
 same for every row), so the model's own mask and position code keep working. After a round, the columns that no row
 keeps are cropped from every layer; a row that keeps fewer than the longest-keeping row has its rejected columns
-masked out forever (zeros in the middle of its 2D attention mask). Position ids count each row's real (unmasked)
-columns, as transformers' generate derives them from the attention mask, so rotary and learned position embeddings
-see the positions of plain decoding and masked columns are never attended. With batch 1, nothing is ever masked.
+masked out forever (zeros in the middle of its 2D attention mask). A model with sliding-window layers counts the
+window in cache columns, so there the rejected columns are moved to the row's left instead
+(`depthprune.kv.left_align`), where they act as left padding and the window covers the row's latest real tokens.
+Position ids count each row's real (unmasked) columns, as transformers' generate derives them from the attention
+mask, so rotary and learned position embeddings see the positions of plain decoding and masked columns are never
+attended. With batch 1, nothing is ever masked.
 Rows that end (end-of-sequence token or max_new_tokens) leave the batch: their cache rows are dropped.
 
-Layers are always the model's own modules, called with the arguments the model's own forward gives them
-(`depthprune.runner.capture_layer_inputs`). The verification's arguments (mask and position embeddings of the k+1
+Layers are always the model's own modules, each called with the arguments the model's own forward gives it
+(`depthprune.runner.capture_stack`). The verification's arguments (mask and position embeddings of the k+1
 columns) are captured before drafting, while every layer's cache still ends at column C: they do not depend on the
 token ids, and each verifying layer then appends its k+1 columns to its own cache, as it would in a plain forward.
 """
@@ -42,13 +45,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
+from depthprune.decoding import decoder_parts, positions_from_mask, prompt_mask, special_tokens, step_inputs
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
-from depthprune.generation.generate import _decoder_parts, _mask_arg, _now, _special_tokens, prompt_mask
-from depthprune.kv import check_cache
-from depthprune.runner import LayerCall, capture_layer_inputs
+from depthprune.generation.generate import _now
+from depthprune.kv import (
+    check_cache,
+    decoder_cache,
+    grow_layer,
+    has_sliding_layers,
+    left_align,
+    stack_rows,
+    truncate_layer,
+)
+from depthprune.runner import StackCall, capture_stack
 
 DRAFTS = ("exit", "skip")
 
@@ -165,25 +177,20 @@ def self_speculative_generate(
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
-    _, layers, final_norm, lm_head = _decoder_parts(model)
+    _, layers, final_logits = decoder_parts(model, "self-speculative decoding")
     num_layers = len(layers)
     plan = _plan(draft, heads, exit_layer, skip_layers, num_layers)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def final_logits(hidden: torch.Tensor) -> torch.Tensor:  # [n, s, hidden] -> [n, s, vocab]
-        logits = lm_head(final_norm(hidden) if final_norm is not None else hidden)
-        return torch.tanh(logits / softcap) * softcap if softcap else logits
 
     mask = prompt_mask(input_ids, attention_mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     if not bool(mask[:, -1].all()):
         raise ValueError("self-speculative decoding needs left-padded prompts: every row's last position must be real")
-    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
     eos_t = torch.tensor(eos, dtype=input_ids.dtype, device=device)
 
-    cache = DynamicCache(config=model.config)
-    check_cache(cache, num_layers)
+    cache = decoder_cache(model, num_layers, "self-speculative decoding")
+    contiguous = has_sliding_layers(model)  # a sliding window counts columns: keep each row's real ones together
     stats = _Stats(batch, device) if return_stats else None
     finished: dict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
     out = input_ids.new_full((batch, max_new_tokens + draft_len + 1), pad)  # new tokens; room for a full round
@@ -195,14 +202,8 @@ def self_speculative_generate(
         # The prompt but its last token runs through the full model; the last one is the first round's d_0, so even
         # the first new token is drafted and verified.
         if prompt_len > 1:
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate computes them
-            model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=_mask_arg(mask[:, :-1]),
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            positions = positions_from_mask(mask)
+            model(**step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache))
             check_cache(cache, num_layers)
         rows = torch.arange(batch, device=device)  # input row of each running row
         last = input_ids[:, -1]  # [n] d_0: committed, not yet in the cache
@@ -220,18 +221,16 @@ def self_speculative_generate(
             token = last
             for j in range(k + 1):
                 h, call = _capture(model, token[:, None], ext[:, : columns + j + 1], pos[:, j : j + 1], cache)
-                for i in range(plan.shared_end + 1):
-                    h = call.run(layers[i], h)  # [n, 1, hidden]
+                h = call.run(h, 0, plan.shared_end + 1)  # [n, 1, hidden]
                 shared.append(h)
                 if j == k:
                     break
                 if plan.kind == "exit":
                     logits = heads.logits(plan.exit_layer, h)[:, -1]  # [n, vocab]
                 else:
-                    for i in plan.tail:
-                        h = call.run(layers[i], h)
+                    h = call.run(h, order=plan.tail)
                     if 0 in plan.skip:  # the model sizes its mask from cache layer 0: keep it as long as the rest
-                        _pad_layer(cache.layers[0], columns + j + 1, like=cache.layers[plan.tail[0]].keys)
+                        grow_layer(cache.layers[0], columns + j + 1, like=cache.layers[plan.tail[0]].keys)
                     logits = final_logits(h)[:, -1]
                 if do_sample:
                     q = sampling_probs(logits, temperature, top_k)
@@ -242,10 +241,9 @@ def self_speculative_generate(
                 drafts.append(token.to(last.dtype))
 
             for i in range(plan.shared_end + 1, num_layers):  # drop the draft-only entries (and holes) above
-                _truncate(cache.layers[i], columns)
+                truncate_layer(cache.layers[i], columns)
             h = torch.cat(shared, dim=1)  # [n, k + 1, hidden] leaving layer shared_end at columns C..C+k
-            for i in range(plan.shared_end + 1, num_layers):
-                h = verify_call.run(layers[i], h)
+            h = verify_call.run(h, plan.shared_end + 1, num_layers)
             target = final_logits(h)  # [n, k + 1, vocab]
             d = torch.stack(drafts, dim=1) if drafts else last.new_zeros((n, 0))  # [n, k]
             if do_sample:
@@ -276,8 +274,10 @@ def self_speculative_generate(
             # cache: columns C..C+keep-1 of a row hold d_0..d_{keep-1}, all exact; crop what no row keeps, mask the rest
             longest = int(keep.max())
             for layer in cache.layers:
-                _truncate(layer, columns + longest)
+                truncate_layer(layer, columns + longest)
             cmask = torch.cat([cmask, (idx[:longest] < keep[:, None]).to(cmask.dtype)], dim=1)
+            if contiguous:
+                cmask = left_align(cache, cmask, longest - keep)
             last = new.gather(1, (keep - 1)[:, None])[:, 0]
             if bool(ended.any()):
                 if return_cache:
@@ -304,7 +304,7 @@ def self_speculative_generate(
         result.drafted, result.accepted, result.verifications = stats.drafted, stats.accepted, stats.verifications
         result.round_accepted = torch.stack(stats.per_round, dim=1)
     if return_cache:
-        result.past_key_values, result.cache_mask = _assemble(model, finished, batch)
+        result.past_key_values, result.cache_mask = stack_rows([finished[r] for r in range(batch)])
     return result
 
 
@@ -350,38 +350,10 @@ def _plan(
 
 def _capture(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
-) -> tuple[torch.Tensor, LayerCall]:
+) -> tuple[torch.Tensor, StackCall]:
     """The model's own embedding, mask and position code for `ids` [n, s] at position ids `pos` [n, s], attending to
-    the 2D `mask` [n, cache columns + s]; stopped before its first layer."""
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": _mask_arg(mask),
-        "position_ids": pos,
-        "past_key_values": cache,
-        "use_cache": True,
-    }
-    return capture_layer_inputs(model, inputs)
-
-
-def _truncate(layer: DynamicLayer, length: int) -> None:
-    """Keep the first `length` columns of a cache layer (DynamicLayer.crop takes how many to remove)."""
-    have = layer.get_seq_length()
-    if have > length:
-        layer.crop(length - have)
-
-
-def _pad_layer(layer: DynamicLayer, length: int, like: torch.Tensor) -> None:
-    """Append zero columns (never attended: the layer does not run until they are cropped) up to `length`; `like`:
-    a key tensor [batch, kv_heads, *, head_dim] of another layer, for a layer that holds nothing yet."""
-    if not layer.is_initialized:
-        layer.lazy_initialization(like, like)
-    if layer.keys.dim() != 4:
-        layer.keys = layer.values = like.new_zeros((*like.shape[:2], 0, like.shape[-1]))
-    have = layer.keys.shape[-2]
-    if have < length:
-        pad = layer.keys.new_zeros((*layer.keys.shape[:2], length - have, layer.keys.shape[-1]))
-        layer.keys = torch.cat([layer.keys, pad], dim=-2)
-        layer.values = torch.cat([layer.values, pad], dim=-2)
+    the 2D `mask` [n, cache columns + s]; no layer runs."""
+    return capture_stack(model, step_inputs(model, ids, mask, pos, cache))
 
 
 class _Stats:
@@ -399,26 +371,6 @@ class _Stats:
         this = torch.full_like(self.drafted, -1)
         this[rows] = accepted
         self.per_round.append(this)
-
-
-def _assemble(
-    model: nn.Module, finished: dict[int, tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]], batch: int
-) -> tuple[DynamicCache, torch.Tensor]:
-    """One rectangular cache of every input row, from the rows' caches when they ended (right-padded with masked
-    zeros), and its [batch, columns] mask."""
-    width = max(m.shape[0] for _, m in finished.values())
-    cache = DynamicCache(config=model.config)
-    masks = []
-    for r in range(batch):
-        masks.append(torch.nn.functional.pad(finished[r][1], (0, width - finished[r][1].shape[0])))
-    for i in range(len(finished[0][0])):
-        keys, values = [], []
-        for r in range(batch):
-            k, v = finished[r][0][i]  # [heads, columns, head_dim]
-            keys.append(torch.nn.functional.pad(k, (0, 0, 0, width - k.shape[-2])))
-            values.append(torch.nn.functional.pad(v, (0, 0, 0, width - v.shape[-2])))
-        cache.update(torch.stack(keys), torch.stack(values), i)
-    return cache, torch.stack(masks)
 
 
 # ---- choosing exit_layer and draft_len ------------------------------------------------------------------------------
@@ -465,10 +417,10 @@ def choose_speculation(
     lens = [int(k) for k in candidates_draft_len]
     if not exits or not lens:
         raise ValueError("give at least one candidate exit layer and one candidate draft length")
-    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
     ids, mask = _as_batch(prompts, attention_mask, pad)
     configs = [(e, k) for e in exits for k in lens]
-    num_layers = len(_decoder_parts(model)[1])
+    num_layers = len(decoder_parts(model, "self-speculative decoding").layers)
     for e, k in configs:  # validate every candidate before timing anything
         _plan("exit", heads, e, None, num_layers)
         if k < 1:

@@ -1,0 +1,40 @@
+"""depthprune.kv: the full-length cache of a sliding-window decoder gives the model's own masks the right shape."""
+
+import torch
+from tiny_models import build_gemma3_sliding, input_ids
+
+from depthprune.decoding import positions_from_mask, step_inputs
+from depthprune.kv import check_cache, decoder_cache, left_align
+
+
+def test_full_length_cache_decodes_like_the_uncached_model():
+    """Token-by-token decoding through the model's own forward with `decoder_cache` (every layer full length, the
+    model's sliding mask hiding old columns) gives the uncached model's logits, also for a padded row."""
+    model = build_gemma3_sliding()
+    ids, mask = input_ids(batch=2, seq=10, pad_first_row=3)
+    positions = positions_from_mask(mask)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        cache = decoder_cache(model, 4)
+        out = [model(**step_inputs(model, ids[:, :2], mask[:, :2], positions[:, :2], cache)).logits]
+        for p in range(2, 10):
+            out.append(
+                model(**step_inputs(model, ids[:, p : p + 1], mask[:, : p + 1], positions[:, p : p + 1], cache)).logits
+            )
+    check_cache(cache, 4)
+    assert cache.layers[0].keys.shape[-2] == 10  # sliding layers keep every column
+    real = mask.bool()
+    assert torch.allclose(torch.cat(out, 1)[real], ref[real], atol=1e-5)
+
+
+def test_left_align_moves_masked_columns_left():
+    model = build_gemma3_sliding()
+    cache = decoder_cache(model, 4)
+    keys = torch.arange(2 * 5, dtype=torch.float).reshape(2, 1, 5, 1)
+    for i in range(4):
+        cache.update(keys.clone(), keys.clone(), i)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = left_align(cache, mask, torch.tensor([2, 0]))
+    assert out.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert cache.layers[3].keys[0, 0, :, 0].tolist() == [3, 4, 0, 1, 2]
+    assert cache.layers[3].values[1, 0, :, 0].tolist() == [5, 6, 7, 8, 9]
