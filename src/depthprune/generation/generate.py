@@ -27,7 +27,7 @@ from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_cr
 from depthprune.kv import DeferredKV, RowView, check_cache, grow_cache, propagate, rows_call, with_cache
 from depthprune.runner import capture_layer_inputs
 
-KV_MODES = ("propagate", "recompute")
+KV_MODES = tuple(__import__("depthprune.registry").registry.KV_STRATEGIES)  # names: depthprune.registry
 
 
 @dataclasses.dataclass
