@@ -31,6 +31,7 @@ from depthprune.exits.heads_io import load_heads, save_heads
 
 CONFIG_NAME = "exit_heads.json"
 WEIGHTS_NAME = "exit_heads.safetensors"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
 EXTRAS = ("halting", "gate", "agreement")
 POOLINGS = ("mean", "first")
 
@@ -178,22 +179,14 @@ class ExitHeads(nn.Module):
     # ---- persistence ------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write `exit_heads.json` + `exit_heads.safetensors` into `folder` (e.g. beside the backbone), atomically."""
-        return save_heads(
-            folder,
-            self.config.to_dict(),
-            self.state_dict(),
-            config_name=CONFIG_NAME,
-            weights_name=WEIGHTS_NAME,
-            overwrite=overwrite,
-        )
+        return save_heads(self, folder, FILES, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model: nn.Module) -> ExitHeads:
         """Load exit heads saved by `save`, building their modules from `model` (the backbone they were trained on)."""
         data, state = load_heads(
             folder,
-            config_name=CONFIG_NAME,
-            weights_name=WEIGHTS_NAME,
+            FILES,
             hint="train exit heads first (train-exits)",
         )
         config = ExitHeadsConfig.from_dict(data)

@@ -28,6 +28,7 @@ from depthprune.registry import HEAD_KINDS
 
 CONFIG_NAME = "decoder_exit_heads.json"
 WEIGHTS_NAME = "decoder_exit_heads.safetensors"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
 KINDS = tuple(HEAD_KINDS)  # names and descriptions: depthprune.registry
 
 
@@ -278,15 +279,7 @@ class DecoderExitHeads(nn.Module):
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write decoder_exit_heads.safetensors + decoder_exit_heads.json into `folder`, each file atomically (the
         model's final norm and LM head are not written: they stay the model's)."""
-        return save_heads(
-            folder,
-            self.config.to_dict(),
-            self.state_dict(),
-            config_name=CONFIG_NAME,
-            weights_name=WEIGHTS_NAME,
-            overwrite=overwrite,
-            what="decoder exit heads",
-        )
+        return save_heads(self, folder, FILES, overwrite=overwrite, what="decoder exit heads")
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model: nn.Module, dtype: torch.dtype | None = None) -> DecoderExitHeads:
@@ -295,8 +288,7 @@ class DecoderExitHeads(nn.Module):
         dtype: of the heads' parameters (default: as saved)."""
         data, saved = load_heads(
             folder,
-            config_name=CONFIG_NAME,
-            weights_name=WEIGHTS_NAME,
+            FILES,
             hint="train decoder exit heads first (depthprune.exits.train.lm_exits.train_decoder_exits, or "
             "depthprune train-exits --model ...)",
         )
