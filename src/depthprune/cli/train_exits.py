@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
 def add_model_arguments(p: argparse.ArgumentParser, default: str) -> None:
     """MODEL as the first argument (`depthprune train-exits minilm ...`) or as --model."""
     p.add_argument("model_name", nargs="?", metavar="MODEL", help=f"model folder, hub id or alias (default: {default})")
-    p.add_argument("--model", dest="model_option", default=None, help="the same as MODEL")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", default=None, help="the same as MODEL")
     p.set_defaults(default_model=default)
 
 
