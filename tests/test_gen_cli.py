@@ -358,7 +358,7 @@ def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
     (full / "keep.txt").write_text("mine")
     base = ["--model", str(model), "--data", str(book), "--seq-len", "12", "--no-progress"]
     for argv, message in [
-        (["--output-dir", str(full)], "already exists and is not empty; choose a new folder or pass overwrite=True"),
+        (["--output-dir", str(full)], "already exists and is not empty; choose a new folder or pass --overwrite"),
         (["--speedup", "9", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
         (["--speedup", "0.5", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
         (["--min-prompt", "12", "--output-dir", str(tmp_path / "a")], "need 1 <= --min-prompt < --seq-len"),

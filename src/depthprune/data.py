@@ -25,7 +25,10 @@ def read_text(path: str | os.PathLike) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"text file {p} does not exist; pass a UTF-8 text file")
-    return p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {p} is empty; pass a UTF-8 text file with text in it")
+    return text
 
 
 def split_book(text: str, marker: str = HELDOUT_MARKER) -> tuple[str, str]:

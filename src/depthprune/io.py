@@ -141,6 +141,66 @@ def _model_class(task: str, config: Any) -> Any:
     }[task]
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _check_weights_present(source: str) -> None:
+    """A local folder must hold a weights file beside its config.json: without one, from_pretrained would build a
+    randomly initialised model of whatever size the config says (a bare {"model_type": "llama"} is a 7B Llama)."""
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"{folder} has a config.json but no weights file (one of {', '.join(WEIGHT_FILES)}); "
+            "pass a folder written by save_pretrained (or depthprune prune), a .gguf file, or a hub id"
+        )
+
+
+def _backbone_keys(model: nn.Module, keys: list[str]) -> list[str]:
+    """The keys that belong to the backbone (not to a task head that from_pretrained may add or drop)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, "base_model", model)
+    children = {name for name, _ in base.named_children()}
+    found = []
+    for key in keys:
+        rest = key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
+        if (base is not model and key.startswith(prefix + ".")) or rest.split(".")[0] in children:
+            found.append(key)
+    return found
+
+
+def check_loading_info(model: nn.Module, info: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint whose backbone weights do not match its config (a `num_hidden_layers` edited upward
+    leaves layers randomly initialised; edited downward, weights unused). A new task head (a classifier on a
+    base checkpoint) is fine: it is meant to be trained."""
+    missing = _backbone_keys(model, sorted(info.get("missing_keys") or []))
+    unexpected = _backbone_keys(model, sorted(info.get("unexpected_keys") or []))
+    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched)):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {what} weight(s): {', '.join(keys[:5])}{more}")
+    if problems:
+        raise ModelLoadError(
+            f"the weights in {source} do not match its config.json ({'; '.join(problems)}); was config.json edited "
+            "(e.g. num_hidden_layers)? Fix it or pass the folder the weights were saved with"
+        )
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
@@ -160,18 +220,41 @@ def load_model(
     source = local_folder(name)
     try:
         config = AutoConfig.from_pretrained(source)
-        model = _model_class(task, config).from_pretrained(source, dtype=dtype, **kwargs)
+        _check_weights_present(source)
+        model, info = _model_class(task, config).from_pretrained(
+            source, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    except ModelLoadError:
+        raise
     except OSError as err:
         raise ModelLoadError(
             f"could not load model {name!r} from {source!r}: {err}. Pass a local folder, a .gguf file, "
             "or a hub id on a machine that can reach the hub"
         ) from err
+    check_loading_info(model, info, source)
     return tie_repeated_layers(model).eval()
 
 
+def has_tokenizer(name: str | os.PathLike | None = None) -> bool:
+    """Whether `name` comes with a tokenizer: a local folder holding tokenizer files, else (hub id, GGUF, embedded
+    alias) assumed so."""
+    folder, gguf_file = resolve_source(name)
+    path = Path(folder)
+    if gguf_file is not None or not path.is_dir():
+        return True
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name: str | os.PathLike | None = None) -> Any:
+    """The tokenizer of a model name, folder, .gguf file or alias; a folder without one gets an error that says so
+    (instead of transformers guessing a tokenizer class from config.json and asking for sentencepiece)."""
     from transformers import AutoTokenizer
 
+    if not has_tokenizer(name):
+        raise ModelLoadError(
+            f"{name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass one with --tokenizer "
+            "(a folder, hub id or alias such as smollm2), or load_tokenizer(...) of the model it came from"
+        )
     source = local_folder(name)
     try:
         return AutoTokenizer.from_pretrained(source)

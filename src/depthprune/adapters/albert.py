@@ -7,9 +7,10 @@ cannot, a group appears several times (sharing its parameters); an export stores
 record that apply_plan writes for every adapter lets depthprune.load_model share them again.
 """
 
+import torch
 from torch import nn
 
-from depthprune.adapters.base import Adapter, ConfigField, StackSpec, backbone, get_path
+from depthprune.adapters.base import Adapter, ClassificationHead, ConfigField, StackSpec, backbone, get_path
 
 _GROUPS = "encoder.albert_layer_groups"
 
@@ -51,6 +52,21 @@ def _apply(model: nn.Module, stack: StackSpec, indices: list[int]) -> None:
     config.num_hidden_groups = k
 
 
+def _head(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+    pooled = m["pooler_activation"](m["pooler"](hidden[:, 0]))  # [batch, hidden]
+    return m["classifier"](m["dropout"](pooled))
+
+
+_CLASSIFICATION_HEAD = ClassificationHead(
+    {
+        "pooler": "albert.pooler",
+        "pooler_activation": "albert.pooler_activation",
+        "dropout": "dropout",
+        "classifier": "classifier",
+    },
+    _head,
+)
+
 ADAPTERS = [
     Adapter(
         family="albert",
@@ -60,5 +76,6 @@ ADAPTERS = [
         stack_sizes=_sizes,
         apply_stack=_apply,
         layer_sequence=_sequence,
+        classification_head=_CLASSIFICATION_HEAD,
     )
 ]

@@ -53,6 +53,17 @@ class StackSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassificationHead:
+    """A sequence classifier's own head, for early exit: `modules` maps a name to the dotted path (from the top
+    *ForSequenceClassification model) of each head module; `forward(modules, hidden [batch, seq, hidden])` glues
+    them into logits [batch, labels] exactly as the model's own forward does. Exit heads are copies of these modules
+    run by the same `forward`."""
+
+    modules: dict[str, str]
+    forward: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
 class Adapter:
     """How depthprune finds its way around one architecture family.
 
@@ -68,6 +79,7 @@ class Adapter:
     post_apply: optional fix-up after a stack is rearranged (T5 moves its relative position bias to the new first
         block). Signature: (model, stack, source_layers, source_indices) -> None, where source_layers are the stack's
         modules before the plan.
+    classification_head: optional ClassificationHead of the family's sequence classifier (encoders; early exit).
     layer_sequence: optional function giving the modules a stack runs, in order, when that is not simply its module
         list (ALBERT runs its shared groups several times). Used when depthprune runs layers one at a time.
     logit_softcap: the config field of the soft-capping the model applies to its head's logits
@@ -83,6 +95,7 @@ class Adapter:
     post_apply: Callable[[nn.Module, StackSpec, list[nn.Module], list[int]], None] | None = None
     layer_sequence: Callable[[nn.Module, StackSpec], list[nn.Module]] | None = None
     logit_softcap: str | None = "final_logit_softcapping"
+    classification_head: ClassificationHead | None = None
 
     def __post_init__(self) -> None:
         if not self.model_types:

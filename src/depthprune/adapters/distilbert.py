@@ -1,6 +1,15 @@
 """DistilBERT."""
 
-from depthprune.adapters.base import Adapter, ConfigField, StackSpec
+import torch
+from torch import nn
+
+from depthprune.adapters.base import Adapter, ClassificationHead, ConfigField, StackSpec
+
+
+def _head(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
+    pooled = torch.relu(m["pre_classifier"](hidden[:, 0]))  # [batch, hidden]
+    return m["classifier"](m["dropout"](pooled))
+
 
 ADAPTERS = [
     Adapter(
@@ -15,5 +24,8 @@ ADAPTERS = [
             ),
         ),
         heads=("classifier", "vocab_projector", "qa_outputs"),
+        classification_head=ClassificationHead(
+            {"pre_classifier": "pre_classifier", "dropout": "dropout", "classifier": "classifier"}, _head
+        ),
     )
 ]

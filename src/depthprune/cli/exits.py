@@ -7,9 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from depthprune.fsutil import write_atomic
-
-CALIBRATION_FILE = "calibration.json"
+from depthprune.cli.common import CALIBRATION_FILE, add_tokenizer_option, calibrate_check_write, tokenizer_for
 
 
 def _split_args(p: argparse.ArgumentParser) -> None:
@@ -22,12 +20,12 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=128)
 
 
-def _load(folder: str):
+def _load(args: argparse.Namespace):
     from depthprune.exits.heads import ExitHeads
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
 
-    model = load_model(folder, task="seq-cls")
-    return model, ExitHeads.load(folder, model).eval(), load_tokenizer(folder)
+    model = load_model(args.folder, task="seq-cls")
+    return model, ExitHeads.load(args.folder, model).eval(), tokenizer_for(args, args.folder)
 
 
 def _splits(args: argparse.Namespace):
@@ -51,28 +49,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from depthprune.cli.generation import cmd_calibrate_decoder
 
         return cmd_calibrate_decoder(args)
-    from depthprune.bench.report import format_table
     from depthprune.exits.calibrate import calibrate, check, collect_records
     from depthprune.exits.criteria import make_criterion
     from depthprune.exits.data import tokenize_batches
 
     splits = _splits(args)  # first: a missing --data fails before the model loads
-    model, heads, tokenizer = _load(args.folder)
+    model, heads, tokenizer = _load(args)
     cal = collect_records(
         model, heads, tokenize_batches(tokenizer, splits.calibration, 32, args.max_length), progress=True
     )
     test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
-    results, rows = [], []
     delta = 0.01 if args.delta is None else args.delta
-    for name in args.criterion.split(","):
-        result = calibrate(name, cal, delta=delta, epsilon=args.epsilon, risk=args.risk)
-        held = check(make_criterion(name, result.threshold), test) if result.threshold is not None else {}
-        results.append({**result.to_dict(), "heldout": held})
-        rows.append({"criterion": name, "threshold": result.threshold, **held})
-        print(result.guarantee())
-    print(format_table(rows, title=f"held-out check on the test split ({test.n} samples)"))
-    path = write_atomic(Path(args.folder) / CALIBRATION_FILE, json.dumps(results, indent=2, default=float))
-    print(f"wrote {path}")
+    calibrate_check_write(
+        args.criterion.split(","),
+        lambda name: calibrate(name, cal, delta=delta, epsilon=args.epsilon, risk=args.risk),
+        lambda name, threshold: check(make_criterion(name, threshold), test),
+        args.folder,
+        title=f"held-out check on the test split ({test.n} samples)",
+        as_json=args.json,
+    )
     return 0
 
 
@@ -94,7 +89,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from depthprune.exits.data import read_texts
     from depthprune.exits.evaluate import classify
 
-    model, heads, tokenizer = _load(args.folder)
+    model, heads, tokenizer = _load(args)
     criterion = _criterion(args)
     if args.text:
         texts = args.text
@@ -125,7 +120,7 @@ def cmd_eval_exits(args: argparse.Namespace) -> int:
     from depthprune.exits.evaluate import speedups, time_exit_configs
 
     splits = _splits(args)
-    model, heads, tokenizer = _load(args.folder)
+    model, heads, tokenizer = _load(args)
     criterion = _criterion(args)
     test = collect_records(model, heads, tokenize_batches(tokenizer, splits.test, 32, args.max_length), progress=True)
     row = {"criterion": f"{criterion.name}:{criterion.threshold:g}", **check(criterion, test)}
@@ -156,7 +151,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "train-exits",
         add_help=False,
         help="train exit heads through Accelerate: an encoder classifier's (and its backbone, per recipe), or a causal "
-        "LM's decoder exits when --model is one; `depthprune train-exits [--model M] --help` for options; "
+        "LM's decoder exits when MODEL is one; `depthprune train-exits [MODEL] --help` for options; "
         "multi-process: accelerate launch -m depthprune train-exits ...",
     )
     p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing
@@ -186,6 +181,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from depthprune.cli.generation import add_calibrate_options
 
     add_calibrate_options(p)
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("classify", help="predict with early exit; prints each input's label and exit layer")
@@ -197,6 +193,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", action="store_true")
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("eval-exits", help="accuracy, mean layers and wall-clock speedup vs the full model")
@@ -207,11 +204,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
     _split_args(p)
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_eval_exits)
 
 
 # ---- train-exits: one command, two trainers ---------------------------------------------------------------------
 def _model_option(argv: list[str]) -> str | None:
+    """The model of a train-exits command line: its first argument when that is not an option, else --model."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0]
     for i, arg in enumerate(argv):
         if arg == "--model" and i + 1 < len(argv):
             return argv[i + 1]

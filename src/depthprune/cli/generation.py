@@ -1,5 +1,5 @@
-"""Early-exit generation commands: generate, `calibrate` for decoder exit heads, and the train-skipdecode entry (thin
-wrappers over depthprune.generation)."""
+"""Early-exit generation commands: generate and `calibrate` for decoder exit heads (thin wrappers over
+depthprune.generation)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-CALIBRATION_FILE = "calibration.json"  # as for classifiers: beside the heads it calibrates
+from depthprune.cli.common import CALIBRATION_FILE, add_tokenizer_option, calibrate_check_write, tokenizer_for
+from depthprune.registry import KV_STRATEGIES
 
 
 def _model_name(model: str | None, heads_dir: str | None) -> str:
@@ -24,13 +25,13 @@ def _model_name(model: str | None, heads_dir: str | None) -> str:
     return DEFAULT_MODEL
 
 
-def _load(model_name: str, heads_dir: str | None):
+def _load(args: argparse.Namespace, model_name: str, heads_dir: str | None):
     """(causal LM, its tokenizer, its exit heads: the folder's, or logit-lens exits after every layer if None)."""
     from depthprune.exits.lm_heads import DecoderExitHeads
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
 
     model = load_model(model_name, task="causal-lm")
-    tokenizer = load_tokenizer(model_name)
+    tokenizer = tokenizer_for(args, model_name)
     heads = DecoderExitHeads.logit_lens(model) if heads_dir is None else DecoderExitHeads.load(heads_dir, model)
     return model, tokenizer, heads.eval()
 
@@ -56,7 +57,7 @@ def add_calibrate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", type=int, default=100, help="calibration prompts, and as many held-out (default 100)")
     g.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default 64)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    g.add_argument("--kv", default="propagate", choices=["propagate", "recompute"], help="skipped layers' KV cache")
+    g.add_argument("--kv", default="propagate", choices=KV_STRATEGIES.names(), help="skipped layers' KV cache")
     g.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     g.add_argument(
@@ -72,7 +73,6 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
     from depthprune.data import calibration_text, heldout_text
     from depthprune.exits.token_criteria import criterion_class, make_criterion
-    from depthprune.fsutil import write_atomic
     from depthprune.generation.calibrate import (
         calibrate_generation,
         check,
@@ -88,7 +88,7 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.criterion.split(",")]
     for name in names:
         criterion_class(name)
-    model, tokenizer, heads = _load(_model_name(args.model, args.folder), args.folder)
+    model, tokenizer, heads = _load(args, _model_name(args.model, args.folder), args.folder)
     for name in names:
         _check_supported(heads, name)
     cal = prompt_blocks(tokenizer, calibration_text(args.text), args.prompts, args.prompt_len)
@@ -97,9 +97,15 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
     gen = {"batch_size": args.batch_size}
     cal_refs = greedy_continuations(model, cal, args.max_new_tokens, **gen)
     test_refs = greedy_continuations(model, test, args.max_new_tokens, **gen)
-    results, rows = [], []
-    for name in names:
-        result = calibrate_generation(
+
+    def show(result) -> None:
+        print(
+            format_table(result.table, title=f"{result.criterion}: thresholds tested on {result.n} calibration prompts")
+        )
+
+    calibrate_check_write(
+        names,
+        lambda name: calibrate_generation(
             model,
             heads,
             cal,
@@ -111,21 +117,15 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
             progress=not args.json,
             **settings,
             **gen,
-        )
-        held = {}
-        if result.threshold is not None:
-            held = check(model, heads, test, make_criterion(name, result.threshold), references=test_refs, **settings)
-        results.append({**result.to_dict(), "heldout": held})
-        rows.append({"criterion": name, "threshold": result.threshold, **held})
-        if not args.json:
-            print(format_table(result.table, title=f"{name}: thresholds tested on {result.n} calibration prompts"))
-            print(result.guarantee())
-    path = write_atomic(Path(args.folder) / CALIBRATION_FILE, json.dumps(results, indent=2, default=float))
-    if args.json:
-        print(json.dumps(results, indent=2, default=float))
-    else:
-        print(format_table(rows, title=f"held-out check ({len(test)} prompts of {args.prompt_len} tokens)"))
-        print(f"wrote {path}")
+        ),
+        lambda name, threshold: check(
+            model, heads, test, make_criterion(name, threshold), references=test_refs, **settings
+        ),
+        args.folder,
+        title=f"held-out check ({len(test)} prompts of {args.prompt_len} tokens)",
+        as_json=args.json,
+        show=show,
+    )
     return 0
 
 
@@ -163,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ValueError("give --prompt TEXT (one or more)")
     criterion = _criterion(args)
-    model, tokenizer, heads = _load(_model_name(args.model, args.heads), args.heads)
+    model, tokenizer, heads = _load(args, _model_name(args.model, args.heads), args.heads)
     _check_supported(heads, criterion.name)
     ids, mask = _encode(tokenizer, args.prompt)
     out = early_exit_generate(
@@ -219,18 +219,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None, help="the causal LM (default: the heads folder's, else smollm2)")
     p.add_argument("--heads", help="folder of decoder exit heads (train-exits on a causal LM); default: logit lens")
     p.add_argument("--exit", help="CRITERION:THRESHOLD, e.g. max_prob:0.9 (default: the calibrated one in --heads)")
-    p.add_argument("--kv", default="propagate", choices=["propagate", "recompute"], help="skipped layers' KV cache")
+    p.add_argument("--kv", default="propagate", choices=KV_STRATEGIES.names(), help="skipped layers' KV cache")
     p.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
     p.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s), generated as one batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "train-skipdecode",
-        add_help=False,
-        help="adapt a causal LM to a SkipDecode schedule (--speedup S) with LoRA, through Accelerate; writes the "
-        "merged model; `depthprune train-skipdecode --help` for options; multi-process: accelerate launch -m "
-        "depthprune train-skipdecode ...",
-    )
-    p.add_argument("options", nargs=argparse.REMAINDER)  # handled by depthprune.cli.main before parsing

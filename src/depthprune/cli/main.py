@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+
+from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
 
 MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
 
@@ -25,15 +29,19 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
 def _calibration(args: argparse.Namespace, tokenizer) -> list:
     from depthprune.static.prune import calibration_batches
 
-    return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
+    try:
+        return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
+    except ValueError as err:
+        where = f"--calibration {args.calibration}" if args.calibration else "the packaged calibration text"
+        raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
     from depthprune.static.analyze import analyze, score_rows, write_analysis
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model), tokenizer_for(args, args.model)
     scorers = args.scorers.split(",") if args.scorers else None
     results = analyze(
         model,
@@ -56,14 +64,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import has_tokenizer, load_model
+    from depthprune.plan import LayerPlan
     from depthprune.static.export import save_model
     from depthprune.static.prune import prune
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    if args.plan:
+    check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
+    if args.plan is not None:
+        LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
+    model = load_model(args.model)
+    if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
+        source = args.tokenizer or args.model
+        tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
         result = prune(model, plan=args.plan)
     else:
+        tokenizer = tokenizer_for(args, args.model)
         result = prune(
             model,
             remove=args.remove,
@@ -74,6 +89,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
+    if tokenizer is None:
+        print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
     print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
     return 0
 
@@ -81,14 +98,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from depthprune.bench.evaluate import evaluate_models
     from depthprune.data import heldout_text, token_blocks
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model), tokenizer_for(args, args.model)
     models = {"model": model}
     baseline_name = args.baseline or (getattr(model.config, "depthprune", None) or {}).get("source")
     if baseline_name and not args.no_baseline:
         models = {"untouched": load_model(baseline_name), "model": model}
-    blocks = token_blocks(tokenizer, heldout_text(args.heldout), args.seq_len, args.blocks)
+    try:
+        blocks = token_blocks(tokenizer, heldout_text(args.heldout), args.seq_len, args.blocks)
+    except ValueError as err:
+        where = f"--heldout {args.heldout}" if args.heldout else "the packaged held-out text"
+        raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
     report = evaluate_models(
         models,
         tokenizer,
@@ -113,16 +134,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from depthprune.adapters.registry import supported_model_types
-    from depthprune.exits.criteria import list_criteria
-    from depthprune.exits.token_criteria import list_criteria as list_token_criteria
-    from depthprune.static.scorers import list_scorers
+def list_registries() -> dict[str, list[dict[str, str]]]:
+    """Every registry (scorers, both kinds of exit criteria, recipes, KV strategies, decoder head kinds) and the
+    supported model types, as {key: [{name, description, ...}]}: what `depthprune list` prints."""
+    from depthprune.adapters.registry import get_adapter, supported_model_types
+    from depthprune.registry import REGISTRIES
 
-    print("scorers:", ", ".join(list_scorers()))
-    print("exit criteria (classifiers):", ", ".join(list_criteria()))
-    print("token exit criteria (generation):", ", ".join(list_token_criteria()))
-    print("model types:", ", ".join(supported_model_types()))
+    out = {key: registry.describe() for key, registry in REGISTRIES.items()}
+    out["model_types"] = []
+    for model_type in supported_model_types():
+        adapter = get_adapter(types.SimpleNamespace(model_type=model_type))
+        stacks = ", ".join(s.name for s in adapter.stacks)
+        extra = "; classifier early exit" if adapter.classification_head is not None else ""
+        out["model_types"].append({"name": model_type, "description": f"{adapter.family} ({stacks}){extra}"})
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from depthprune.registry import REGISTRIES
+
+    listing = list_registries()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    from depthprune.bench.report import format_table
+
+    titles = {key: registry.plural for key, registry in REGISTRIES.items()} | {"model_types": "model types"}
+    for key, rows in listing.items():
+        print(f"{titles[key]}: {', '.join(r['name'] for r in rows)}")
+    for key, rows in listing.items():
+        print()
+        print(format_table([{"name": r["name"], "description": r["description"]} for r in rows], title=titles[key]))
     return 0
 
 
@@ -137,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="out/analyze", help="folder for scores.csv/json and layer_scores.png")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_calibration(p)
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
@@ -148,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     _add_calibration(p)
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="held-out perplexity and speed, side by side with the untouched model")
@@ -166,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="perplexity only")
     p.add_argument("--json", action="store_true")
+    add_tokenizer_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -177,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the exported model from an earlier run")
     p.set_defaults(func=cmd_demo)
 
+    from depthprune.cli import train_skipdecode
     from depthprune.cli.exits import add_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
 
@@ -184,29 +230,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(sub)
 
     p = sub.add_parser(
-        "list", help="list scorers, exit criteria (classifiers and generation) and supported model types"
+        "train-skipdecode",
+        help="adapt a causal LM to a SkipDecode schedule (--speedup S) with LoRA, through Accelerate; writes the "
+        "merged model; multi-process: accelerate launch -m depthprune train-skipdecode ...",
+        description=train_skipdecode.DESCRIPTION,
     )
+    train_skipdecode.add_arguments(p)
+    p.set_defaults(func=functools.partial(train_skipdecode.run, parser=p))
+
+    p = sub.add_parser(
+        "list",
+        help="list every registry: scorers, exit criteria (classifiers and generation), training recipes, KV "
+        "strategies, decoder exit-head kinds, supported model types",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_list)
     return parser
+
+
+def _train_exits(argv: list[str]) -> int:
+    from depthprune.cli.exits import train_exits_main
+
+    return train_exits_main(argv)
+
+
+DELEGATED: dict[str, Callable[[list[str]], int]] = {"train-exits": _train_exits}
+"""Commands whose options depend on their arguments and so are parsed by their own parser: train-exits trains a
+classifier's exits or a causal LM's (depthprune.cli.train_exits / train_lm_exits), chosen by the model."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from depthprune.errors import DepthpruneError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-exits"]:  # its options belong to the training launcher (also run by `accelerate launch`)
-        from depthprune.cli.exits import train_exits_main
-
-        return train_exits_main(argv[1:])
-    if argv[:1] == ["train-skipdecode"]:  # likewise (`accelerate launch -m depthprune train-skipdecode`)
-        from depthprune.cli.train_skipdecode import main as skipdecode_main
-
-        return skipdecode_main(argv[1:], prog="depthprune train-skipdecode")
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else None
     try:
+        if command in DELEGATED:
+            return DELEGATED[command](argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (DepthpruneError, ValueError, FileNotFoundError) as err:
-        print(f"depthprune {args.command}: error: {err}", file=sys.stderr)
+        print(f"depthprune {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,8 @@
 """Command line for `train_exits`, meant to be started by `accelerate launch` (or plain `python -m`):
 
-    accelerate launch --multi_gpu --num_processes 2 -m depthprune.cli.train_exits \\
-        --model minilm --data spam-assassin --recipe two_stage --epochs 1 2 --output-dir out/minilm-spam
+    depthprune train-exits minilm --data spam-assassin.jsonl --format email --recipe two_stage -o out/minilm-spam
+    accelerate launch --multi_gpu --num_processes 2 -m depthprune train-exits \\
+        minilm --data spam-assassin --recipe two_stage --epochs 1 2 -o out/minilm-spam
 
 On a machine without GPUs the processes run on CPU (gloo). `accelerate launch --cpu --num_processes N` starts only
 one process unless an MPI launcher is configured, so use --multi_gpu (or torchrun) for several CPU processes.
@@ -15,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
 
 
 def _number(text: str) -> float | int:
@@ -36,11 +39,20 @@ def _hyper(items: list[str]) -> dict[str, Any]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from depthprune.exits.data import FORMATS
     from depthprune.exits.train import list_recipes
 
-    p = argparse.ArgumentParser(prog="depthprune train-exits", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="minilm", help="model folder, hub id or embedded alias (default: minilm)")
+    p = argparse.ArgumentParser(
+        prog="depthprune train-exits", description="Train exit heads of an encoder classifier (and its backbone)."
+    )
+    add_model_arguments(p, "minilm")
     p.add_argument("--data", required=True, help=".jsonl/.csv file, 'spam-assassin', or a Hugging Face dataset name")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=list(FORMATS),
+        help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()).replace("%", "%%"),
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--train", type=_number, default=0.6, help="train fraction (float) or count (int); default 0.6")
@@ -65,17 +77,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper", nargs="*", default=[], help="recipe hyperparameters NAME=VALUE, e.g. beta=0.01")
     p.add_argument("--fit-agreement", action="store_true", help="then train the agreement extra on frozen heads")
     p.add_argument("--agreement-weight", type=float, default=0.0, help="add the agreement BCE to head-training stages")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the trained model and its exit heads")
     p.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="go on from the newest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the exits on the test split")
     p.add_argument("--no-progress", action="store_true")
+    add_tokenizer_option(p)
     return p
 
 
+def add_model_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    """MODEL as the first argument (`depthprune train-exits minilm ...`) or as --model."""
+    p.add_argument("model_name", nargs="?", metavar="MODEL", help=f"model folder, hub id or alias (default: {default})")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", default=None, help="the same as MODEL")
+    p.set_defaults(default_model=default)
+
+
+def resolve_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Set args.model from MODEL or --model (not both, unless equal)."""
+    if args.model_name and args.model_option and args.model_name != args.model_option:
+        p.error(f"give the model once: MODEL {args.model_name!r} or --model {args.model_option!r}")
+    args.model = args.model_name or args.model_option or args.default_model
+    return args
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None, *, resume: bool = False) -> argparse.Namespace:
+    """Parse, then refuse an occupied output folder before anything loads."""
+    from depthprune.errors import OutputExistsError
+
+    args = resolve_model(p, p.parse_args(argv))
+    try:
+        check_output_folder(
+            args.output_dir, args.overwrite, resume=resume and getattr(args, "resume", False), source=args.model
+        )
+    except OutputExistsError as err:
+        p.error(f"argument -o/--output-dir: {err}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(parser(), argv, resume=True)
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
@@ -84,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     from depthprune.exits.train import recipe_module
     from depthprune.exits.train.evaluate import exit_accuracies
     from depthprune.exits.train.trainer import train_exits
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
     from depthprune.training import no_accelerator
 
     state = PartialState(cpu=no_accelerator())  # as train_exits' Accelerator, so both see the same processes
     data = load_data(
-        args.data, args.text_column, args.label_column, progress=state.is_main_process and not args.no_progress
+        args.data,
+        args.text_column,
+        args.label_column,
+        format=args.format,
+        progress=state.is_main_process and not args.no_progress,
     )
     parts = split(data, args.train, args.calibration, seed=args.seed)
     if args.limit_train is not None and args.limit_train < len(parts.train):
@@ -102,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = tokenizer_for(args, args.model)
     extras = args.extras
     if extras is None:
         extras = list(getattr(recipe_module(args.recipe), "NEEDS", ()))

@@ -1,13 +1,15 @@
 """`depthprune train-exits --model DECODER ...`: train exit heads of a decoder-only causal LM (`train_decoder_exits`).
 
-Also runs on several processes: `accelerate launch --multi_gpu --num_processes N -m depthprune train-exits --model
-smollm2 --output-dir out/smollm2-lens` (on a machine without GPUs the processes use CPU and gloo).
+Also runs on several processes: `accelerate launch --multi_gpu --num_processes N -m depthprune train-exits smollm2
+-o out/smollm2-lens` (on a machine without GPUs the processes use CPU and gloo).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from depthprune.cli.common import add_tokenizer_option, tokenizer_for
+from depthprune.cli.train_exits import add_model_arguments, parse
 from depthprune.exits.lm_heads import KINDS, DecoderExitHeads
 from depthprune.exits.train.lm_exits import fit_confidence, fit_lens, train_decoder_exits
 
@@ -16,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="depthprune train-exits", description="Train exit heads of a decoder-only causal LM."
     )
-    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
+    add_model_arguments(p, "smollm2")
     p.add_argument(
         "--data",
         default=None,
@@ -50,24 +52,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the exit heads and train_log.json")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    add_tokenizer_option(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(parser(), argv)
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
     from depthprune.data import calibration_text, token_blocks
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
     from depthprune.training import no_accelerator
 
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
     model = load_model(args.model, task="causal-lm")
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = tokenizer_for(args, args.model)
     text = calibration_text(args.data)
     all_blocks = token_blocks(tokenizer, text, args.seq_len)
     blocks = all_blocks[: args.max_blocks] if args.max_blocks is not None else all_blocks

@@ -6,18 +6,22 @@ Also runs on several processes: `accelerate launch --multi_gpu --num_processes N
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from depthprune.generation.skipdecode import SkipSchedule
-from depthprune.generation.skipdecode import skipdecode_parts as _parts
+from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
+from depthprune.generation.skipdecode import SkipSchedule, skipdecode_parts
 from depthprune.generation.skipdecode_train import train_skipdecode
+
+DESCRIPTION = "Adapt a decoder-only causal LM to a SkipDecode schedule with LoRA; writes the merged model."
 
 
 def parser(prog: str = "depthprune train-skipdecode") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Adapt a decoder-only causal LM to a SkipDecode schedule with LoRA; writes the merged model.",
-    )
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `depthprune train-skipdecode` (a subcommand of `depthprune`, or this module's own parser)."""
     p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
     p.add_argument(
         "--data",
@@ -55,11 +59,14 @@ def parser(prog: str = "depthprune train-skipdecode") -> argparse.ArgumentParser
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--output-dir", required=True, help="folder for the merged model, skip_schedule.json, train_log.json"
+        "-o",
+        "--output-dir",
+        required=True,
+        help="folder for the merged model, skip_schedule.json, train_log.json",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (atomically, at the end)")
+    add_tokenizer_option(p)
     p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def describe(schedule: SkipSchedule, budget: int) -> str:
@@ -73,18 +80,22 @@ def describe(schedule: SkipSchedule, budget: int) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = parser() if prog is None else parser(prog)
-    args = p.parse_args(argv)
+    return run(p.parse_args(argv), p)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Train as `args` say; `parser` reports bad values (exit status 2)."""
+    p = parser
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
     from depthprune.data import calibration_text, token_blocks
     from depthprune.errors import OutputExistsError
-    from depthprune.exits.train.lm_exits import _check_output_dir
-    from depthprune.io import load_model, load_tokenizer
+    from depthprune.io import load_model
     from depthprune.training import no_accelerator
 
     try:  # before anything loads: a full folder is refused at once, not after training
-        _check_output_dir(Path(args.output_dir).expanduser().resolve(), args.overwrite)
+        check_output_folder(args.output_dir, args.overwrite, source=args.model)
     except OutputExistsError as err:
         p.error(f"argument --output-dir: {err}")
     if args.budget < 1:
@@ -95,8 +106,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"need 1 <= --min-prompt < --seq-len, got {args.min_prompt} and {args.seq_len}")
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
     model = load_model(args.model, task="causal-lm")
-    tokenizer = load_tokenizer(args.model)
-    num_layers = len(_parts(model)[1])
+    tokenizer = tokenizer_for(args, args.model)
+    num_layers = len(skipdecode_parts(model)[1])
     try:
         schedule = SkipSchedule.for_speedup(
             num_layers, args.speedup, budget=args.budget, max_layers=args.max_layers, min_layers=args.min_layers

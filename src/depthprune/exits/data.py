@@ -384,10 +384,29 @@ def tokenize_batches(
     ]
 
 
+FORMATS = {
+    "auto": "raw e-mails for 'spam-assassin' or a file named spam-assassin.jsonl, else a table",
+    "table": "a .jsonl / .csv / .tsv table (or a Hugging Face dataset) with a text and a label column",
+    "email": "JSONL of raw e-mails (fields raw, label), turned into text by email_text (SpamAssassin's layout)",
+}
+
+
 def load_data(
-    source: str | os.PathLike, text_column: str = "text", label_column: str = "label", *, progress: bool = True
+    source: str | os.PathLike,
+    text_column: str = "text",
+    label_column: str = "label",
+    *,
+    format: str = "auto",
+    progress: bool = True,
 ) -> LabelledTexts:
-    """`spam_assassin` for 'spam-assassin' or a file named spam-assassin.jsonl (raw e-mails), else `load_labelled`."""
+    """Labelled texts in one of FORMATS: 'email' (`spam_assassin`), 'table' (`load_labelled`) or 'auto' (e-mails for
+    'spam-assassin' or a file named spam-assassin.jsonl, else a table)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "email":
+        return spam_assassin(None if str(source) == "spam-assassin" else source, progress=progress)
+    if format == "table":
+        return load_labelled(source, text_column, label_column)
     if str(source) == "spam-assassin":
         return spam_assassin(progress=progress)
     if Path(source).name == SPAM_ASSASSIN:

@@ -1,76 +1,50 @@
-"""How each encoder family turns its last hidden states into class logits (its own pooling and classifier).
+"""The classification head of a model, for early exit: which of its modules form the pooler + classifier and how
+they are glued. Each encoder adapter declares its own (`Adapter.classification_head`, in depthprune/adapters/), so an
+architecture is described in one place; this module only looks it up and checks the model has those modules.
 
-An exit head is a copy of the family's own head modules, run by the same function as the final head, so an exit
-after layer k pools exactly as the model does after its last layer. Only the few lines that glue a family's head
-modules together live here; the modules themselves are the model's own classes.
+An exit head is a copy of these modules, run by the same function as the final head, so an exit after layer k pools
+exactly as the model does after its last layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import types
 
-import torch
 from torch import nn
 
-from depthprune.adapters.base import get_path
+from depthprune.adapters.base import ClassificationHead, get_path
+from depthprune.adapters.registry import get_adapter, supported_model_types
+from depthprune.errors import UnsupportedArchitectureError
+
+HeadFamily = ClassificationHead  # the name this module used before the heads moved into the adapters
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadFamily:
-    """modules: name -> dotted path (from the top *ForSequenceClassification model) of each head module.
-    forward: (modules, hidden [batch, seq, hidden]) -> logits [batch, labels]."""
-
-    modules: dict[str, str]
-    forward: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor]
+def classifier_model_types() -> list[str]:
+    """The model types whose adapter declares a classification head."""
+    return [t for t in supported_model_types() if _declared(t) is not None]
 
 
-def _bert(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
-    return m["classifier"](m["dropout"](m["pooler"](hidden)))
+def _declared(model_type: str | None) -> ClassificationHead | None:
+    try:
+        return get_adapter(types.SimpleNamespace(model_type=model_type)).classification_head
+    except UnsupportedArchitectureError:
+        return None
 
 
-def _roberta(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
-    return m["classifier"](hidden)
-
-
-def _distilbert(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
-    pooled = torch.relu(m["pre_classifier"](hidden[:, 0]))  # [batch, hidden]
-    return m["classifier"](m["dropout"](pooled))
-
-
-def _albert(m: nn.ModuleDict, hidden: torch.Tensor) -> torch.Tensor:
-    pooled = m["pooler_activation"](m["pooler"](hidden[:, 0]))  # [batch, hidden]
-    return m["classifier"](m["dropout"](pooled))
-
-
-FAMILIES: dict[str, HeadFamily] = {
-    "bert": HeadFamily({"pooler": "bert.pooler", "dropout": "dropout", "classifier": "classifier"}, _bert),
-    "roberta": HeadFamily({"classifier": "classifier"}, _roberta),
-    "xlm-roberta": HeadFamily({"classifier": "classifier"}, _roberta),
-    "camembert": HeadFamily({"classifier": "classifier"}, _roberta),
-    "distilbert": HeadFamily(
-        {"pre_classifier": "pre_classifier", "dropout": "dropout", "classifier": "classifier"}, _distilbert
-    ),
-    "albert": HeadFamily(
-        {
-            "pooler": "albert.pooler",
-            "pooler_activation": "albert.pooler_activation",
-            "dropout": "dropout",
-            "classifier": "classifier",
-        },
-        _albert,
-    ),
-}
-
-
-def head_family(model: nn.Module) -> HeadFamily:
-    model_type = getattr(model.config, "model_type", None)
-    family = FAMILIES.get(model_type)
+def family_for(model_type: str | None) -> ClassificationHead:
+    """The classification head declared for `model_type`; a clear error naming the supported ones otherwise."""
+    family = _declared(model_type)
     if family is None:
         raise ValueError(
-            f"early exit for classifiers supports model types {sorted(FAMILIES)}; got {model_type!r}. "
-            "Load the model as a sequence classifier (AutoModelForSequenceClassification) of one of these families"
+            f"early exit for classifiers supports model types {classifier_model_types()}; got {model_type!r}. "
+            "Load the model as a sequence classifier (AutoModelForSequenceClassification) of one of these families, "
+            "or give its adapter a classification_head (depthprune.adapters.base.ClassificationHead)"
         )
+    return family
+
+
+def head_family(model: nn.Module) -> ClassificationHead:
+    family = family_for(getattr(model.config, "model_type", None))
     missing = [p for p in family.modules.values() if get_path(model, p, default=None) is None]
     if missing:
         raise ValueError(

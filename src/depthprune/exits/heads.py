@@ -18,21 +18,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from depthprune.adapters.registry import get_adapter
-from depthprune.exits.families import FAMILIES, final_head, head_family
+from depthprune.exits.families import family_for, final_head, head_family
+from depthprune.exits.heads_io import load_heads, save_heads
 
 CONFIG_NAME = "exit_heads.json"
 WEIGHTS_NAME = "exit_heads.safetensors"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
 EXTRAS = ("halting", "gate", "agreement")
 POOLINGS = ("mean", "first")
 
@@ -52,8 +51,7 @@ class ExitHeadsConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.model_type not in FAMILIES:
-            raise ValueError(f"exit heads support model types {sorted(FAMILIES)}, got {self.model_type!r}")
+        family_for(self.model_type)  # a clear error for model types without a declared classification head
         layers = tuple(int(i) for i in self.layers)
         if not layers:
             raise ValueError("give at least one layer to put an exit after")
@@ -120,7 +118,7 @@ class ExitHeads(nn.Module):
         if len(heads) != len(config.layers):
             raise ValueError(f"{len(heads)} heads for {len(config.layers)} exit layers")
         self.config = config
-        self.family = FAMILIES[config.model_type]
+        self.family = family_for(config.model_type)
         self.heads = nn.ModuleList(heads)
         for extra in config.extras:
             setattr(self, extra, nn.ModuleList(_extra_net(config.hidden_size) for _ in config.layers))
@@ -181,39 +179,22 @@ class ExitHeads(nn.Module):
     # ---- persistence ------------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write `exit_heads.json` + `exit_heads.safetensors` into `folder` (e.g. beside the backbone), atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        targets = [folder / CONFIG_NAME, folder / WEIGHTS_NAME]
-        if not overwrite and any(t.exists() for t in targets):
-            from depthprune.errors import OutputExistsError
-
-            raise OutputExistsError(f"{folder} already has exit heads; pass overwrite=True to replace them")
-        tag = uuid.uuid4().hex[:8]
-        tmp_w, tmp_c = folder / f".{WEIGHTS_NAME}.{tag}", folder / f".{CONFIG_NAME}.{tag}"
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp_w))
-            tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2))
-            os.replace(tmp_w, targets[1])
-            os.replace(tmp_c, targets[0])
-        finally:
-            for t in (tmp_w, tmp_c):
-                if t.exists():
-                    t.unlink()
-        return folder
+        return save_heads(self, folder, FILES, overwrite=overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model: nn.Module) -> ExitHeads:
         """Load exit heads saved by `save`, building their modules from `model` (the backbone they were trained on)."""
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; train exit heads first (depthprune train-exits)")
-        config = ExitHeadsConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        data, state = load_heads(
+            folder,
+            FILES,
+            hint="train exit heads first (train-exits)",
+        )
+        config = ExitHeadsConfig.from_dict(data)
         if config.model_type != model.config.model_type or config.num_labels != model.config.num_labels:
             raise ValueError(
                 f"exit heads in {folder} were made for a {config.model_type} with {config.num_labels} labels, "
                 f"not this {model.config.model_type} with {model.config.num_labels}"
             )
         heads = cls.for_model(model, list(config.layers), config.extras, config.pooling)
-        heads.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        heads.load_state_dict(state)
         return heads

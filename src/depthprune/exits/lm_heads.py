@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from depthprune.adapters.registry import get_adapter
+from depthprune.exits.heads_io import load_heads, save_heads
+from depthprune.registry import HEAD_KINDS
 
 CONFIG_NAME = "decoder_exit_heads.json"
 WEIGHTS_NAME = "decoder_exit_heads.safetensors"
-KINDS = ("logit_lens", "lens", "mlp")
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
+KINDS = tuple(HEAD_KINDS)  # names and descriptions: depthprune.registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,40 +277,20 @@ class DecoderExitHeads(nn.Module):
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write decoder_exit_heads.safetensors + decoder_exit_heads.json into `folder`, each file atomically (the
         model's final norm and LM head are not written: they stay the model's)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        targets = [folder / WEIGHTS_NAME, folder / CONFIG_NAME]
-        if not overwrite and any(t.exists() for t in targets):
-            from depthprune.errors import OutputExistsError
-
-            raise OutputExistsError(f"{folder} already has decoder exit heads; pass overwrite=True to replace them")
-        tag = uuid.uuid4().hex[:8]
-        tmp_w, tmp_c = (folder / f".{t.name}.{tag}" for t in targets)
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp_w), metadata={"format": "pt"})
-            tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2))
-            os.replace(tmp_w, targets[0])
-            os.replace(tmp_c, targets[1])
-        finally:
-            for t in (tmp_w, tmp_c):
-                if t.exists():
-                    t.unlink()
-        return folder
+        return save_heads(self, folder, FILES, overwrite=overwrite, what="decoder exit heads")
 
     @classmethod
     def load(cls, folder: str | os.PathLike, model: nn.Module, dtype: torch.dtype | None = None) -> DecoderExitHeads:
         """Exit heads saved by `save`, attached to `model` (which must be the kind of model they were built for).
 
         dtype: of the heads' parameters (default: as saved)."""
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(
-                f"{folder} has no {CONFIG_NAME} + {WEIGHTS_NAME}; train decoder exit heads first "
-                "(depthprune.exits.train.lm_exits.train_decoder_exits, or depthprune train-exits --model ...)"
-            )
-        config = DecoderExitConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
-        saved = load_file(str(folder / WEIGHTS_NAME))
+        data, saved = load_heads(
+            folder,
+            FILES,
+            hint="train decoder exit heads first (depthprune.exits.train.lm_exits.train_decoder_exits, or "
+            "depthprune train-exits --model ...)",
+        )
+        config = DecoderExitConfig.from_dict(data)
         if dtype is None and saved:
             dtype = next(iter(saved.values())).dtype
         heads = cls(config, model, dtype)

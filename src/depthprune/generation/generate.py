@@ -27,9 +27,10 @@ from depthprune.decoding import decoder_parts, positions_from_mask, prompt_mask,
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
 from depthprune.kv import DeferredKV, RowView, check_cache, decoder_cache, grow_cache, propagate
+from depthprune.registry import KV_STRATEGIES
 from depthprune.runner import capture_stack
 
-KV_MODES = ("propagate", "recompute")
+KV_MODES = tuple(KV_STRATEGIES)  # the names registered in depthprune.registry
 
 
 @dataclasses.dataclass

@@ -7,7 +7,8 @@ The three families of the literature:
   gate (JEI-DNN);
 and `static` (always exit after N layers) for comparison.
 
-Criteria are written `name:threshold` on the command line (`max_prob:0.9`, `patience:2`), built by `parse_criterion`.
+Criteria are registered in depthprune.registry (third parties: `register_criterion`) and written
+`name:threshold` on the command line (`max_prob:0.9`, `patience:2`), built by `parse_criterion`.
 Each has `grid()`: candidate thresholds ordered from the most conservative (exits least) to the most aggressive,
 which calibration walks in that order.
 """
@@ -19,19 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from depthprune.registry import load_builtin, parse_threshold
-
-_BUILTIN = {
-    "max_prob": "depthprune.exits.criteria.max_prob",
-    "margin": "depthprune.exits.criteria.margin",
-    "entropy": "depthprune.exits.criteria.entropy",
-    "patience": "depthprune.exits.criteria.patience",
-    "voting": "depthprune.exits.criteria.voting",
-    "learned": "depthprune.exits.criteria.learned",
-    "q_exit": "depthprune.exits.criteria.q_exit",
-    "gate": "depthprune.exits.criteria.gate",
-    "static": "depthprune.exits.criteria.static",
-}
+from depthprune.registry import CRITERIA, parse_threshold
 
 
 @dataclasses.dataclass
@@ -77,11 +66,18 @@ class Criterion(Protocol):
 
 
 def list_criteria() -> list[str]:
-    return list(_BUILTIN)
+    return CRITERIA.names()
 
 
 def criterion_class(name: str) -> Any:
-    return load_builtin(_BUILTIN, name, "exit criterion", "CRITERION")
+    return CRITERIA.get(name)
+
+
+def register_criterion(name: str, cls: Any, *, description: str | None = None) -> Any:
+    """Register a third-party classifier exit criterion (see depthprune.registry.register_criterion)."""
+    from depthprune.registry import register_criterion as register
+
+    return register(name, cls, kind="classifier", description=description)
 
 
 def make_criterion(name: str, threshold: float) -> Criterion:

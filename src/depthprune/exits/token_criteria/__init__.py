@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from depthprune.exits.criteria import check_range, probs
-from depthprune.registry import load_builtin, parse_threshold
+from depthprune.registry import TOKEN_CRITERIA, parse_threshold
 
 __all__ = [
     "TokenCriterion",
@@ -34,15 +34,8 @@ __all__ = [
     "make_criterion",
     "parse_criterion",
     "probs",
+    "register_criterion",
 ]
-
-_BUILTIN = {
-    "max_prob": "depthprune.exits.token_criteria.max_prob",
-    "margin": "depthprune.exits.token_criteria.margin",
-    "saturation": "depthprune.exits.token_criteria.saturation",
-    "learned": "depthprune.exits.token_criteria.learned",
-    "fixed": "depthprune.exits.token_criteria.fixed",
-}
 
 
 class TokenState:
@@ -116,11 +109,18 @@ class TokenCriterion(Protocol):
 
 
 def list_criteria() -> list[str]:
-    return list(_BUILTIN)
+    return TOKEN_CRITERIA.names()
 
 
 def criterion_class(name: str) -> Any:
-    return load_builtin(_BUILTIN, name, "token exit criterion", "CRITERION")
+    return TOKEN_CRITERIA.get(name)
+
+
+def register_criterion(name: str, cls: Any, *, description: str | None = None) -> Any:
+    """Register a third-party token exit criterion (see depthprune.registry.register_criterion)."""
+    from depthprune.registry import register_criterion as register
+
+    return register(name, cls, kind="token", description=description)
 
 
 def make_criterion(name: str, threshold: float) -> TokenCriterion:

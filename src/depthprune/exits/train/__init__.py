@@ -23,12 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthprune.exits.inference import AllExits
-from depthprune.registry import load_builtin
-
-_BUILTIN = {
-    name: f"depthprune.exits.train.{name}"
-    for name in ("two_stage", "joint", "self_distill", "palbert", "jei_dnn", "agreement")
-}
+from depthprune.registry import RECIPES
 
 TRAINABLE = ("model", "heads", "all", "agreement")
 """What a stage trains: 'model' (backbone + final head), 'heads' (every exit head with its extras), 'all' (both),
@@ -49,11 +44,13 @@ class Stage:
 
 
 def list_recipes() -> list[str]:
-    return list(_BUILTIN)
+    return RECIPES.names()
 
 
 def recipe_module(name: str) -> ModuleType:
-    return load_builtin(_BUILTIN, name, "training recipe")
+    """The recipe registered as `name` (a module, or a third party's object with STAGES; see
+    depthprune.registry.register_recipe)."""
+    return RECIPES.get(name)
 
 
 def recipe_stages(name: str) -> list[Stage]:

@@ -13,12 +13,13 @@ Scorers never modify the model they are given.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from depthprune.registry import SCORERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +58,17 @@ class Scorer(Protocol):
     ) -> LayerScores: ...
 
 
-# name -> module that defines SCORER
-_BUILTIN = {
-    "block_influence": "depthprune.static.scorers.block_influence",
-    "angular": "depthprune.static.scorers.angular",
-    "sleb": "depthprune.static.scorers.greedy_ppl",
-    "lookahead_kl": "depthprune.static.scorers.lookahead_kl",
-}
-_CUSTOM: dict[str, Callable[..., LayerScores]] = {}
+def register_scorer(name: str, scorer: Callable[..., LayerScores], *, description: str | None = None) -> None:
+    """Register a third-party scorer under `name` (same call signature as the built-in ones); see
+    depthprune.registry.register_scorer."""
+    from depthprune.registry import register_scorer as register
 
-
-def register_scorer(name: str, scorer: Callable[..., LayerScores]) -> None:
-    """Register a third-party scorer under `name` (same call signature as the built-in ones)."""
-    if name in _BUILTIN or name in _CUSTOM:
-        raise ValueError(f"a scorer named {name!r} already exists; pick another name")
-    _CUSTOM[name] = scorer
+    register(name, scorer, description=description)
 
 
 def list_scorers() -> list[str]:
-    return list(_BUILTIN) + list(_CUSTOM)
+    return SCORERS.names()
 
 
 def get_scorer(name: str) -> Scorer:
-    if name in _CUSTOM:
-        return _CUSTOM[name]
-    if name not in _BUILTIN:
-        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
-    return importlib.import_module(_BUILTIN[name]).SCORER
+    return SCORERS.get(name)

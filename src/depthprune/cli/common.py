@@ -1,0 +1,82 @@
+"""Pieces several commands share: the output-folder check that runs before anything loads, the tokenizer option, and
+calibrate -> check -> write calibration.json (classifier and decoder exit heads alike)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+CALIBRATION_FILE = "calibration.json"
+"""Written beside the exit heads it calibrates (classifier or decoder ones)."""
+
+
+def check_output_folder(
+    out: str | os.PathLike, overwrite: bool, *, resume: bool = False, source: str | None = None
+) -> Path:
+    """Refuse, before any model loads, an output folder that exists and is not empty (unless `overwrite` or
+    `resume`), a path that is a file, or the folder the model comes from."""
+    from depthprune.errors import OutputExistsError
+
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file; pass a folder")
+    if source is not None and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == path:
+        if not overwrite:
+            raise OutputExistsError(f"{out} is the folder the model comes from; write to a new folder")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
+    return path
+
+
+def add_tokenizer_option(p: argparse.ArgumentParser | Any) -> None:
+    p.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help="tokenizer folder, hub id or alias, for a model folder saved without one (default: the model's)",
+    )
+
+
+def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:
+    """The --tokenizer given, else the model's own (a clear error naming the folder when it has none)."""
+    from depthprune.io import load_tokenizer
+
+    return load_tokenizer(getattr(args, "tokenizer", None) or model_name)
+
+
+def calibrate_check_write(
+    names: Sequence[str],
+    calibrate_one: Callable[[str], Any],
+    check_one: Callable[[str, float], dict[str, Any]],
+    folder: str | os.PathLike,
+    *,
+    title: str,
+    as_json: bool = False,
+    show: Callable[[Any], None] | None = None,
+) -> list[dict[str, Any]]:
+    """For each criterion name: calibrate it (`calibrate_one(name)` -> a result with threshold, to_dict() and
+    guarantee()), check a certified threshold on held-out data (`check_one(name, threshold)` -> figures), then write
+    every result to folder/calibration.json atomically and print a table (or JSON)."""
+    from depthprune.bench.report import format_table
+    from depthprune.fsutil import write_atomic
+
+    results, rows = [], []
+    for name in names:
+        result = calibrate_one(name)
+        held = check_one(name, result.threshold) if result.threshold is not None else {}
+        results.append({**result.to_dict(), "heldout": held})
+        rows.append({"criterion": name, "threshold": result.threshold, **held})
+        if not as_json:
+            if show is not None:
+                show(result)
+            print(result.guarantee())
+    path = write_atomic(Path(folder) / CALIBRATION_FILE, json.dumps(results, indent=2, default=float))
+    if as_json:
+        print(json.dumps(results, indent=2, default=float))
+    else:
+        print(format_table(rows, title=title))
+        print(f"wrote {path}")
+    return results
