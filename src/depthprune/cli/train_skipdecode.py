@@ -6,7 +6,6 @@ Also runs on several processes: `accelerate launch --multi_gpu --num_processes N
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from depthprune.generation.skipdecode import SkipSchedule, _parts
 from depthprune.generation.skipdecode_train import train_skipdecode
@@ -78,12 +77,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     from depthprune.data import calibration_text, token_blocks
     from depthprune.errors import OutputExistsError
-    from depthprune.exits.train.lm_exits import _check_output_dir
     from depthprune.io import load_model, load_tokenizer
-    from depthprune.training import no_accelerator
+    from depthprune.training import check_output_dir, no_accelerator
 
     try:  # before anything loads: a full folder is refused at once, not after training
-        _check_output_dir(Path(args.output_dir).expanduser().resolve(), args.overwrite)
+        check_output_dir(args.output_dir, overwrite=args.overwrite)
     except OutputExistsError as err:
         p.error(f"argument --output-dir: {err}")
     if args.budget < 1:

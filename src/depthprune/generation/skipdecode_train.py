@@ -140,9 +140,8 @@ def train_skipdecode(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from depthprune.exits.train.lm_exits import _check_output_dir
     from depthprune.fsutil import atomic_folder
-    from depthprune.training import no_accelerator
+    from depthprune.training import check_output_dir, no_accelerator
 
     if not isinstance(schedule, SkipSchedule):
         raise TypeError(f"schedule must be a SkipSchedule, got {type(schedule).__name__}")
@@ -162,7 +161,7 @@ def train_skipdecode(
 
     accelerator = Accelerator(cpu=no_accelerator())
     if out is not None:
-        _check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite=overwrite)
     set_seed(seed)
     device = accelerator.device
     lora_model.to(device)
