@@ -98,12 +98,12 @@ class TrainRun:
     stages: list[str]
     num_processes: int
     global_step: int
+    train_seconds: float
+    output_dir: str | None
     samples_per_rank: list[int]
     checksums: list[float]
-    history: list[dict[str, Any]]
     epoch_losses: list[dict[str, Any]]
-    train_seconds: float
-    output_dir: str | None = None
+    history: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,6 +349,13 @@ def train_stages(
                 sums: torch.Tensor | None = None  # [steps, loss, *metrics flattened]
                 shapes: dict[str, torch.Size] = {}
                 steps = 0
+                if skip and start.get("partial"):  # the part of this epoch done before the checkpoint
+                    partial = start["partial"]
+                    steps = int(partial["steps"])
+                    shapes = {k: torch.Size(v) for k, v in partial["shapes"].items()}
+                    sums = torch.tensor(partial["sums"], dtype=torch.float64, device=device)
+                    if not accelerator.is_main_process:  # the saved sums are over all processes already
+                        sums = torch.zeros_like(sums)
                 for b, batch in enumerate(bar, start=skip):
                     torch.manual_seed(_step_seed(seed, accelerator.process_index, global_step))
                     output = wrapped(batch)
@@ -368,10 +375,15 @@ def train_stages(
                     history.append({"stage": stage.name, "epoch": epoch, "step": global_step, "loss": value})
                     bar.set_postfix(loss=f"{value:.4f}")
                     if checkpoint_every and global_step % checkpoint_every == 0:
+                        partial = {
+                            "steps": steps,
+                            "shapes": {k: list(v) for k, v in shapes.items()},
+                            "sums": accelerator.reduce(sums.clone(), reduction="sum").tolist(),
+                        }
                         state = {
                             "fingerprint": fingerprint, "stage": s, "epoch": epoch, "batch": b + 1,
                             "global_step": global_step, "samples": samples, "history": history,
-                            "epoch_losses": epoch_losses,
+                            "epoch_losses": epoch_losses, "partial": partial,
                         }  # fmt: skip
                         if accelerator.is_main_process:
                             _save_checkpoint(out, trained, optimizer, scheduler, state)

@@ -428,20 +428,13 @@ def train_decoder_exits(
             blocks,
             epochs=epochs,
             lr=lr,
-            batch_size=batch_size,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            seed=seed,
-            output_dir=output_dir,
-            save=save,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            overwrite=overwrite,
+            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
+            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
             fingerprint={"kind": heads.config.kind, "layers": list(heads.layers), "confidence": confidence},
             frozen=[model],
             progress=progress,
             desc=f"decoder exits ({heads.config.kind})",
-        )
+        )  # fmt: skip
     finally:
         heads.eval()
     return make_result(run)

@@ -271,20 +271,13 @@ def train_exits(
             core,
             dataset,
             collate=collate,
-            batch_size=batch_size,
-            warmup=warmup,
-            weight_decay=weight_decay,
-            seed=seed,
-            output_dir=output_dir,
-            save=save,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            overwrite=overwrite,
+            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
+            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
             fingerprint={"recipe": recipe},
             find_unused_parameters=True,
             progress=progress,
             desc=recipe,
-        )
+        )  # fmt: skip
     finally:
         model.eval()
         heads.eval()
