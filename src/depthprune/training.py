@@ -253,7 +253,7 @@ def train_stages(
     or resume (go on from its newest checkpoint; `fingerprint`, e.g. the recipe name, must match the one saved); the
     folder a model in the loss was loaded from is never written. At the end the main process fills a temporary folder
     with `save` (one saver or a list, each called as saver(folder, run); default: the run as train_log.json), moves
-    the checkpoints in and swaps it in (depthprune.fsutil.atomic_folder).
+    the checkpoints in and swaps it in (depthprune.fsutil.atomic_folder); the folder exists, empty, when savers run.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -434,6 +434,7 @@ def train_stages(
         if accelerator.is_main_process:
             savers = [save] if callable(save) else list(save or [_save_log])
             with atomic_folder(out) as tmp:
+                tmp.mkdir()
                 for saver in savers:
                     saver(tmp, run)
                 if (out / CHECKPOINTS).is_dir():
