@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from depthprune.adapters import get_adapter
 from depthprune.errors import OutputExistsError
 from depthprune.exits.lm_heads import CONFIG_NAME, WEIGHTS_NAME, DecoderExitHeads, ExitHeadsLike
 from depthprune.exits.train.lm_exits import exit_agreement, exit_kl, fit_confidence, fit_lens, train_decoder_exits
+from depthprune.training import latest_checkpoint
 
 
 def _layer_outputs(model: torch.nn.Module, **inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -148,6 +150,34 @@ def test_training_lowers_the_kl_and_leaves_the_model_alone(tmp_path):
     assert json.loads((out / "train_log.json").read_text())["checksums"] == result.checksums
     with pytest.raises(OutputExistsError, match="overwrite"):
         train_decoder_exits(model, heads, blocks, epochs=1, progress=False, output_dir=out)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
+    """Checkpoints hold the heads, optimizer, scheduler and place in the data: a run resumed mid-epoch ends with the
+    parameters of one that never stopped."""
+    model = build("llama")
+    kw = dict(epochs=2, lr=1e-2, batch_size=4, confidence=True, progress=False)
+
+    def fresh():
+        torch.manual_seed(1)
+        return DecoderExitHeads.for_model(model, [0, 1], kind="mlp", mlp_dim=16, confidence=True)
+
+    full_heads = fresh()
+    full = train_decoder_exits(model, full_heads, _blocks(12), output_dir=tmp_path / "a", checkpoint_every=2, **kw)
+    steps = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert steps == ["step-0000002", "step-0000004", "step-0000006"]  # 3 batches an epoch, 2 epochs
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "b" / "checkpoints" / "step-0000004")
+    assert latest_checkpoint(tmp_path / "b").name == "step-0000004"  # mid second epoch
+    heads = fresh()
+    resumed = train_decoder_exits(model, heads, _blocks(12), output_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.history == pytest.approx(full.history, rel=1e-5)
+    assert resumed.epoch_losses[-1]["kl"] == pytest.approx(full.epoch_losses[-1]["kl"], rel=1e-5)
+    a, b = _state(full_heads), _state(heads)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in _state(fresh()).items())  # and it trained
+    with pytest.raises(OutputExistsError, match="not empty"):
+        train_decoder_exits(model, heads, _blocks(12), output_dir=tmp_path / "a", **kw)
 
 
 def test_mlp_heads_and_confidence_train():

@@ -4,6 +4,7 @@ same finite output); teacher forcing equals decoding; LoRA adaptation lowers the
 model, leaving the input model untouched."""
 
 import math
+import shutil
 import warnings
 
 import pytest
@@ -11,14 +12,20 @@ import torch
 import transformers
 from tiny_models import PAD, VOCAB, build, build_gemma3_sliding, input_ids
 
-from depthprune.generation.lora import LoRALinear, add_lora, lora_parameters, merge_lora
 from depthprune.generation.skipdecode import (
     SkipSchedule,
     skipdecode_generate,
     skipdecode_logits,
     skipdecode_perplexity,
 )
-from depthprune.generation.skipdecode_train import load_schedule, skipdecode_loss, train_skipdecode
+from depthprune.generation.skipdecode_train import (
+    load_schedule,
+    lora_copy,
+    merged_copy,
+    skipdecode_loss,
+    train_skipdecode,
+)
+from depthprune.training import latest_checkpoint
 
 ARCHS = ["llama6", "gpt2"]
 NEW = 8
@@ -295,39 +302,45 @@ def test_clear_errors():
 # ---- LoRA adaptation ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_starts_equal_and_merges_equal(arch):
+    from peft.tuners.lora import LoraLayer
+
     model = model_of(arch)
     before = state(model)
     ids, mask = padded_batch()
-    lora = add_lora(model, rank=2)
-    wrapped = [m for m in lora.modules() if isinstance(m, LoRALinear)]
+    peft_model = lora_copy(model, rank=2)
+    lora = peft_model.get_base_model()
+    wrapped = [m for m in lora.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == depth(model) * (7 if arch == "llama6" else 4)  # q k v o gate up down / c_attn c_proj x2
-    assert all(p.requires_grad == any(p is q for q in lora_parameters(lora)) for p in lora.parameters())
+    assert all(p.requires_grad == (".lora_" in name) for name, p in lora.named_parameters())
     counts = decay(model).for_sequence(3, 6)
     with torch.no_grad():
         ref = skipdecode_logits(model, ids, counts, mask)
         torch.testing.assert_close(skipdecode_logits(lora, ids, counts, mask), ref)  # B = 0
         g = torch.Generator().manual_seed(0)
         for m in wrapped:
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+            b = m.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
         adapted = skipdecode_logits(lora, ids, counts, mask)
-        merged = merge_lora(lora)
-        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        merged = merged_copy(peft_model)
+        assert not any(isinstance(m, LoraLayer) for m in merged.modules())
         assert type(merged) is type(model)
         torch.testing.assert_close(skipdecode_logits(merged, ids, counts, mask), adapted, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(adapted, ref)
-    assert any(isinstance(m, LoRALinear) for m in lora.modules())  # merging copied
+    assert any(isinstance(m, LoraLayer) for m in lora.modules())  # merging copied
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def test_lora_target_errors():
+    from peft.tuners.lora import LoraLayer
+
     with pytest.raises(ValueError, match="matches targets"):
-        add_lora(model_of("llama6"), rank=2, targets=("nope",))
-    with pytest.raises(ValueError, match="no LoRA modules"):
-        merge_lora(model_of("llama6"))
-    only = add_lora(model_of("llama6"), rank=2, targets=("q_proj", "v_proj"))
-    assert len([m for m in only.modules() if isinstance(m, LoRALinear)]) == 12
+        lora_copy(model_of("llama6"), rank=2, targets=("nope",))
+    with pytest.raises(TypeError, match="peft model"):
+        merged_copy(model_of("llama6"))
+    only = lora_copy(model_of("llama6"), rank=2, targets=("q_proj", "v_proj"))
+    assert len([m for m in only.modules() if isinstance(m, LoraLayer)]) == 12
 
 
 def test_training_lowers_the_loss_and_saves_a_plain_model(tmp_path):
@@ -397,3 +410,24 @@ def test_no_future_warning_from_depthprunes_own_calls():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=FutureWarning)
         skipdecode_generate(model, ids, mask, schedule=[4, 3, 2], max_new_tokens=4)
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
+    """Checkpoints hold the LoRA weights, optimizer, scheduler and place in the data; the prompt lengths each step
+    draws are seeded per step, so a run resumed mid-epoch ends with the parameters of one that never stopped."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, VOCAB, (12, 8), generator=g)
+    schedule = SkipSchedule.linear(6, 5, 2, 8)
+    kw = dict(lora_rank=2, epochs=2, lr=1e-2, batch_size=4, min_prompt=2, progress=False)
+    torch.manual_seed(3)
+    full = train_skipdecode(model_of("llama6"), schedule, blocks, output_dir=tmp_path / "a", checkpoint_every=2, **kw)
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "b" / "checkpoints" / "step-0000004")
+    assert latest_checkpoint(tmp_path / "b").name == "step-0000004"  # mid second epoch (3 batches an epoch)
+    torch.manual_seed(3)
+    resumed = train_skipdecode(model_of("llama6"), schedule, blocks, output_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.history == pytest.approx(full.history, rel=1e-5)
+    a, b = state(full.model), state(resumed.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], state(model_of("llama6"))[
+        "model.layers.0.self_attn.q_proj.weight"])  # fmt: skip

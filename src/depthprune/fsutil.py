@@ -7,8 +7,10 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from depthprune.errors import OutputExistsError
 
 
 @contextlib.contextmanager
@@ -44,4 +46,39 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def check_output_folder(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    sources: Iterable[str | os.PathLike | None] = (),
+    keep: Iterable[str] = (),
+    what: str = "the output",
+    replace_source: bool = False,
+    overwrite_hint: str = "overwrite=True (--overwrite)",
+) -> Path:
+    """The one check before anything is written (and before anything slow runs): refuse a path that is a file, a
+    folder a model was loaded from (`sources`: never written, unless `replace_source` and `overwrite`, as an export
+    may replace its source atomically), or a folder that is not empty unless `overwrite` (entries named in `keep`,
+    e.g. a resumable run's checkpoints, do not count). Returns the resolved path."""
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file; pass a folder for {what}")
+    if not (overwrite and replace_source):
+        for source in sources:
+            if source and Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == path:
+                hint = f" (or pass {overwrite_hint} to replace the source)" if replace_source else ""
+                raise OutputExistsError(f"{path} is the folder this model was loaded from; write to a new folder{hint}")
+    if overwrite:
+        return path
+    keep = set(keep)
+    others = sorted(p.name for p in path.iterdir() if p.name not in keep) if path.is_dir() else []
+    if others:
+        resume = ", or resume=True (--resume) to go on from its checkpoints" if keep else ""
+        raise OutputExistsError(
+            f"{path} already exists and is not empty; choose a new folder or pass {overwrite_hint} to replace it at "
+            f"the end{resume} (found {others[:4]})"
+        )
     return path

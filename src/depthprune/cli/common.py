@@ -17,19 +17,14 @@ CALIBRATION_FILE = "calibration.json"
 def check_output_folder(
     out: str | os.PathLike, overwrite: bool, *, resume: bool = False, source: str | None = None
 ) -> Path:
-    """Refuse, before any model loads, an output folder that exists and is not empty (unless `overwrite` or
-    `resume`), a path that is a file, or the folder the model comes from."""
-    from depthprune.errors import OutputExistsError
+    """Refuse, before any model loads, an output folder that exists and is not empty (unless `overwrite` or, with
+    `resume`, it holds only checkpoints), a path that is a file, or the folder the model comes from."""
+    from depthprune.fsutil import check_output_folder as check
+    from depthprune.training import CHECKPOINTS
 
-    path = Path(out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; pass a folder")
-    if source is not None and Path(source).expanduser().exists() and Path(source).expanduser().resolve() == path:
-        if not overwrite:
-            raise OutputExistsError(f"{out} is the folder the model comes from; write to a new folder")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
-        raise OutputExistsError(f"{out} already exists and is not empty; choose a new folder or pass --overwrite")
-    return path
+    return check(
+        out, overwrite=overwrite, sources=(source,), keep=(CHECKPOINTS,) if resume else (), overwrite_hint="--overwrite"
+    )
 
 
 def add_tokenizer_option(p: argparse.ArgumentParser | Any) -> None:

@@ -4,9 +4,11 @@ The model learns to predict well when the generated positions skip their lower l
 at a random prompt length per row (uniform in min_prompt .. seq_len-1); the prompt runs all layers and the positions
 after it run the top `schedule.layers_at(k)` layers, k counting from the prompt's end, as in decoding. The loss is
 the ordinary next-token cross-entropy over every position, computed by `skipdecode_logits` (teacher forcing, the
-same computation as decoding). Only LoRA weights train (`depthprune.generation.lora`); at the end they are merged into
-a new model, an ordinary Hugging Face model that `skipdecode_generate` runs with the same schedule. The input model is
-never modified. `output_dir`: the main process writes the merged model (save_pretrained, the schedule recorded in its
+same computation as decoding). Only LoRA weights train (peft's `LoraConfig` / `get_peft_model` on a copy of the model);
+at the end they are merged (`merge_and_unload`, on another copy) into an ordinary Hugging Face model that
+`skipdecode_generate` runs with the same schedule. The input model is never modified. The loop is
+`depthprune.training.train` (checkpoints every `checkpoint_every` steps hold only the LoRA weights; `resume=True`).
+`output_dir`: the main process writes the merged model (save_pretrained, the schedule recorded in its
 config as `skipdecode_schedule`), skip_schedule.json and train_log.json there, atomically.
 
 Same call on one CPU, one GPU or many processes (`accelerate launch`): batch_size is per process. From the command
@@ -16,20 +18,18 @@ train-skipdecode ...`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from depthprune.generation.lora import add_lora, lora_parameters, merge_lora
-from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits
-from depthprune.generation.skipdecode import skipdecode_parts as _parts
+from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
+from depthprune.training import TrainRun, train
 
 LOG_NAME = "train_log.json"
 SCHEDULE_NAME = "skip_schedule.json"
@@ -39,8 +39,8 @@ CONFIG_KEY = "skipdecode_schedule"
 @dataclasses.dataclass
 class SkipDecodeTrainResult:
     """What a run did. epoch_losses: per epoch, the mean loss over all processes. history: this process's loss per
-    optimizer step. model: the merged model (a new plain HF model); lora_model: the trained LoRA-wrapped copy. Neither
-    is part of to_dict."""
+    optimizer step. model: the merged model (a new plain HF model); lora_model: the trained copy with peft's LoRA layers
+    in its projections (the HF model class; `peft_model` is the PeftModel around it). None of these is in to_dict."""
 
     schedule: dict[str, Any]
     lora_rank: int
@@ -60,9 +60,10 @@ class SkipDecodeTrainResult:
     output_dir: str | None = None
     model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
     lora_model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+    peft_model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        skip = {"model", "lora_model"}
+        skip = {"model", "lora_model", "peft_model"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
@@ -85,15 +86,78 @@ def skip_lm_loss(model: nn.Module, ids: torch.Tensor, depth: torch.Tensor | list
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-class _SkipLoss(nn.Module):
-    """The LoRA-wrapped model plus the loss, as one module whose forward DDP can wrap."""
+def lora_targets(model: nn.Module, targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Full names of the projections LoRA adapts: every nn.Linear / transformers Conv1D inside the decoder layers
+    (attention and MLP; not the LM head), or those whose last name part is in `targets` (e.g. ("q_proj", "v_proj"))."""
+    from transformers.pytorch_utils import Conv1D
 
-    def __init__(self, model: nn.Module):
+    _, layers, _ = skipdecode_parts(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    wanted = None if targets is None else set(targets)
+    chosen = [
+        names[id(m)]
+        for layer in layers
+        for name, m in layer.named_modules()
+        if name and isinstance(m, (nn.Linear, Conv1D)) and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no linear projection in {type(model).__name__}'s decoder layers matches targets={sorted(wanted or [])}"
+        )
+    return chosen
+
+
+def lora_copy(
+    model: nn.Module, rank: int = 8, alpha: float | None = None, targets: tuple[str, ...] | list[str] | None = None
+) -> nn.Module:
+    """A peft LoRA model (`get_peft_model`) on a deep copy of the decoder-only LM `model`: LoRA on `lora_targets`,
+    update scaled by alpha / rank (default alpha = rank), B = 0 at the start (the copy computes what `model` does);
+    only the LoRA weights require gradients. `model` is not touched. GPT-2's Conv1D gets fan_in_fan_out=True."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    names = lora_targets(model, targets)
+    conv = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(rank if alpha is None else alpha),
+        lora_dropout=0.0,
+        target_modules=names,
+        fan_in_fan_out=conv,
+        bias="none",
+    )
+    return get_peft_model(copy.deepcopy(model), config)
+
+
+def merged_copy(peft_model: nn.Module) -> nn.Module:
+    """A plain HF model (the original class) with the LoRA updates of `peft_model` folded into its weights
+    (`merge_and_unload` on a deep copy; `peft_model` is unchanged); every parameter trainable, as after
+    from_pretrained."""
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"merged_copy takes a peft model (from lora_copy), got {type(peft_model).__name__}")
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
+class _SkipLoss(nn.Module):
+    """The LoRA model plus the loss, as one module whose forward DDP can wrap. Each batch draws its rows' prompt
+    lengths from torch's global RNG, which the loop seeds per step (so a resumed run draws the same)."""
+
+    def __init__(self, model: nn.Module, schedule: SkipSchedule, min_prompt: int):
         super().__init__()
         self.model = model
+        self.schedule = schedule
+        self.min_prompt = min_prompt
 
-    def forward(self, ids: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-        return skip_lm_loss(self.model, ids, depth)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        counts = sample_layer_counts(self.schedule, ids.shape[0], ids.shape[1], self.min_prompt).to(ids.device)
+        return skip_lm_loss(self.model, ids, counts)
 
 
 @torch.no_grad()
@@ -128,6 +192,8 @@ def train_skipdecode(
     warmup: float = 0.0,
     weight_decay: float = 0.0,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> SkipDecodeTrainResult:
@@ -136,15 +202,6 @@ def train_skipdecode(
     with the merged model. AdamW, linear warm-up (`warmup` of the steps) then decay; the model runs in eval mode (no
     dropout). `model` is not modified.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from depthprune.exits.train.lm_exits import _check_output_dir
-    from depthprune.fsutil import atomic_folder
-    from depthprune.training import no_accelerator
-
     if not isinstance(schedule, SkipSchedule):
         raise TypeError(f"schedule must be a SkipSchedule, got {type(schedule).__name__}")
     if not isinstance(token_blocks, torch.Tensor) or token_blocks.dim() != 2 or token_blocks.is_floating_point():
@@ -155,96 +212,73 @@ def train_skipdecode(
         raise ValueError(f"epochs must be >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     seq_len = int(token_blocks.shape[1])
     sample_layer_counts(schedule, 1, seq_len, min_prompt)  # validates min_prompt against seq_len
-    _, layers, _ = _parts(model)  # a full-attention decoder-only LM, or a clear error
+    _, layers, _ = skipdecode_parts(model)  # a full-attention decoder-only LM, or a clear error
     if schedule.num_layers != len(layers):
         raise ValueError(f"the schedule was built for {schedule.num_layers} layers, the model has {len(layers)}")
-    lora_model = add_lora(model, lora_rank, lora_alpha, targets)  # a copy
-    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
+    peft_model = lora_copy(model, lora_rank, lora_alpha, targets)
+    lora_model = peft_model.get_base_model()  # the HF class, LoRA inside: what skipdecode_logits runs
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
 
-    accelerator = Accelerator(cpu=no_accelerator())
-    if out is not None:
-        _check_output_dir(out, overwrite)
-    set_seed(seed)
-    device = accelerator.device
-    lora_model.to(device)
-    lora_model.eval()
-    trainable = lora_parameters(lora_model)
-    history: list[float] = []
-    epoch_losses: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-
-    wrapped = _SkipLoss(lora_model)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    loaders = []
-    for epoch in range(epochs):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(
-            token_blocks.long(), batch_size=batch_size, shuffle=True, generator=generator
+    def make_result(run: TrainRun, merged: nn.Module | None) -> SkipDecodeTrainResult:
+        return SkipDecodeTrainResult(
+            schedule=schedule.to_dict(),
+            lora_rank=lora_rank,
+            lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
+            targets=None if targets is None else list(targets),
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            min_prompt=min_prompt,
+            seed=seed,
+            num_blocks=len(token_blocks),
+            num_processes=run.num_processes,
+            epoch_losses=[
+                {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"]} for e in run.epoch_losses
+            ],
+            history=[h["loss"] for h in run.history],
+            train_seconds=run.train_seconds,
+            output_dir=run.output_dir,
+            model=merged,
+            lora_model=lora_model,
+            peft_model=peft_model,
         )
-        loaders.append(accelerator.prepare(loader))
-    total = sum(len(dl) for dl in loaders)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup * total), max(total, 1))
-    prompts = torch.Generator().manual_seed(seed * 7919 + accelerator.process_index)
-    for epoch, loader in enumerate(loaders):
-        bar = tqdm(
-            loader,
-            desc=f"skipdecode LoRA epoch {epoch + 1}/{epochs}",
-            disable=not (progress and accelerator.is_main_process),
-        )
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # steps, loss
-        for ids in bar:
-            counts = sample_layer_counts(schedule, ids.shape[0], seq_len, min_prompt, prompts).to(ids.device)
-            loss = wrapped(ids, counts)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            history.append(value)
-            sums += torch.tensor([1.0, value], dtype=torch.float64, device=device)
-            bar.set_postfix(loss=f"{value:.4f}")
-        bar.close()
-        sums = accelerator.reduce(sums, reduction="sum")
-        steps = max(float(sums[0]), 1.0)
-        epoch_losses.append({"epoch": epoch, "steps": int(sums[0]), "loss": float(sums[1]) / steps})
-    del wrapped
-    accelerator.free_memory()
-    for p in trainable:
-        p.requires_grad_(False)
-    seconds = time.perf_counter() - t0
 
-    merged = merge_lora(lora_model)
-    merged.eval()
-    setattr(merged.config, CONFIG_KEY, schedule.to_dict())
-    result = SkipDecodeTrainResult(
-        schedule=schedule.to_dict(),
-        lora_rank=lora_rank,
-        lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
-        targets=None if targets is None else list(targets),
+    def merge() -> nn.Module:
+        merged = merged_copy(peft_model)
+        merged.eval()
+        setattr(merged.config, CONFIG_KEY, schedule.to_dict())
+        return merged
+
+    merged: nn.Module | None = None  # the main process merges while saving; the others after training
+
+    def save(folder: Path, run: TrainRun) -> None:
+        nonlocal merged
+        merged = merge()
+        merged.save_pretrained(folder)
+        (folder / SCHEDULE_NAME).write_text(json.dumps(schedule.to_dict(), indent=2))
+        (folder / LOG_NAME).write_text(json.dumps(make_result(run, None).to_dict(), indent=1))
+
+    run = train(
+        _SkipLoss(lora_model, schedule, min_prompt),
+        trainable,
+        token_blocks.long(),
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        min_prompt=min_prompt,
-        seed=seed,
-        num_blocks=len(token_blocks),
-        num_processes=accelerator.num_processes,
-        epoch_losses=epoch_losses,
-        history=history,
-        train_seconds=round(seconds, 2),
-        output_dir=str(out) if out is not None else None,
-        model=merged,
-        lora_model=lora_model,
-    )
-    if out is not None:
-        if accelerator.is_main_process:
-            with atomic_folder(out) as tmp:
-                merged.save_pretrained(tmp)
-                (tmp / SCHEDULE_NAME).write_text(json.dumps(schedule.to_dict(), indent=2))
-                (tmp / LOG_NAME).write_text(json.dumps(result.to_dict(), indent=1))
-        accelerator.wait_for_everyone()
-    return result
+        batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
+        save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+        fingerprint={
+            "schedule": schedule.to_dict(),
+            "lora_rank": lora_rank,
+            "targets": None if targets is None else list(targets),
+        },
+        train_mode=False,  # eval mode: no dropout
+        progress=progress,
+        desc="skipdecode LoRA",
+    )  # fmt: skip
+    for p in trainable:
+        p.requires_grad_(False)
+    return make_result(run, merged if merged is not None else merge())
 
 
 def load_schedule(model_or_folder: nn.Module | str | os.PathLike) -> SkipSchedule:
@@ -263,6 +297,9 @@ def load_schedule(model_or_folder: nn.Module | str | os.PathLike) -> SkipSchedul
 __all__ = [
     "SkipDecodeTrainResult",
     "load_schedule",
+    "lora_copy",
+    "lora_targets",
+    "merged_copy",
     "sample_layer_counts",
     "skip_lm_loss",
     "skipdecode_loss",

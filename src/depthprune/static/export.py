@@ -16,19 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthprune.errors import OutputExistsError
-from depthprune.fsutil import atomic_folder
+from depthprune.fsutil import atomic_folder, check_output_folder
 
 
-def _protected_folders(model: nn.Module) -> list[Path]:
-    folders = []
-    for candidate in (
-        getattr(model.config, "_name_or_path", ""),
-        (getattr(model.config, "depthprune", None) or {}).get("source", ""),
-    ):
-        if candidate and Path(candidate).expanduser().is_dir():
-            folders.append(Path(candidate).expanduser().resolve())
-    return folders
+def source_folders(model: nn.Module) -> list[str]:
+    """The folders `model` (or the model a plan was applied to) was loaded from: never written by an export."""
+    record = getattr(model.config, "depthprune", None) or {}
+    return [p for p in (getattr(model.config, "_name_or_path", ""), record.get("source", "")) if p]
 
 
 def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,24 +49,14 @@ def save_model(
 ) -> Path:
     """Write `model` (and `tokenizer`) to `out_dir` with `save_pretrained`, atomically.
 
-    Refuses an existing non-empty folder, or the folder the model was loaded from, unless `overwrite=True`; with it,
+    Refuses the folder the model was loaded from, and an existing non-empty folder unless `overwrite=True`; with it,
     the old folder is replaced only after the new one is completely written.
     """
     from depthprune.io import plain_copy
 
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; pass a folder path for the exported model")
-    if not overwrite:
-        if out in _protected_folders(model):
-            raise OutputExistsError(
-                f"{out} is the folder this model was loaded from; write to a new folder (or pass overwrite=True / "
-                "--overwrite to replace the source)"
-            )
-        if out.exists() and any(out.iterdir()):
-            raise OutputExistsError(
-                f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)"
-            )
+    out = check_output_folder(
+        out_dir, overwrite=overwrite, sources=source_folders(model), what="the exported model", replace_source=True
+    )
     if (
         getattr(model.config, "quantization_config", None) is not None
         and getattr(model, "hf_quantizer", None) is not None

@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from depthprune.errors import OutputExistsError
 from depthprune.exits.lm_heads import DecoderExitHeads
+from depthprune.training import TrainRun, train
 
 LOG_NAME = "train_log.json"
 
@@ -276,10 +274,14 @@ def fit_confidence(
 
 
 class _ExitLoss(nn.Module):
-    """The heads plus the loss, as one module whose forward DDP can wrap (gradients then synchronize)."""
+    """The heads plus the loss, as one module whose forward DDP can wrap (gradients then synchronize). The frozen
+    model (the teacher) is held in a tuple, not as a submodule: DDP then neither broadcasts nor watches its weights."""
 
-    def __init__(self, heads: DecoderExitHeads, confidence: bool, confidence_weight: float, recompute: bool):
+    def __init__(
+        self, model: nn.Module, heads: DecoderExitHeads, confidence: bool, confidence_weight: float, recompute: bool
+    ):
         super().__init__()
+        self.teacher = (model,)
         self.heads = heads
         self.confidence = confidence
         self.confidence_weight = confidence_weight
@@ -295,7 +297,10 @@ class _ExitLoss(nn.Module):
         conf = self.heads.confidence_logits(layer, state.detach()).float()
         return kl, nn.functional.binary_cross_entropy_with_logits(conf, agree)
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], final_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            outputs = self.teacher[0](input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden_states, final_logits = outputs.hidden_states, outputs.logits
         target_logp = final_logits.float().log_softmax(-1)  # [batch, seq, vocab]
         target_top = final_logits.argmax(-1)  # [batch, seq]
         kls, bces = [], []
@@ -334,21 +339,6 @@ def _blocks(data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
     )
 
 
-def _checksum(heads: nn.Module) -> float:
-    with torch.no_grad():
-        return float(sum((p.double().sum() for p in heads.parameters()), torch.zeros((), dtype=torch.float64)))
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; pass a folder for the trained exit heads")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite) to "
-            "replace it at the end"
-        )
-
-
 def train_decoder_exits(
     model: nn.Module,
     heads: DecoderExitHeads,
@@ -366,6 +356,8 @@ def train_decoder_exits(
     warmup: float = 0.1,
     weight_decay: float = 0.0,
     output_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> DecoderExitTrainResult:
@@ -376,16 +368,10 @@ def train_decoder_exits(
     [n_blocks, seq_len] used as given. batch_size is per process. AdamW with linear warm-up (`warmup` of the steps)
     and decay. confidence: also train CALM's classifier (heads built with confidence=True).
     train_translators=False keeps the translators as they are (e.g. set by `fit_lens`) and trains only the classifier.
-    output_dir: the main process writes the heads + train_log.json there, atomically, at the end.
+    output_dir: the main process writes the heads + train_log.json there, atomically, at the end; checkpoints go to
+    output_dir/checkpoints/step-N every `checkpoint_every` optimizer steps (0: none) and `resume=True` goes on from
+    the newest one. The loop is `depthprune.training.train`; this function brings the loss and the parameters.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from depthprune.fsutil import atomic_folder
-    from depthprune.training import no_accelerator
-
     if not isinstance(heads, DecoderExitHeads):
         raise TypeError(f"heads must be DecoderExitHeads, got {type(heads).__name__}")
     if (heads.config.kind == "logit_lens" or not train_translators) and not confidence:
@@ -404,110 +390,66 @@ def train_decoder_exits(
     blocks = _blocks(texts_or_token_blocks, tokenizer, seq_len)
     if len(blocks) == 0:
         raise ValueError("no training blocks")
-    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
-
-    accelerator = Accelerator(cpu=no_accelerator())
-    if out is not None:
-        _check_output_dir(out, overwrite)
-    set_seed(seed)
-    device = accelerator.device
-    model.to(device)
-    heads.to(device)
 
     def trains(name: str) -> bool:
         is_conf = name.startswith("confidence_nets.")
         return (confidence and is_conf) or (train_translators and not is_conf)
 
     trainable = [p for name, p in heads.named_parameters() if trains(name)]
-    flags = {id(p): p.requires_grad for p in [*model.parameters(), *heads.parameters()]}
-    was_training = model.training
-    history: list[float] = []
-    epoch_losses: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    try:
-        for p in [*model.parameters(), *heads.parameters()]:
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        model.eval()  # the teacher: no dropout
-        heads.train()
-        wrapped = _ExitLoss(heads, confidence, confidence_weight, recompute=train_translators)
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-        wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-        loaders = []
-        for epoch in range(epochs):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=True, generator=generator)
-            loaders.append(accelerator.prepare(loader))
-        total = sum(len(dl) for dl in loaders)
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup * total), max(total, 1))
-        layers = list(heads.layers)
-        for epoch, loader in enumerate(loaders):
-            bar = tqdm(
-                loader,
-                desc=f"decoder exits ({heads.config.kind}) epoch {epoch + 1}/{epochs}",
-                disable=not (progress and accelerator.is_main_process),
-            )
-            sums = torch.zeros(3 + len(layers), dtype=torch.float64, device=device)  # steps, loss, bce, kl per exit
-            for ids in bar:
-                with torch.no_grad():
-                    outputs = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-                parts = wrapped(outputs.hidden_states, outputs.logits)
-                accelerator.backward(parts["loss"])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                value = float(parts["loss"].detach())
-                history.append(value)
-                sums += torch.cat(
-                    [torch.tensor([1.0, value, float(parts["bce"].mean())], device=device), parts["kl"].double()]
-                )
-                bar.set_postfix(loss=f"{value:.4f}")
-            bar.close()
-            sums = accelerator.reduce(sums, reduction="sum")
-            steps = max(float(sums[0]), 1.0)
-            kl = (sums[3:] / steps).tolist()
-            entry = {
-                "epoch": epoch,
-                "steps": int(sums[0]),
-                "loss": float(sums[1]) / steps,
-                "kl": sum(kl) / len(kl),
-                "kl_per_layer": {str(layer): v for layer, v in zip(layers, kl, strict=True)},
-            }
-            if confidence:
-                entry["confidence_bce"] = float(sums[2]) / steps
-            epoch_losses.append(entry)
-        del wrapped
-        accelerator.free_memory()
-    finally:
-        for p in [*model.parameters(), *heads.parameters()]:
-            p.requires_grad_(flags.get(id(p), True))
-        model.train(was_training)
-        heads.eval()
-    seconds = time.perf_counter() - t0
+    loss = _ExitLoss(model, heads, confidence, confidence_weight, recompute=train_translators)
 
-    gathered = accelerator.gather(torch.tensor([_checksum(heads)], dtype=torch.float64, device=device))
-    result = DecoderExitTrainResult(
-        kind=heads.config.kind,
-        layers=list(heads.layers),
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seq_len=int(blocks.shape[1]),
-        seed=seed,
-        confidence=confidence,
-        num_blocks=len(blocks),
-        num_processes=accelerator.num_processes,
-        epoch_losses=epoch_losses,
-        history=history,
-        checksums=[float(v) for v in gathered.cpu()],
-        train_seconds=round(seconds, 2),
-        output_dir=str(out) if out is not None else None,
-    )
-    if out is not None:
-        if accelerator.is_main_process:
-            with atomic_folder(out) as tmp:
-                heads.save(tmp)
-                (tmp / LOG_NAME).write_text(json.dumps(result.to_dict(), indent=1))
-        accelerator.wait_for_everyone()
-    return result
+    def make_result(run: TrainRun) -> DecoderExitTrainResult:
+        return DecoderExitTrainResult(
+            kind=heads.config.kind,
+            layers=list(heads.layers),
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seq_len=int(blocks.shape[1]),
+            seed=seed,
+            confidence=confidence,
+            num_blocks=len(blocks),
+            num_processes=run.num_processes,
+            epoch_losses=[_epoch_entry(e, heads.layers, confidence) for e in run.epoch_losses],
+            history=[h["loss"] for h in run.history],
+            checksums=run.checksums,
+            train_seconds=run.train_seconds,
+            output_dir=run.output_dir,
+        )
+
+    def save(folder: Path, run: TrainRun) -> None:
+        heads.save(folder)
+        (folder / LOG_NAME).write_text(json.dumps(make_result(run).to_dict(), indent=1))
+
+    try:
+        run = train(
+            loss,
+            trainable,
+            blocks,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
+            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+            fingerprint={"kind": heads.config.kind, "layers": list(heads.layers), "confidence": confidence},
+            frozen=[model],
+            progress=progress,
+            desc=f"decoder exits ({heads.config.kind})",
+        )  # fmt: skip
+    finally:
+        heads.eval()
+    return make_result(run)
+
+
+def _epoch_entry(entry: dict[str, Any], layers: Sequence[int], confidence: bool) -> dict[str, Any]:
+    """The loop's epoch record as this trainer reports it: mean loss, KL (overall and per exit), confidence BCE."""
+    kl = entry["metrics"]["kl"]
+    out = {
+        "epoch": entry["epoch"],
+        "steps": entry["total_steps"],
+        "loss": entry["loss"],
+        "kl": sum(kl) / len(kl),
+        "kl_per_layer": {str(layer): v for layer, v in zip(layers, kl, strict=True)},
+    }
+    if confidence:
+        out["confidence_bce"] = sum(entry["metrics"]["bce"]) / len(entry["metrics"]["bce"])
+    return out

@@ -4,9 +4,10 @@ The same call runs on one CPU, one GPU, or many processes: `accelerate launch --
 depthprune.cli.train_exits ...` (on a machine without GPUs the processes use CPU and gloo). Note that
 `accelerate launch --cpu --num_processes N` starts a single process unless an MPI launcher is configured.
 
-A recipe's stages run in order; each stage trains the parameters it names with AdamW (linear warm-up and decay) and
-its loss. The model and the heads are wrapped in one module whose forward computes the loss, so that data-parallel
-training synchronizes gradients (preparing the two separately and calling them outside DDP's forward would not).
+A recipe's stages run in order, as the stages of one `depthprune.training.train_stages` call (the one training loop:
+AdamW, linear warm-up and decay, checkpoints and resume); each stage brings its loss and the parameters it names. The
+model and the heads are wrapped in one module whose forward computes the loss, so that data-parallel training
+synchronizes gradients (preparing the two separately and calling them outside DDP's forward would not).
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import os
-import shutil
-import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,15 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from depthprune.errors import OutputExistsError
 from depthprune.exits.data import LabelledTexts, tokenize_batch
 from depthprune.exits.heads import ExitHeads
 from depthprune.exits.inference import all_exit_outputs
 from depthprune.exits.train import Stage, recipe_module, recipe_stages, trainable_parameters, with_agreement
-from depthprune.training import no_accelerator
+from depthprune.training import TrainRun, TrainStage, latest_checkpoint, train_stages
 
-CHECKPOINTS = "checkpoints"
-STATE_NAME = "trainer_state.json"
 LOG_NAME = "train_log.json"
 
 
@@ -68,18 +62,19 @@ class TrainResult:
         return cls(**data)
 
 
-class _ExitModel(nn.Module):
+class _ExitLoss(nn.Module):
     """Backbone + exit heads as one module whose forward returns a stage's loss (what DDP must wrap)."""
 
-    def __init__(self, model: nn.Module, heads: ExitHeads):
+    def __init__(self, model: nn.Module, heads: ExitHeads, loss_fn: Callable[..., torch.Tensor]):
         super().__init__()
         self.model = model
         self.heads = heads
+        self.loss_fn = loss_fn
 
-    def forward(self, loss_fn: Callable[..., torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         outputs = all_exit_outputs(self.model, self.heads, **inputs)
-        return loss_fn(outputs, batch["labels"])
+        return self.loss_fn(outputs, batch["labels"])
 
 
 class _TensorRows(torch.utils.data.Dataset):
@@ -161,67 +156,6 @@ def _param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _checksum(model: nn.Module, heads: nn.Module) -> float:
-    with torch.no_grad():
-        return float(sum(p.double().sum() for p in [*model.parameters(), *heads.parameters()]))
-
-
-def _check_output_dir(out: Path, model: nn.Module, overwrite: bool, resume: bool) -> None:
-    source = getattr(model.config, "_name_or_path", "")
-    if source and Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == out:
-        raise OutputExistsError(f"{out} is the folder this model was loaded from; write to a new folder")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; pass a folder for the trained model")
-    if out.exists() and not overwrite:
-        others = [p.name for p in out.iterdir() if not (resume and p.name == CHECKPOINTS)]
-        if others:
-            raise OutputExistsError(
-                f"{out} already exists and is not empty ({sorted(others)[:4]}); choose a new folder, pass "
-                "overwrite=True (--overwrite) to replace it at the end, or resume=True (--resume) to go on from its "
-                "checkpoints"
-            )
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint folder under output_dir/checkpoints, or None."""
-    folder = Path(output_dir) / CHECKPOINTS
-    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
-    found = [f for f in found if (f / STATE_NAME).exists()]
-    return found[-1] if found else None
-
-
-def _save_checkpoint(out: Path, model, heads, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    from safetensors.torch import save_model
-
-    target = out / CHECKPOINTS / f"step-{state['global_step']:07d}"
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        heads.save(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _save_final(out: Path, model, heads, tokenizer, result: TrainResult) -> None:
-    from depthprune.fsutil import atomic_folder
-    from depthprune.static.export import save_model
-
-    with atomic_folder(out) as tmp:
-        save_model(model, tmp, tokenizer)
-        heads.save(tmp)
-        (tmp / LOG_NAME).write_text(json.dumps(result.to_dict(), indent=1))
-        if (out / CHECKPOINTS).is_dir():
-            os.replace(out / CHECKPOINTS, tmp / CHECKPOINTS)
-
-
 def train_exits(
     model: nn.Module,
     heads: ExitHeads,
@@ -256,14 +190,9 @@ def train_exits(
     agreement BCE to every stage that trains the heads.
     output_dir: where the main process writes the fine-tuned model (save_pretrained) + tokenizer + exit heads +
     train_log.json, atomically at the end; checkpoints go to output_dir/checkpoints/step-N every `checkpoint_every`
-    optimizer steps (0: none), and `resume=True` goes on from the newest one (model, heads, optimizer, position in the
-    data; dropout randomness is not restored).
+    optimizer steps (0: none), and `resume=True` goes on from the newest one (the trained parameters, optimizer,
+    scheduler, position in the data; dropout is seeded per step, so it repeats too).
     """
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     hyper = dict(hyper or {})
     module = recipe_module(recipe)
     missing = [e for e in getattr(module, "NEEDS", ()) if e not in heads.config.extras]
@@ -291,151 +220,73 @@ def train_exits(
         raise ValueError(f"head_lr must be positive, got {head_lr!r}")
     if any(e < 0 for e in epochs_list) or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs_list}, {batch_size}")
-    out = Path(output_dir).expanduser().resolve() if output_dir is not None else None
-    if (checkpoint_every or resume) and out is None:
-        raise ValueError("checkpoints and resume need an output_dir")
-
-    accelerator = Accelerator(
-        cpu=no_accelerator(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
-    )
-    if out is not None:
-        _check_output_dir(out, model, overwrite, resume)
-    set_seed(seed)
     dataset, collate = _dataset_and_collate(data, tokenizer, max_length)
-    if len(dataset) == 0:
-        raise ValueError("no training examples")
+    core = [
+        TrainStage(
+            _ExitLoss(model, heads, loss_fn),
+            _param_groups(
+                list({id(p): p for p in trainable_parameters(stage.trainable, model, heads)}.values()),
+                heads,
+                stage_lr,
+                head_lr if stage.trainable == "all" else None,
+            ),
+            epochs=n_epochs,
+            lr=stage_lr,
+            name=stage.name,
+        )
+        for stage, loss_fn, n_epochs, stage_lr in zip(stages, losses, epochs_list, lr_list, strict=True)
+    ]
 
-    start = {"stage": 0, "epoch": 0, "batch": 0, "global_step": 0, "history": [], "epoch_losses": [], "samples": 0}
-    ckpt = latest_checkpoint(out) if resume and out is not None else None
-    if ckpt is not None:
-        from safetensors.torch import load_model
+    def make_result(run: TrainRun) -> TrainResult:
+        return TrainResult(
+            recipe=recipe,
+            stages=[s.name for s in stages],
+            epochs=epochs_list,
+            lr=lr_list,
+            head_lr=head_lr,
+            batch_size=batch_size,
+            seed=seed,
+            hyper=hyper,
+            num_processes=run.num_processes,
+            samples_per_rank=run.samples_per_rank,
+            checksums=run.checksums,
+            history=run.history,
+            epoch_losses=[
+                {"stage": e["stage"], "epoch": e["epoch"], "mean_loss": e["loss"], "steps": e["steps"]}
+                for e in run.epoch_losses
+            ],
+            train_seconds=run.train_seconds,
+            output_dir=run.output_dir,
+        )
 
-        load_model(model, str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
-        heads.load_state_dict(ExitHeads.load(ckpt, model).state_dict())
-        start.update(json.loads((ckpt / STATE_NAME).read_text()))
-        if start.get("recipe") != recipe:
-            raise ValueError(f"checkpoint {ckpt} is from recipe {start.get('recipe')!r}, not {recipe!r}")
+    def save(folder: Path, run: TrainRun) -> None:
+        from depthprune.static.export import save_model
 
-    flags = {id(p): p.requires_grad for p in [*model.parameters(), *heads.parameters()]}
-    history: list[dict[str, Any]] = list(start["history"])
-    epoch_losses: list[dict[str, Any]] = list(start["epoch_losses"])
-    global_step = int(start["global_step"])
-    samples = int(start["samples"])
-    t0 = time.perf_counter()
+        save_model(model, folder, tokenizer)
+        heads.save(folder)
+        (folder / LOG_NAME).write_text(json.dumps(make_result(run).to_dict(), indent=1))
+
     try:
-        for s, (stage, loss_fn, n_epochs, stage_lr) in enumerate(
-            zip(stages, losses, epochs_list, lr_list, strict=True)
-        ):
-            if s < start["stage"] or n_epochs == 0:
-                continue
-            for p in [*model.parameters(), *heads.parameters()]:
-                p.requires_grad_(False)
-            params = list({id(p): p for p in trainable_parameters(stage.trainable, model, heads)}.values())
-            for p in params:
-                p.requires_grad_(True)
-            model.train()
-            heads.train()
-            wrapper = _ExitModel(model, heads)
-            optimizer = torch.optim.AdamW(
-                _param_groups(params, heads, stage_lr, head_lr if stage.trainable == "all" else None),
-                lr=stage_lr,
-                weight_decay=weight_decay,
-            )
-            wrapped, optimizer = accelerator.prepare(wrapper, optimizer)
-            loaders = []
-            for epoch in range(n_epochs):
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + s * 1009 + epoch)
-                loader = torch.utils.data.DataLoader(
-                    dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate
-                )
-                loaders.append(accelerator.prepare(loader))
-            total = sum(len(dl) for dl in loaders)
-            scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup * total), total)
-            resuming = ckpt is not None and s == start["stage"]
-            if resuming:
-                saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-            for epoch, loader in enumerate(loaders):
-                skip = 0
-                if resuming:
-                    if epoch < start["epoch"]:
-                        continue
-                    if epoch == start["epoch"]:
-                        skip = int(start["batch"])
-                batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-                bar = tqdm(
-                    batches,
-                    total=len(loader) - skip,
-                    desc=f"{recipe} [{stage.name}] epoch {epoch + 1}/{n_epochs}",
-                    disable=not (progress and accelerator.is_main_process),
-                )
-                loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-                steps = 0
-                for b, batch in enumerate(bar, start=skip):
-                    loss = wrapped(loss_fn, batch)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    steps += 1
-                    samples += int(batch["labels"].shape[0])
-                    value = float(loss.detach())
-                    loss_sum += value
-                    history.append({"stage": stage.name, "epoch": epoch, "step": global_step, "loss": value})
-                    bar.set_postfix(loss=f"{value:.4f}")
-                    if checkpoint_every and global_step % checkpoint_every == 0:
-                        state = {
-                            "recipe": recipe, "stage": s, "epoch": epoch, "batch": b + 1, "global_step": global_step,
-                            "samples": samples, "history": history, "epoch_losses": epoch_losses,
-                        }  # fmt: skip
-                        if accelerator.is_main_process:
-                            _save_checkpoint(out, model, heads, optimizer, scheduler, state)
-                        accelerator.wait_for_everyone()
-                bar.close()
-                total_loss = accelerator.reduce(loss_sum, reduction="sum")
-                total_steps = accelerator.reduce(torch.tensor(float(steps), device=accelerator.device), "sum")
-                if float(total_steps) > 0:  # an epoch a resumed run found already done adds nothing
-                    mean = float(total_loss / total_steps)
-                    epoch_losses.append({"stage": stage.name, "epoch": epoch, "mean_loss": mean, "steps": steps})
-            del wrapped
-            accelerator.free_memory()  # drop this stage's DDP wrapper and optimizer before the next stage
+        run = train_stages(
+            core,
+            dataset,
+            collate=collate,
+            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
+            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+            fingerprint={"recipe": recipe},
+            find_unused_parameters=True,
+            progress=progress,
+            desc=recipe,
+        )  # fmt: skip
     finally:
-        for p in [*model.parameters(), *heads.parameters()]:
-            p.requires_grad_(flags.get(id(p), True))
         model.eval()
         heads.eval()
-    seconds = time.perf_counter() - t0
-
-    def everyone(value: float) -> list[float]:
-        gathered = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
-        return [float(v) for v in gathered.cpu()]
-
-    result = TrainResult(
-        recipe=recipe,
-        stages=[s.name for s in stages],
-        epochs=epochs_list,
-        lr=lr_list,
-        head_lr=head_lr,
-        batch_size=batch_size,
-        seed=seed,
-        hyper=hyper,
-        num_processes=accelerator.num_processes,
-        samples_per_rank=[int(v) for v in everyone(samples)],
-        checksums=everyone(_checksum(model, heads)),
-        history=history,
-        epoch_losses=epoch_losses,
-        train_seconds=round(seconds, 2),
-        output_dir=str(out) if out is not None else None,
-    )
-    if out is not None:
-        if accelerator.is_main_process:
-            _save_final(out, model, heads, tokenizer, result)
-        accelerator.wait_for_everyone()
-    return result
+    return make_result(run)
 
 
 def fit_agreement(model: nn.Module, heads: ExitHeads, data: Any, **kwargs: Any) -> TrainResult:
     """Post-hoc: train only the agreement extra (learned exit classifier) of trained heads on a frozen backbone."""
     return train_exits(model, heads, data, recipe="agreement", **kwargs)
+
+
+__all__ = ["TrainResult", "fit_agreement", "latest_checkpoint", "train_exits"]
