@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -196,6 +196,23 @@ def _load_params(ckpt: Path, params: list[nn.Parameter]) -> None:
             if saved[str(i)].shape != p.shape:
                 raise ValueError(f"checkpoint {ckpt}: tensor {i} is {tuple(saved[str(i)].shape)}, not {tuple(p.shape)}")
             p.copy_(saved[str(i)])
+
+
+class RunKwargs(TypedDict, total=False):
+    """Where a training run writes and how it is checkpointed, resumed and shown: the keyword arguments every trainer
+    (`train_exits`, `train_decoder_exits`, `train_skipdecode`, ...) hands on to the loop unchanged.
+
+    output_dir: the main process writes the trainer's files there, atomically, at the end (None: nothing written).
+    checkpoint_every: optimizer steps between checkpoints in output_dir/checkpoints/step-N (0: none).
+    resume: go on from the newest checkpoint in output_dir. overwrite: replace a non-empty output_dir at the end.
+    progress: a progress bar on the main process.
+    """
+
+    output_dir: str | os.PathLike | None
+    checkpoint_every: int
+    resume: bool
+    overwrite: bool
+    progress: bool
 
 
 def train(

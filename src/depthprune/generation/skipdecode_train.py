@@ -23,13 +23,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
 from depthprune.training import TrainRun, train
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from depthprune.training import RunKwargs
 
 LOG_NAME = "train_log.json"
 SCHEDULE_NAME = "skip_schedule.json"
@@ -191,11 +196,7 @@ def train_skipdecode(
     seed: int = 0,
     warmup: float = 0.0,
     weight_decay: float = 0.0,
-    output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    **run_kwargs: Unpack[RunKwargs],
 ) -> SkipDecodeTrainResult:
     """Train LoRA adapters (rank `lora_rank`, scale lora_alpha / rank, on `targets` or every linear projection of
     the decoder layers) of a copy of `model` under `schedule` on token blocks [n_blocks, seq_len]; return the result
@@ -265,17 +266,16 @@ def train_skipdecode(
         token_blocks.long(),
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
-        save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
-        fingerprint={
-            "schedule": schedule.to_dict(),
-            "lora_rank": lora_rank,
-            "targets": None if targets is None else list(targets),
-        },
+        warmup=warmup,
+        weight_decay=weight_decay,
         train_mode=False,  # eval mode: no dropout
-        progress=progress,
+        batch_size=batch_size,
+        seed=seed,
+        save=save,
+        fingerprint={"schedule": schedule.to_dict(), "lora_rank": lora_rank, "targets": targets and list(targets)},
         desc="skipdecode LoRA",
-    )  # fmt: skip
+        **run_kwargs,
+    )
     for p in trainable:
         p.requires_grad_(False)
     return make_result(run, merged if merged is not None else merge())

@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +25,11 @@ from torch.utils.checkpoint import checkpoint
 
 from depthprune.exits.lm_heads import DecoderExitHeads
 from depthprune.training import TrainRun, train
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from depthprune.training import RunKwargs
 
 LOG_NAME = "train_log.json"
 
@@ -355,11 +359,7 @@ def train_decoder_exits(
     train_translators: bool = True,
     warmup: float = 0.1,
     weight_decay: float = 0.0,
-    output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    **run_kwargs: Unpack[RunKwargs],
 ) -> DecoderExitTrainResult:
     """Train `heads` in place on a frozen `model` (its weights, the shared final norm and LM head included, do not
     change), through Accelerate; returns what happened.
@@ -428,13 +428,16 @@ def train_decoder_exits(
             blocks,
             epochs=epochs,
             lr=lr,
-            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
-            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            frozen=[model],  # the teacher: eval mode, no gradients, not wrapped by DDP
+            batch_size=batch_size,
+            seed=seed,
+            save=save,
             fingerprint={"kind": heads.config.kind, "layers": list(heads.layers), "confidence": confidence},
-            frozen=[model],
-            progress=progress,
             desc=f"decoder exits ({heads.config.kind})",
-        )  # fmt: skip
+            **run_kwargs,
+        )
     finally:
         heads.eval()
     return make_result(run)

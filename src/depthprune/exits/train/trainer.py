@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +27,11 @@ from depthprune.exits.heads import ExitHeads
 from depthprune.exits.inference import all_exit_outputs
 from depthprune.exits.train import Stage, recipe_module, recipe_stages, trainable_parameters, with_agreement
 from depthprune.training import TrainRun, TrainStage, latest_checkpoint, train_stages
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from depthprune.training import RunKwargs
 
 LOG_NAME = "train_log.json"
 
@@ -174,11 +178,7 @@ def train_exits(
     agreement_weight: float = 0.0,
     warmup: float = 0.1,
     weight_decay: float = 0.01,
-    output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
+    **run_kwargs: Unpack[RunKwargs],
 ) -> TrainResult:
     """Train `heads` (and `model`, when the recipe's stages say so) on `data`, in place, through Accelerate.
 
@@ -271,13 +271,16 @@ def train_exits(
             core,
             dataset,
             collate=collate,
-            batch_size=batch_size, warmup=warmup, weight_decay=weight_decay, seed=seed, output_dir=output_dir,
-            save=save, checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            find_unused_parameters=True,  # a stage may leave some exit heads' extras unused
+            batch_size=batch_size,
+            seed=seed,
+            save=save,
             fingerprint={"recipe": recipe},
-            find_unused_parameters=True,
-            progress=progress,
             desc=recipe,
-        )  # fmt: skip
+            **run_kwargs,
+        )
     finally:
         model.eval()
         heads.eval()
