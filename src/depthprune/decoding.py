@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -132,3 +133,10 @@ __all__ = [
     "special_tokens",
     "step_inputs",
 ]
+
+
+def wall_time(device: torch.device, *, sync: bool = True) -> float:
+    """time.perf_counter() once the device has finished its queued work (CUDA kernels run asynchronously)."""
+    if sync and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -15,7 +15,6 @@ model; -1 marks the padding generated after a row's end-of-sequence token.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,14 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from depthprune.adapters.registry import get_adapter
-from depthprune.decoding import decoder_parts, positions_from_mask, prompt_mask, special_tokens, step_inputs
+from depthprune.decoding import (
+    decoder_parts,
+    positions_from_mask,
+    prompt_mask,
+    special_tokens,
+    step_inputs,
+    wall_time,
+)
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
 from depthprune.kv import DeferredKV, RowView, check_cache, decoder_cache, grow_cache, propagate
@@ -111,7 +117,7 @@ def early_exit_generate(
     loop = _Loop(model, heads, crit, kv, layers, final_logits, exits, cache, batch)
 
     with torch.no_grad():
-        start = _now(timing, device)
+        start = wall_time(device, sync=timing)
         n_prefill = prompt_len if deep_prefill else prompt_len - 1
         if n_prefill > 0:
             out = model(
@@ -131,7 +137,7 @@ def early_exit_generate(
             if eos:
                 active = active & ~torch.isin(token, torch.tensor(eos, device=device))
             if timing:
-                now = _now(timing, device)
+                now = wall_time(device, sync=timing)
                 times.append(now - start)
                 start = now
             if step + 1 == max_new_tokens or not bool(active.any()):
@@ -257,12 +263,6 @@ class _Loop:
             logits_fn=lambda: heads.logits(idx, h)[:, -1],
             confidence_fn=confidence,
         )
-
-
-def _now(timing: bool, device: torch.device) -> float:
-    if timing and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 __all__ = ["KV_MODES", "EarlyExitOutput", "early_exit_generate"]

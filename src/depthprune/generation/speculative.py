@@ -47,10 +47,16 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from depthprune.decoding import decoder_parts, positions_from_mask, prompt_mask, special_tokens, step_inputs
+from depthprune.decoding import (
+    decoder_parts,
+    positions_from_mask,
+    prompt_mask,
+    special_tokens,
+    step_inputs,
+    wall_time,
+)
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
-from depthprune.generation.generate import _now
 from depthprune.kv import (
     check_cache,
     decoder_cache,
@@ -198,7 +204,7 @@ def self_speculative_generate(
     rounds = 0
 
     with torch.no_grad():
-        start = _now(True, device)
+        start = wall_time(device)
         # The prompt but its last token runs through the full model; the last one is the first round's d_0, so even
         # the first new token is drafted and verified.
         if prompt_len > 1:
@@ -288,7 +294,7 @@ def self_speculative_generate(
                 if stay.numel():
                     cache.batch_select_indices(stay)
                 rows, last, cmask = rows[stay], last[stay], cmask[stay]
-        wall = _now(True, device) - start
+        wall = wall_time(device) - start
 
     new_len = int(generated.max())
     result = SpeculativeOutput(
@@ -432,9 +438,9 @@ def choose_speculation(
 
     def baseline() -> tuple[float, torch.Tensor]:
         with torch.no_grad():
-            start = _now(True, ids.device)
+            start = wall_time(ids.device)
             seq = model.generate(ids, attention_mask=mask, generation_config=gen_config)
-            return _now(True, ids.device) - start, seq
+            return wall_time(ids.device) - start, seq
 
     def speculative(e: int, k: int) -> SpeculativeOutput:
         return self_speculative_generate(
