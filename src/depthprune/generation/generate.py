@@ -21,15 +21,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from depthprune import decoding
 from depthprune.adapters.registry import get_adapter
-from depthprune.decoding import (
-    decoder_parts,
-    positions_from_mask,
-    prompt_mask,
-    special_tokens,
-    step_inputs,
-    wall_time,
-)
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
 from depthprune.kv import DeferredKV, RowView, check_cache, decoder_cache, grow_cache, propagate
@@ -94,7 +87,7 @@ def early_exit_generate(
         raise ValueError(f"unknown kv strategy {kv!r}; choose one of {KV_MODES}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    _, layers, final_logits = decoder_parts(model)
+    _, layers, final_logits = decoding.decoder_parts(model)
     num_layers = len(layers)
     if heads.num_layers != num_layers:
         raise ValueError(f"the exit heads were built for {heads.num_layers} layers, the model has {num_layers}")
@@ -102,11 +95,11 @@ def early_exit_generate(
     if any(not 0 <= i < num_layers - 1 for i in exits):
         raise ValueError(f"exit layers {sorted(exits)} must lie in 0..{num_layers - 2}")
 
-    mask = prompt_mask(input_ids, attention_mask)
+    mask = decoding.prompt_mask(input_ids, attention_mask)
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
-    positions = positions_from_mask(mask)
+    eos, pad = decoding.special_tokens(model, eos_token_id, pad_token_id)
+    positions = decoding.positions_from_mask(mask)
 
     cache = decoder_cache(model, num_layers)
     total = prompt_len + max_new_tokens
@@ -117,11 +110,13 @@ def early_exit_generate(
     loop = _Loop(model, heads, crit, kv, layers, final_logits, exits, cache, batch)
 
     with torch.no_grad():
-        start = wall_time(device, sync=timing)
+        start = decoding.wall_time(device, sync=timing)
         n_prefill = prompt_len if deep_prefill else prompt_len - 1
         if n_prefill > 0:
             out = model(
-                **step_inputs(model, input_ids[:, :n_prefill], mask[:, :n_prefill], positions[:, :n_prefill], cache)
+                **decoding.step_inputs(
+                    model, input_ids[:, :n_prefill], mask[:, :n_prefill], positions[:, :n_prefill], cache
+                )
             )
         check_cache(cache, num_layers)
         if deep_prefill:
@@ -137,7 +132,7 @@ def early_exit_generate(
             if eos:
                 active = active & ~torch.isin(token, torch.tensor(eos, device=device))
             if timing:
-                now = wall_time(device, sync=timing)
+                now = decoding.wall_time(device, sync=timing)
                 times.append(now - start)
                 start = now
             if step + 1 == max_new_tokens or not bool(active.any()):
@@ -191,7 +186,7 @@ class _Loop:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the token at cache position `position`; return (next token [batch], its exit layer [batch])."""
         num_layers, batch, cache = len(self.layers), self.batch, self.cache
-        inputs = step_inputs(self.model, token[:, None], mask, pos_ids[:, None], cache)
+        inputs = decoding.step_inputs(self.model, token[:, None], mask, pos_ids[:, None], cache)
         hidden, call = capture_stack(self.model, inputs, adapter=self.adapter)  # [batch, 1, hidden], every layer's call
         if self.kv == "recompute":
             if self.deferred is None:
