@@ -10,19 +10,12 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import build
+from tiny_models import WORDS, build, tokenizer
 
 import depthprune.registry
 from depthprune.cli.main import main
 from depthprune.errors import ModelLoadError, OutputExistsError
 from depthprune.registry import CRITERIA, HEAD_KINDS, KV_STRATEGIES, RECIPES, REGISTRIES, SCORERS, TOKEN_CRITERIA
-
-WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
-
-
-def _tokenizer() -> transformers.PreTrainedTokenizerBase:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    return transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +24,9 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     build("llama").save_pretrained(root / "bare")
     build("llama").save_pretrained(root / "llama")
-    _tokenizer().save_pretrained(root / "llama")
+    tokenizer().save_pretrained(root / "llama")
     build("bert").bert.save_pretrained(root / "bert")
-    _tokenizer().save_pretrained(root / "bert")
+    tokenizer().save_pretrained(root / "bert")
     return root / "bare", root / "llama", root / "bert"
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import build
+from tiny_models import WORDS, build, tokenizer
 
 from depthprune.cli.exits import is_causal_lm, is_decoder_heads_folder
 from depthprune.cli.main import main
@@ -20,8 +20,6 @@ from depthprune.exits.lm_heads import CONFIG_NAME, DecoderExitHeads
 from depthprune.generation.skipdecode import SkipSchedule
 from depthprune.generation.skipdecode_train import load_schedule
 
-WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -30,8 +28,7 @@ def folders(tmp_path_factory):
     model = build("llama")
     model.generation_config.eos_token_id = []  # a random model stops at random places otherwise
     model.save_pretrained(root / "model")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root / "model")
+    tokenizer().save_pretrained(root / "model")
     DecoderExitHeads.for_model(model, kind="lens").save(root / "heads")
     book = root / "book.txt"
     book.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(400)))

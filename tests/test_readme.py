@@ -1,63 +1,145 @@
-"""Every `depthprune ...` command in README.md's code blocks is parsed by the real argument parser (the train-exits
-command by the trainer its model selects) and those that need no model are run, so the README cannot drift from the
-command line again. (The commands that need a model are run on tiny models in test_cli.py and test_gen_cli.py.)"""
+"""Every `depthprune ...` command in README.md's code blocks runs as shown, so the README cannot drift from the
+command line again.
+
+Each code block runs in order in a fresh working folder (later commands read what earlier ones wrote, as a reader
+pasting the block would see), on tiny random models. What differs from the README text is mechanical and listed here:
+- `models`: the embedded aliases name tiny models of the same shape (a 30-layer Llama like SmolLM2, so the README's
+  layer counts, plans and exit layers run unchanged; a BERT backbone like MiniLM, with a word-level tokenizer);
+- `_write_data`: the README's `../shared/data/...` files are small ones written at that same relative path;
+- `SIZE`: options that only size the run (how many repeats, prompts, blocks) are reduced, and the decoder `calibrate`,
+  which relies on the default model (smollm2), names the tiny one.
+`out/...` paths are left as shown: they land in the working folder.
+"""
 
 from __future__ import annotations
 
-import re
+import json
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
+from tiny_models import CASES, WORDS, build, tokenizer
 
-from depthprune.cli import exits as cli_exits
-from depthprune.cli.main import DELEGATED, build_parser
+from depthprune.cli.main import main
+from depthprune.data import calibration_text, heldout_text
+from depthprune.plan import LayerPlan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CAUSAL_LMS = {"smollm2"}  # the README's aliases that are causal LMs (read without loading them)
+
+SIZE: dict[str, list[tuple[str, str]]] = {
+    # subcommand (and its first argument where two differ): [(README text, what runs instead)]; "" appends
+    "eval": [("", "--repeats 1 --batch-sizes 1 --blocks 4")],
+    "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 8 --prompt-len 16 --max-new-tokens 8")],
+    "train-skipdecode": [("", "--max-blocks 8")],
+}
 
 
-def readme_commands() -> list[str]:
-    """The `depthprune` commands of README.md's code blocks, continuation lines joined, comments removed."""
-    commands = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("depthprune "):
-                commands.append(line)
-    return commands
+def readme_blocks() -> dict[str, list[str]]:
+    """{README section: the `depthprune` commands of its code block}, continuation lines joined, comments removed."""
+    blocks: dict[str, list[str]] = {}
+    heading, in_code = "", False
+    for line in README.read_text().replace("\\\n", " ").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code and line.startswith("depthprune "):
+            blocks.setdefault(heading, []).append(line.split("  #")[0].strip())
+        elif not in_code and line.startswith("#"):
+            heading = line.lstrip("#").strip()
+    return blocks
 
 
 def test_the_readme_has_commands_to_check():
-    names = {shlex.split(c)[1] for c in readme_commands()}
-    assert {"list", "prune", "train-exits", "calibrate", "generate", "train-skipdecode"} <= names
+    names = {shlex.split(c)[1] for block in readme_blocks().values() for c in block}
+    assert {"list", "prune", "analyze", "eval", "train-exits", "calibrate", "classify", "generate"} <= names
+    assert "train-skipdecode" in names
 
 
-def _parse_train_exits(argv: list[str]):
-    model = cli_exits._model_option(argv)
-    if model in CAUSAL_LMS:
-        from depthprune.cli.train_lm_exits import parser
-    else:
-        from depthprune.cli.train_exits import parser
-    from depthprune.cli.train_exits import resolve_model
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    """README model names -> tiny model folders: a 30-layer Llama (smollm2, the default) and a BERT backbone."""
+    root = tmp_path_factory.mktemp("readme_models")
+    config = CASES["llama"].config()
+    config.num_hidden_layers, config.max_position_embeddings = 30, 512
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    llama.generation_config.eos_token_id = []  # a random model stops at random places otherwise
+    llama.save_pretrained(root / "smollm2")
+    build("bert").bert.save_pretrained(root / "minilm")
+    for name in ("smollm2", "minilm"):
+        tokenizer(WORDS + "call me ishmael buy now".split()).save_pretrained(root / name)
+    return {"smollm2": str(root / "smollm2"), "[MODEL]": str(root / "smollm2"), "minilm": str(root / "minilm")}
 
-    p = parser()
-    return resolve_model(p, p.parse_args(argv))
+
+def _write_data(work: Path) -> None:
+    """The files the README reads, small, at the README's relative paths: the packaged Moby-Dick excerpts as the book
+    (calibration part, then chapter 110 on), and two dozen raw e-mails as spam-assassin.jsonl."""
+    data = work.parent / "shared" / "data"
+    data.mkdir(parents=True)
+    (data / "moby-dick.txt").write_text(calibration_text() + heldout_text())
+    mails = [("ham", f"Subject: {w}\n\nthe boat sails at noon {w}") for w in WORDS]
+    mails += [("spam", f"Subject: WIN\n\nbuy the white whale now {w}!!!") for w in WORDS]
+    (data / "spam-assassin.jsonl").write_text("\n".join(json.dumps({"label": y, "raw": r}) for y, r in mails))
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_parses(command, capsys):
-    argv = [a for a in shlex.split(command)[1:] if a != "[MODEL]"]  # [MODEL]: optional, written for people
-    try:
-        if argv[0] in DELEGATED:
-            assert argv[0] == "train-exits"
-            args = _parse_train_exits(argv[1:])
-            assert args.model and args.output_dir
+def _argv(command: str, models: dict[str, str]) -> list[str]:
+    """The README command as it runs here: SIZE overrides applied to its text, then the model names swapped."""
+    words = shlex.split(command)[1:]
+    for key in (words[0], " ".join(words[:2])):
+        for old, new in SIZE.get(key, []):
+            assert old in command, f"SIZE[{key!r}] expects {old!r} in the README command {command!r}"
+            command = command.replace(old, new) if old else f"{command} {new}"
+    return [models.get(w, w) for w in shlex.split(command)[1:]]
+
+
+def _effect(argv: list[str], out: str, work: Path) -> None:
+    """At least one visible effect of each command."""
+    command, option = argv[0], dict(zip(argv, [*argv[1:], None], strict=True))
+    folder = work / (option.get("-o") or option.get("--output-dir") or argv[min(1, len(argv) - 1)])
+    if command == "list":
+        assert json.loads(out)["scorers"] if "--json" in argv else "scorers:" in out
+    elif command == "analyze":
+        assert {"layer_scores.png", "scores.csv", "scores.json"} <= {p.name for p in folder.iterdir()}
+    elif command in ("prune", "train-skipdecode"):
+        config = json.loads((folder / "config.json").read_text())
+        assert (folder / "model.safetensors").is_file()
+        if "--plan" in argv:
+            assert config["num_hidden_layers"] == sum(LayerPlan.parse(option["--plan"]).num_layers().values())
+        elif "--remove" in argv:
+            assert config["num_hidden_layers"] == 30 - int(option["--remove"])
         else:
-            args = build_parser().parse_args(argv)
-            assert callable(args.func)
-            if argv[0] == "list":  # needs no model: run it as shown
-                assert args.func(args) == 0 and capsys.readouterr().out
-    except SystemExit as exc:
-        pytest.fail(f"README command {command!r} does not parse: {capsys.readouterr().err}")
-        raise AssertionError from exc
+            assert (folder / "skip_schedule.json").is_file()
+    elif command == "eval":
+        assert "perplexity" in out
+    elif command == "train-exits":
+        assert {"exit_heads.json", "decoder_exit_heads.json"} & {p.name for p in folder.iterdir()}
+    elif command == "calibrate":
+        results = json.loads((folder / "calibration.json").read_text())
+        assert [r["criterion"] for r in results] == option["--criterion"].split(",")
+        assert all(r["delta"] == float(option["--delta"]) for r in results)  # written by this command
+    elif command == "classify":
+        assert "exit after" in out
+    elif command == "generate":
+        assert "mean layers per token" in out and out.split("->\n", 1)[1].strip()
+    else:
+        raise AssertionError(f"no effect to check for README command {command!r}: add one to _effect")
+
+
+@pytest.mark.parametrize("section", readme_blocks())
+def test_readme_block_runs(section, models, tmp_path, monkeypatch, capsys):
+    """The commands of one code block, in order, in a fresh working folder."""
+    block = readme_blocks()[section]
+    work = tmp_path / "work"
+    work.mkdir()
+    _write_data(work)
+    monkeypatch.chdir(work)
+    for command in block:
+        argv = _argv(command, models)
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse: an unknown or malformed option
+            rc = exc.code
+        out, err = capsys.readouterr()
+        assert rc == 0, f"README command {command!r} failed (ran as {shlex.join(argv)}):\n{err[-3000:]}"
+        _effect(argv, out, work)

@@ -21,6 +21,7 @@ HIDDEN = 32
 HEADS = 4
 SEQ = 7
 PAD = 0
+WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon", "deep", "wave", "sail", "storm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,3 +336,10 @@ def inputs(name: str, batch: int = 2) -> dict[str, torch.Tensor]:
 def logits(model: nn.Module, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**kwargs).logits
+
+
+def tokenizer(words: list[str] = WORDS) -> transformers.PreTrainedTokenizerBase:
+    """A word-level BertTokenizer over `words` (ids 0-4 are its special tokens, [PAD] = PAD), for the commands that
+    tokenize text; every other word reads as [UNK]."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
