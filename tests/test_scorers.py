@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import build, build_gemma3_sliding
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -22,7 +23,7 @@ from depthprune.bench.perplexity import mean_nll
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.scorers import LayerScores, get_scorer, list_scorers
-from depthprune.static.scorers.hidden import resolve_target, stack_states
+from depthprune.static.scorers.hidden import resolve_target, runner_serves, stack_states
 from depthprune.static.scorers.lm_loss import plan_inputs, plan_loss, reference
 from depthprune.static.scorers.lookahead_kl import split_for_search
 
@@ -199,6 +200,12 @@ def test_resuming_from_cached_hidden_states_gives_the_same_loss(make):
         assert resumed.nll == pytest.approx(plain.nll, abs=1e-6)
         assert resumed.kl == pytest.approx(plain.kl, abs=1e-6)
     assert plan_loss(model, batches, target, list(range(n)), cache=cache).nll == pytest.approx(ref.loss.nll, abs=1e-6)
+    # A plan's cache started from another plan's shared prefix equals one computed from scratch.
+    for keep in ([0, 1, 3], [2, 3]):
+        fresh = plan_inputs(model, batches, target, keep).states
+        resumed = plan_inputs(model, batches, target, keep, cache=cache).states
+        assert len(fresh) == len(resumed) == len(keep) + 1
+        assert all(torch.equal(a, b) for f, r in zip(fresh, resumed, strict=True) for a, b in zip(f, r, strict=True))
     # Against the plain perplexity code on a what-if copy, and a hand-computed full-vocabulary KL.
     keep = [i for i in range(n) if i != 1]
     assert plan_loss(model, batches, target, keep).nll == pytest.approx(
@@ -207,6 +214,46 @@ def test_resuming_from_cached_hidden_states_gives_the_same_loss(make):
     assert plan_loss(model, batches, target, keep, ref=ref).kl == pytest.approx(
         kl_by_hand(model, drop(model, [1]), batches), abs=1e-5
     )
+
+
+def test_runner_states_equal_the_models_hidden_states_on_gemma3_sliding_windows():
+    model = build_gemma3_sliding()  # sliding window 3, layers sliding, sliding, full, sliding
+    ids = calibration(seq=16)[0]
+    target = resolve_target(model, None, 0, "test")
+    assert runner_serves(model, target)
+    inputs, outputs = stack_states(model, ids, target)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # the last one after the final norm
+    for i in range(4):
+        torch.testing.assert_close(inputs[i], hidden[i], rtol=0, atol=0)
+    assert all(outputs[i] is inputs[i + 1] for i in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.norm(outputs[3]), hidden[4], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_scorer_runs_on_gemma3_sliding_windows(name):
+    model = build_gemma3_sliding()
+    batches = calibration(seq=16)  # longer than the window
+    result = get_scorer(name)(model, batches, n_remove=2)
+    assert len(result.scores) == 4 and all(math.isfinite(s) for s in result.scores) and len(result.remove) == 2
+    if name == "sleb":  # candidates resumed on the runner equal what-if copies run by the model's own forward
+        blocks = torch.cat(batches)
+        full = mean_nll(model, blocks)
+        assert result.scores == pytest.approx([mean_nll(drop(model, [i]), blocks) - full for i in range(4)], abs=1e-5)
+
+
+def test_t5_stacks_are_recorded_through_the_models_own_forward():
+    model = build("t5")  # the stack hands its relative position bias from the first block to the others
+    ids = calibration()[0]
+    target = resolve_target(model, "encoder", 0, "test")
+    assert not runner_serves(model, target)
+    inputs, outputs = stack_states(model, ids, target)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True).encoder_hidden_states
+    for i in range(len(inputs)):
+        torch.testing.assert_close(inputs[i], hidden[i], rtol=0, atol=0)
+    assert get_scorer("block_influence")(model, calibration(), n_remove=1).stack == "decoder"
 
 
 # ---- hand-made cases ---------------------------------------------------------------------------------------------

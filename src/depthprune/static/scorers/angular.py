@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from depthprune.static.scorers import LayerScores
-from depthprune.static.scorers.hidden import as_batches, eval_mode, resolve_target, stack_states
+from depthprune.static.scorers.hidden import batch_states, check_arguments
 
 NAME = "angular"
 
@@ -40,26 +40,19 @@ def angular(
     last_token: bool = False,
 ) -> LayerScores:
     """Remove the contiguous block of `n_remove` layers whose input and output are closest in angle."""
-    target = resolve_target(model, stack, n_remove, NAME)
-    batches = as_batches(batches, NAME)
+    target, batches = check_arguments(model, batches, n_remove, stack, NAME)
     n_layers, n = target.n_layers, max(n_remove, 1)
     single = torch.zeros(n_layers, dtype=torch.float64)  # summed d(x_l, x_{l+1})
     block = torch.zeros(n_layers - n + 1, dtype=torch.float64)  # summed d(x_l, x_{l+n})
     count = 0
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=NAME, unit="batch")
-    with eval_mode(model):
-        for ids in batches:
-            inputs, outputs = stack_states(model, ids, target)
-            if last_token:
-                inputs, outputs = [x[:, -1:] for x in inputs], [x[:, -1:] for x in outputs]
-            for i in range(n_layers):
-                single[i] += _distance(inputs[i], outputs[i]).sum().double().cpu()
-            for i in range(n_layers - n + 1):
-                block[i] += _distance(inputs[i], outputs[i + n - 1]).sum().double().cpu()
-            count += inputs[0].shape[0] * inputs[0].shape[1]
+    for _, inputs, outputs in batch_states(model, batches, target, NAME, progress):
+        if last_token:
+            inputs, outputs = [x[:, -1:] for x in inputs], [x[:, -1:] for x in outputs]
+        for i in range(n_layers):
+            single[i] += _distance(inputs[i], outputs[i]).sum().double().cpu()
+        for i in range(n_layers - n + 1):
+            block[i] += _distance(inputs[i], outputs[i + n - 1]).sum().double().cpu()
+        count += inputs[0].shape[0] * inputs[0].shape[1]
     single, block = single / count, block / count
     start = int(torch.argmin(block))  # first of the smallest, for ties
     remove = tuple(range(start, start + n_remove))

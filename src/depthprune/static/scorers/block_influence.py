@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from depthprune.static.scorers import LayerScores
-from depthprune.static.scorers.hidden import as_batches, eval_mode, resolve_target, stack_states
+from depthprune.static.scorers.hidden import batch_states, check_arguments
 
 NAME = "block_influence"
 
@@ -27,21 +27,14 @@ def block_influence(
     progress: bool = False,
 ) -> LayerScores:
     """Score each layer by 1 - mean cosine similarity of its input and output hidden states over all tokens."""
-    target = resolve_target(model, stack, n_remove, NAME)
-    batches = as_batches(batches, NAME)
+    target, batches = check_arguments(model, batches, n_remove, stack, NAME)
     sums = torch.zeros(target.n_layers, dtype=torch.float64)
     count = 0
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=NAME, unit="batch")
-    with eval_mode(model):
-        for ids in batches:
-            inputs, outputs = stack_states(model, ids, target)
-            for i, (x_in, x_out) in enumerate(zip(inputs, outputs, strict=True)):
-                cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [batch, seq]
-                sums[i] += cos.sum().double().cpu()
-            count += ids.numel()
+    for ids, inputs, outputs in batch_states(model, batches, target, NAME, progress):
+        for i, (x_in, x_out) in enumerate(zip(inputs, outputs, strict=True)):
+            cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [batch, seq]
+            sums[i] += cos.sum().double().cpu()
+        count += ids.numel()
     bi = (1.0 - sums / count).tolist()
     remove = sorted(range(target.n_layers), key=lambda i: (bi[i], i))[:n_remove]
     return LayerScores(NAME, target.name, tuple(bi), tuple(remove), {"tokens": count})

@@ -1,9 +1,13 @@
-"""What scorers share: checking their arguments, and reading or replacing a stack's hidden states with hooks.
+"""What scorers share: checking their arguments, the per-batch loop, and the hidden states around every layer.
 
-Everything here runs the model's own forward pass; hooks on the stack's layer modules only *record* what each layer
-receives and returns (`record_stack`), or *replace* what the first layer of the stack receives (`feed_stack`, used to
-resume a forward pass from cached hidden states instead of recomputing a shared prefix of layers). Hooks are removed and
-training flags restored on exit, so the model is left as it was given.
+The hidden states entering and leaving each layer of a stack come from the runner (`depthprune.runner`): one
+`capture_stack` (the model's own embedding, mask and position code, no layer) and one `StackCall.run` per layer, each
+layer with the arguments the model's own forward gives it (per attention type on Gemma 3's sliding/full mix).
+
+One kind of stack the runner cannot serve: T5's, whose first block computes the relative position bias and whose
+stack forward hands it on to every later block as an argument, so a block run on its own gets no bias. Such stacks
+are recorded instead with hooks in the model's own forward pass (`record_stack`); hooks are removed on exit.
+Training flags are restored on exit too, so the model is left as it was given.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +23,7 @@ from torch import nn
 
 from depthprune.adapters.base import Adapter, StackSpec, backbone
 from depthprune.adapters.registry import get_adapter
+from depthprune.runner import StackCall, capture_stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def check_arguments(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor] | torch.Tensor,
+    n_remove: int,
+    stack: str | None,
+    scorer: str,
+    *,
+    loss: bool = False,
+) -> tuple[Target, list[torch.Tensor]]:
+    """A scorer's (target stack, calibration batches), checked. loss=True: the scorer compares calibration losses, so
+    it needs a causal LM, sequences of at least 2 tokens and a stack of at least 2 layers."""
+    if loss:
+        require_causal_lm(model, scorer)
+    target = resolve_target(model, stack, n_remove, scorer)
+    batches = as_batches(batches, scorer, min_len=2 if loss else 1)
+    if loss and target.n_layers < 2:
+        raise ValueError(f"{scorer}: stack {target.name!r} has a single layer; there is nothing to compare")
+    return target, batches
+
+
+def runner_serves(model: nn.Module, target: Target) -> bool:
+    """Whether `StackCall.run` reproduces the stack: not for T5-style stacks, whose blocks compute a relative position
+    bias in the first block that the stack's forward hands on to the later ones (module docstring)."""
+    first = target.adapter.layers(model, target.spec)[0]
+    return not any(hasattr(m, "has_relative_attention_bias") for m in first.modules())
+
+
 def _layer_modules(model: nn.Module, target: Target) -> list[nn.Module]:
     """The distinct layer modules of the stack (a shared module appears once; ALBERT runs one module many times)."""
     seen: dict[int, nn.Module] = {}
@@ -117,33 +149,20 @@ def _layer_modules(model: nn.Module, target: Target) -> list[nn.Module]:
     return list(seen.values())
 
 
-def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _hidden_out(output: Any) -> torch.Tensor:
-    # Most layers return a tensor; some (T5) a tuple whose first item is the hidden states.
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 @contextlib.contextmanager
-def record_stack(
-    model: nn.Module, target: Target, *, outputs: bool = True
-) -> Iterator[list[tuple[torch.Tensor, torch.Tensor | None]]]:
-    """Record (input, output) hidden states [batch, seq, hidden] of every layer call of the stack, in call order.
-
-    Calls are what plan indices count: a layer module that runs several times (ALBERT) records once per run. The
-    list is filled by forward passes made inside the block; with `outputs=False` only inputs are kept.
-    """
-    calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+def record_stack(model: nn.Module, target: Target) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Record (input, output) hidden states [batch, seq, hidden] of every layer call of the stack, in call order, in
+    the forward passes made inside the block (for the stacks the runner cannot serve: `runner_serves`)."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     pending: list[torch.Tensor] = []
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # A copy, in case a layer adds to its input in place.
-        pending.append(_hidden_in(args, kwargs).detach().clone())
+        pending.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        calls.append((pending.pop(), _hidden_out(output).detach() if outputs else None))
+        # T5 blocks return a tuple whose first item is the hidden states.
+        calls.append((pending.pop(), (output if isinstance(output, torch.Tensor) else output[0]).detach()))
 
     handles = []
     try:
@@ -156,48 +175,44 @@ def record_stack(
             h.remove()
 
 
+def stack_call(model: nn.Module, ids: torch.Tensor, target: Target) -> tuple[torch.Tensor, StackCall]:
+    """(hidden states entering the stack [batch, seq, hidden], each layer's arguments) on token ids [batch, seq]:
+    the model's own embedding, mask and position code runs, none of its layers."""
+    hidden, call = capture_stack(model, model_inputs(model, ids), stack=target.spec, adapter=target.adapter)
+    if len(call) != target.n_layers:
+        raise RuntimeError(f"stack {target.name!r} runs {len(call)} layers, not its {target.n_layers} source layers")
+    return hidden, call
+
+
 @torch.no_grad()
 def stack_states(model: nn.Module, ids: torch.Tensor, target: Target) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inputs and outputs [batch, seq, hidden] of each layer of the stack, from one normal forward pass on `ids`.
+    """Inputs and outputs [batch, seq, hidden] of each layer of the stack on token ids [batch, seq] (outputs[i] equals
+    inputs[i + 1]); `model` must already be in eval mode."""
+    if not runner_serves(model, target):
+        with record_stack(model, target) as calls:
+            backbone(model)(**model_inputs(model, ids))
+        if len(calls) != target.n_layers:
+            raise RuntimeError(
+                f"expected {target.n_layers} layer calls in stack {target.name!r} during one forward pass, saw "
+                f"{len(calls)}; does the adapter name the right layer list?"
+            )
+        return [c[0] for c in calls], [c[1] for c in calls]
+    hidden, call = stack_call(model, ids, target)
+    states = [hidden]  # states[i] enters layer i, states[i + 1] leaves it
+    for i in range(target.n_layers):
+        states.append(call.run(states[-1], i, i + 1))
+    return states[:-1], states[1:]
 
-    The backbone runs (no task head); `model` must already be in eval mode.
-    """
-    with record_stack(model, target) as calls:
-        backbone(model)(**model_inputs(model, ids))
-    if len(calls) != target.n_layers:
-        raise RuntimeError(
-            f"expected {target.n_layers} layer calls in stack {target.name!r} during one forward pass, saw "
-            f"{len(calls)}; does the adapter name the right layer list?"
-        )
-    return [c[0] for c in calls], [c[1] for c in calls]
 
+def batch_states(
+    model: nn.Module, batches: list[torch.Tensor], target: Target, scorer: str, progress: bool = False
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+    """(ids, inputs, outputs of every layer) for each calibration batch in turn, the model in eval mode meanwhile;
+    progress: a progress bar named after `scorer`."""
+    if progress:
+        from tqdm.auto import tqdm
 
-@contextlib.contextmanager
-def feed_stack(model: nn.Module, target: Target) -> Iterator[Callable[[torch.Tensor], None]]:
-    """Within the block, `feed(hidden)` makes the next forward pass hand `hidden` [batch, seq, hidden] to the first
-    layer of the stack in place of what the layers before it (embedding, earlier layers) produced.
-
-    This resumes a forward pass from cached hidden states: everything else the layer receives (masks, position
-    embeddings) still comes from the model's own forward pass.
-    """
-    state: dict[str, torch.Tensor] = {}
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden = state.pop("hidden", None)  # one-shot: only the first layer call of a forward pass
-        if hidden is None:
-            return None
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    def feed(hidden: torch.Tensor) -> None:
-        state["hidden"] = hidden
-
-    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in _layer_modules(model, target)]
-    try:
-        yield feed
-        if state:
-            raise RuntimeError(f"a hidden state fed to stack {target.name!r} was never used by a forward pass")
-    finally:
-        for h in handles:
-            h.remove()
+        batches = tqdm(batches, desc=scorer, unit="batch")
+    with eval_mode(model):
+        for ids in batches:
+            yield (ids, *stack_states(model, ids, target))

@@ -1,11 +1,13 @@
 """Calibration loss of a causal LM running a subset of one stack's layers: next-token NLL, and KL from the full model.
 
-Candidates are what-if copies made by `apply_plan(..., share_weights=True)`, so no weights are copied and the model is
-never changed. Two things keep the many evaluations a search makes affordable, both exact:
+A candidate plan runs on the runner (`depthprune.runner`): the model's own layer modules, in the plan's order, each
+with the arguments the model's own forward gives it (per attention type on Gemma 3), then the adapter's final step
+(final norm, head, soft-cap). The model is never changed and no what-if copy is built. Two things keep the many
+evaluations a search makes affordable, both exact:
 
-- `PrefixCache`: the hidden states entering each layer of a plan, per batch. A candidate that shares its first `p`
-  layers with the cached plan resumes from the cached input of position `p` (a forward pre-hook hands it to the first
-  layer of a copy that holds only the remaining layers; the model's own forward pass supplies masks and positions).
+- `PrefixCache`: per calibration batch, each layer's captured arguments (`StackCall`) and the hidden states after
+  each leading part of a plan. A candidate that shares its first `p` layers with the cached plan resumes from the
+  cached state after `p` layers and runs only the rest.
 - `Reference`: the full model's next-token distribution, kept as its top-k tokens plus one bucket for the rest of the
   vocabulary, so the KL needs no second copy of the full logits. KL between distributions coarsened that way is a
   lower bound of the full KL, and exact when k covers the vocabulary.
@@ -14,15 +16,13 @@ never changed. Two things keep the many evaluations a search makes affordable, b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from depthprune.adapters.base import backbone
-from depthprune.plan import LayerPlan
-from depthprune.static.apply import apply_plan
-from depthprune.static.scorers.hidden import Target, feed_stack, model_inputs, record_stack
+from depthprune.runner import StackCall
+from depthprune.static.scorers.hidden import Target, model_inputs, stack_call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,27 +47,40 @@ class Reference:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixCache:
-    """Hidden states [batch, seq, hidden] entering each position of the plan `keep`: inputs[position][j] is for
-    calibration batch batch_ids[j]."""
+    """The plan `keep` run on calibration batches batch_ids: calls[j] holds each layer's arguments for batch
+    batch_ids[j], and states[p][j] [batch, seq, hidden] its hidden states after the first p layers of the plan
+    (states[0] enters the stack, states[len(keep)] leaves it)."""
 
     keep: tuple[int, ...]
     batch_ids: tuple[int, ...]
-    inputs: tuple[tuple[torch.Tensor, ...], ...]
+    calls: tuple[StackCall, ...]
+    states: tuple[tuple[torch.Tensor, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.states) != len(self.keep) + 1 or any(len(s) != len(self.batch_ids) for s in self.states):
+            raise ValueError("PrefixCache needs one state per batch after each of the 0..len(keep) leading layers")
+
+    def shared(self, keep: Sequence[int]) -> int:
+        """How many leading layers `keep` shares with the cached plan (those a run of `keep` can skip)."""
+        p = 0
+        while p < min(len(keep), len(self.keep)) and keep[p] == self.keep[p]:
+            p += 1
+        return p
+
+    def index(self, batch: int) -> int:
+        if batch not in self.batch_ids:
+            raise ValueError(f"calibration batch {batch} is not in the cache (it holds batches {self.batch_ids})")
+        return self.batch_ids.index(batch)
 
 
-def _plan(target: Target, keep: Sequence[int]) -> LayerPlan:
-    return LayerPlan({target.name: tuple(keep)})
-
-
-def _resume_position(cache: PrefixCache | None, keep: Sequence[int]) -> int:
-    """How many leading layers of `keep` can be skipped by starting from a cached input (0 = none)."""
-    if cache is None:
-        return 0
-    p = 0
-    limit = min(len(keep), len(cache.keep)) - 1  # leave at least one layer to run; inputs exist up to len-1
-    while p < limit and keep[p] == cache.keep[p]:
-        p += 1
-    return p
+def capture(
+    model: nn.Module, batches: Sequence[torch.Tensor], target: Target, batch_ids: Sequence[int] | None = None
+) -> PrefixCache:
+    """The empty plan's cache: each batch's hidden states entering the stack and its layers' arguments (no layer
+    runs)."""
+    batch_ids = tuple(range(len(batches)) if batch_ids is None else batch_ids)
+    captured = [stack_call(model, batches[b], target) for b in batch_ids]
+    return PrefixCache((), batch_ids, tuple(c[1] for c in captured), (tuple(c[0] for c in captured),))
 
 
 def _token_losses(
@@ -87,15 +100,13 @@ def _token_losses(
     return nll, kl.sum().item()
 
 
-@torch.no_grad()
-def reference(model: nn.Module, batches: Sequence[torch.Tensor], top_k: int = 256) -> Reference:
-    """The full model's next-token distribution on every batch (top-k truncated) and its own loss."""
+def _reference(logits: Iterable[torch.Tensor], batches: Sequence[torch.Tensor], top_k: int) -> Reference:
+    """The Reference of the full model's logits [b, seq, vocab] on each of `batches` (token ids [b, seq])."""
     ids_out, logp_out, rest_out = [], [], []
     nll, count = 0.0, 0
-    for ids in batches:
-        inputs = model_inputs(model, ids)
-        ids = inputs["input_ids"]
-        logp = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)  # [b, seq-1, vocab]
+    for batch_logits, ids in zip(logits, batches, strict=True):
+        ids = ids.to(batch_logits.device)
+        logp = torch.log_softmax(batch_logits[:, :-1].float(), dim=-1)  # [b, seq-1, vocab]
         nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
         count += ids[:, 1:].numel()
         k = min(top_k, logp.shape[-1])
@@ -111,25 +122,49 @@ def reference(model: nn.Module, batches: Sequence[torch.Tensor], top_k: int = 25
 
 
 @torch.no_grad()
+def reference(model: nn.Module, batches: Sequence[torch.Tensor], top_k: int = 256) -> Reference:
+    """The full model's next-token distribution on every batch (top-k truncated) and its own loss, from the model's
+    own forward pass (`full_pass` gets it from the runner together with a PrefixCache)."""
+    logits = (model(**model_inputs(model, ids)).logits for ids in batches)
+    return _reference(logits, batches, top_k)
+
+
+@torch.no_grad()
 def plan_inputs(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
     target: Target,
     keep: Sequence[int],
     batch_ids: Sequence[int] | None = None,
+    *,
+    cache: PrefixCache | None = None,
 ) -> PrefixCache:
-    """Run the plan `keep` (backbone only) and record the hidden states entering each of its layers."""
+    """Run the plan `keep` and cache the hidden states after each of its leading layers; from the shared prefix of
+    `cache` when given (it must hold the batches), else from a fresh capture."""
+    keep = tuple(keep)
     batch_ids = tuple(range(len(batches)) if batch_ids is None else batch_ids)
-    run = apply_plan(model, _plan(target, keep), share_weights=True)
-    per_position: list[list[torch.Tensor]] = [[] for _ in keep]
-    for b in batch_ids:
-        with record_stack(run, target, outputs=False) as calls:
-            backbone(run)(**model_inputs(run, batches[b]))
-        if len(calls) != len(keep):
-            raise RuntimeError(f"expected {len(keep)} layer calls in stack {target.name!r}, saw {len(calls)}")
-        for pos, (hidden, _) in enumerate(calls):
-            per_position[pos].append(hidden)
-    return PrefixCache(tuple(keep), batch_ids, tuple(tuple(p) for p in per_position))
+    cache = capture(model, batches, target, batch_ids) if cache is None else cache
+    p = cache.shared(keep)
+    rows = [cache.index(b) for b in batch_ids]
+    calls = tuple(cache.calls[j] for j in rows)
+    states = [tuple(cache.states[q][j] for j in rows) for q in range(p + 1)]
+    for layer in keep[p:]:
+        states.append(tuple(call.run(h, order=(layer,)) for call, h in zip(calls, states[-1], strict=True)))
+    return PrefixCache(keep, batch_ids, calls, tuple(states))
+
+
+def _logits(model: nn.Module, target: Target, hidden: torch.Tensor) -> torch.Tensor:
+    return target.adapter.final_logits(model, hidden, target.name)  # [batch, seq, vocab]
+
+
+@torch.no_grad()
+def full_pass(
+    model: nn.Module, batches: Sequence[torch.Tensor], target: Target, top_k: int = 256
+) -> tuple[Reference, PrefixCache]:
+    """The full model's reference distribution and the cache of its full plan, from one run of every layer."""
+    cache = plan_inputs(model, batches, target, range(target.n_layers))
+    logits = (_logits(model, target, h) for h in cache.states[-1])
+    return _reference(logits, [batches[b] for b in cache.batch_ids], top_k), cache
 
 
 @torch.no_grad()
@@ -145,21 +180,21 @@ def plan_loss(
 ) -> Loss:
     """NLL (and KL from `ref`) of the model running only the source layers `keep` of the target stack, in order.
 
-    With `cache`, the layers `keep` shares with the cached plan are skipped (same result, less work); `batch_ids`
-    picks which calibration batches to use (all by default; the cache must hold them).
+    With `cache`, the leading layers `keep` shares with the cached plan are skipped (same result, less work);
+    `batch_ids` picks which calibration batches to use (all by default; the cache must hold them).
     """
+    keep = tuple(keep)
     batch_ids = tuple(range(len(batches)) if batch_ids is None else batch_ids)
-    p = _resume_position(cache, keep)
-    run = apply_plan(model, _plan(target, keep[p:]), share_weights=True)
+    cache = capture(model, batches, target, batch_ids) if cache is None else cache
+    p = cache.shared(keep)
     nll, kl, count = 0.0, 0.0, 0
-    with feed_stack(run, target) as feed:
-        for b in batch_ids:
-            inputs = model_inputs(run, batches[b])
-            if p > 0:
-                feed(cache.inputs[p][cache.batch_ids.index(b)])
-            batch_ref = None if ref is None else (ref.top_ids[b], ref.top_logp[b], ref.rest_logp[b])
-            n, k = _token_losses(run(**inputs).logits, inputs["input_ids"], batch_ref)
-            nll += n
-            kl += k
-            count += inputs["input_ids"][:, 1:].numel()
+    for b in batch_ids:
+        j = cache.index(b)
+        hidden = cache.calls[j].run(cache.states[p][j], order=keep[p:])
+        ids = batches[b].to(hidden.device)
+        batch_ref = None if ref is None else (ref.top_ids[b], ref.top_logp[b], ref.rest_logp[b])
+        n, k = _token_losses(_logits(model, target, hidden), ids, batch_ref)
+        nll += n
+        kl += k
+        count += ids[:, 1:].numel()
     return Loss(nll / count, None if ref is None else kl / count, count)

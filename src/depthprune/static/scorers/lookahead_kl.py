@@ -32,7 +32,7 @@ Why it should beat the others at the same budget:
 
 Cost is kept bounded by the pool (most layers are never worth removing), the search subset (the stable KL makes a
 small one enough), and exact reuse of the hidden states a candidate shares with the plan it grows from
-(lm_loss.PrefixCache).
+(lm_loss.PrefixCache, on the runner).
 """
 
 from __future__ import annotations
@@ -45,15 +45,8 @@ import torch
 from torch import nn
 
 from depthprune.static.scorers import LayerScores
-from depthprune.static.scorers.hidden import (
-    Target,
-    as_batches,
-    eval_mode,
-    record_stack,
-    require_causal_lm,
-    resolve_target,
-)
-from depthprune.static.scorers.lm_loss import Loss, PrefixCache, plan_inputs, plan_loss, reference
+from depthprune.static.scorers.hidden import check_arguments, eval_mode
+from depthprune.static.scorers.lm_loss import Loss, PrefixCache, full_pass, plan_inputs, plan_loss
 
 NAME = "lookahead_kl"
 
@@ -82,18 +75,6 @@ def split_for_search(batches: list[torch.Tensor], fraction: float) -> tuple[list
 
 
 @torch.no_grad()
-def _full_pass(model: nn.Module, batches: list[torch.Tensor], target: Target, top_k: int):
-    """The full model's reference distribution and the hidden states entering each of its layers, in one pass."""
-    with record_stack(model, target, outputs=False) as calls:
-        ref = reference(model, batches, top_k)
-    per_batch = len(calls) // len(batches)
-    if per_batch != target.n_layers:
-        raise RuntimeError(f"expected {target.n_layers} layer calls per batch in stack {target.name!r}")
-    inputs = tuple(tuple(calls[b * per_batch + pos][0] for b in range(len(batches))) for pos in range(target.n_layers))
-    return ref, PrefixCache(tuple(range(target.n_layers)), tuple(range(len(batches))), inputs)
-
-
-@torch.no_grad()
 def lookahead_kl(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -115,11 +96,7 @@ def lookahead_kl(
     finalists are re-ranked on all of them. nll_weight: 0 for pure KL. top_k: tokens of the full model's
     distribution kept per position. refine: swap refinement after the beam search.
     """
-    require_causal_lm(model, NAME)
-    target = resolve_target(model, stack, n_remove, NAME)
-    batches = as_batches(batches, NAME, min_len=2)
-    if target.n_layers < 2:
-        raise ValueError(f"{NAME}: stack {target.name!r} has a single layer; there is nothing to compare")
+    target, batches = check_arguments(model, batches, n_remove, stack, NAME, loss=True)
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise ValueError(f"{NAME}: beam must be a positive integer, got {beam!r}")
     n_layers = target.n_layers
@@ -154,7 +131,7 @@ def lookahead_kl(
         if not removed:
             return full_cache
         keep = [i for i in range(n_layers) if i not in removed]
-        return plan_inputs(model, batches, target, keep, batch_ids=search_ids)
+        return plan_inputs(model, batches, target, keep, batch_ids=search_ids, cache=full_cache)
 
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -165,12 +142,10 @@ def lookahead_kl(
         clock = time.perf_counter()
 
     with eval_mode(model):
-        ref, full_cache = _full_pass(model, batches, target, top_k)
+        ref, full_cache = full_pass(model, batches, target, top_k)
         lap("reference")
         for ids in {search_ids, all_ids}:
-            loss(
-                frozenset(), full_cache, ids
-            )  # the full model's own NLL on each data split (cheap: resumes at the end)
+            loss(frozenset(), full_cache, ids)  # the full model's own NLL on each data split (cheap: only the head)
 
         # Every layer alone: the per-layer scores, and the pool of layers worth removing.
         for i in range(n_layers):

@@ -1,20 +1,20 @@
 """SLEB (Song et al. 2024, "SLEB: Streamlining LLMs through Redundancy Verification and Elimination of Transformer
 Blocks"): remove layers one at a time, each time the one whose removal gives the lowest calibration perplexity.
 
-Every candidate is a what-if copy of the model sharing its weights (`apply_plan(..., share_weights=True)`) that runs
-the current plan minus one layer. The per-layer score is the calibration NLL increase when that layer alone is
-removed from the full model (the first iteration). Each iteration costs one forward pass per remaining layer; a cache
-of the hidden states entering each layer of the current plan lets a candidate skip the layers before the one it
-drops (same numbers, about half the work).
+Every candidate is the current plan minus one layer, run on the model's own layers by the runner (lm_loss). The
+per-layer score is the calibration NLL increase when that layer alone is removed from the full model (the first
+iteration). Each iteration costs one forward pass per remaining layer; a cache of the hidden states after each
+leading part of the current plan lets a candidate skip the layers before the one it drops (same numbers, about half
+the work), and the next plan's cache starts where it parts from the current one.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from depthprune.static.scorers import LayerScores
-from depthprune.static.scorers.hidden import as_batches, eval_mode, require_causal_lm, resolve_target
+from depthprune.static.scorers.hidden import check_arguments, eval_mode
 from depthprune.static.scorers.lm_loss import plan_inputs, plan_loss
 
 NAME = "sleb"
@@ -22,19 +22,10 @@ NAME = "sleb"
 
 @torch.no_grad()
 def sleb(
-    model: nn.Module,
-    batches: list[torch.Tensor],
-    n_remove: int = 1,
-    *,
-    stack: str | None = None,
-    progress: bool = False,
+    model: nn.Module, batches: list[Tensor], n_remove: int = 1, *, stack: str | None = None, progress: bool = False
 ) -> LayerScores:
     """Greedy removal by calibration perplexity, n_remove times."""
-    require_causal_lm(model, NAME)
-    target = resolve_target(model, stack, n_remove, NAME)
-    batches = as_batches(batches, NAME, min_len=2)
-    if target.n_layers < 2:
-        raise ValueError(f"{NAME}: stack {target.name!r} has a single layer; there is nothing to compare")
+    target, batches = check_arguments(model, batches, n_remove, stack, NAME, loss=True)
     steps = max(n_remove, 1)  # the scores need the first iteration even for n_remove=0
     bar = None
     if progress:
@@ -49,7 +40,7 @@ def sleb(
         full_nll = plan_loss(model, batches, target, keep, cache=cache).nll
         for step in range(steps):
             if step:
-                cache = plan_inputs(model, batches, target, keep)
+                cache = plan_inputs(model, batches, target, keep, cache=cache)
             nll = {}
             for pos, layer in enumerate(keep):
                 nll[layer] = plan_loss(model, batches, target, keep[:pos] + keep[pos + 1 :], cache=cache).nll
