@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 import transformers
-from tiny_models import build, build_gemma3_sliding, input_ids
+from tiny_models import build, build_gemma3_sliding, build_opt_projected, input_ids
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from depthprune.adapters import get_adapter
-from depthprune.exits.lm_heads import ExitHeadsLike
+from depthprune.exits.lm_heads import DecoderExitHeads, ExitHeadsLike
 from depthprune.exits.token_criteria import TokenState, make_criterion
 from depthprune.generation.generate import early_exit_generate
 from depthprune.runner import capture_layer_inputs
@@ -353,6 +353,22 @@ def test_qwen2_without_sliding_window_is_plain_greedy():
     ids, mask = input_ids(batch=3, seq=6)
     out = early_exit_generate(model, Lens(model), ids, mask, criterion=NEVER, max_new_tokens=6, kv="recompute")
     assert torch.equal(out.sequences, greedy(model, ids, mask, 6))
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+def test_opt_with_a_projection_after_the_final_norm_is_plain_greedy(kv):
+    """OPT with word_embed_proj_dim < hidden_size: the final step is norm -> project_out -> LM head (the adapter's
+    final_proj), for the last layer and for the exits alike."""
+    model = build_opt_projected()
+    ids, mask = input_ids(batch=3, seq=6, pad_first_row=2)
+    heads = DecoderExitHeads.for_model(model, [1, 2], "logit_lens")
+    out = early_exit_generate(model, heads, ids, mask, criterion=NEVER, max_new_tokens=6, kv=kv)
+    assert torch.equal(out.sequences, greedy(model, ids, mask, 6))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        decoder = model.model.decoder
+        expected = model.lm_head(decoder.project_out(decoder.final_layer_norm(hidden[2])))
+        assert torch.allclose(heads.logits(1, hidden[2]), expected, atol=1e-6)
 
 
 # ---- sliding-window decoders -----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ than the sequence) and on plain ones."""
 
 import pytest
 import torch
-from tiny_models import build, build_gemma3_sliding, input_ids
+from tiny_models import build, build_gemma3_sliding, build_opt_projected, input_ids
 
 from depthprune.adapters import get_adapter
 from depthprune.runner import capture_layer_inputs, capture_stack
@@ -13,10 +13,11 @@ SEQ = 9  # longer than every tiny sliding window (3 or 4)
 
 
 def model_of(name):
-    return build_gemma3_sliding() if name == "gemma3_sliding" else build(name)
+    special = {"gemma3_sliding": build_gemma3_sliding, "opt_projected": build_opt_projected}
+    return special[name]() if name in special else build(name)
 
 
-@pytest.mark.parametrize("name", ["gemma3_sliding", "qwen2", "mistral", "llama", "gpt2"])
+@pytest.mark.parametrize("name", ["gemma3_sliding", "qwen2", "mistral", "llama", "gpt2", "opt", "opt_projected"])
 def test_full_depth_run_equals_the_models_logits(name):
     model = model_of(name)
     ids, mask = input_ids(batch=3, seq=SEQ, pad_first_row=3)

@@ -343,3 +343,12 @@ def tokenizer(words: list[str] = WORDS) -> transformers.PreTrainedTokenizerBase:
     tokenize text; every other word reads as [UNK]."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     return transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def build_opt_projected(seed: int = 0) -> nn.Module:
+    """OPT whose word embeddings are narrower than its hidden size (word_embed_proj_dim < hidden_size, as opt-350m):
+    project_in after the embedding, project_out after the final norm, before the LM head."""
+    config = CASES["opt"].config()
+    config.word_embed_proj_dim = HIDDEN // 2
+    torch.manual_seed(seed)
+    return transformers.OPTForCausalLM(config).eval()

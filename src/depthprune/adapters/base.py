@@ -41,6 +41,9 @@ class StackSpec:
         KV caches keep one slot per position).
     depth_fields: config fields describing the depth of this stack (set to the new depth) and per-layer config lists.
     final_norm: dotted path of the norm applied after the stack, if any.
+    final_proj: dotted path of a projection applied after the final norm and before the head, when the model has one
+        (OPT's `decoder.project_out` where `word_embed_proj_dim` differs from the hidden size; None at run time when
+        the model has none).
     module_depth_attrs: dotted paths of plain int attributes on modules holding the depth (e.g. DistilBERT's n_layers).
     """
 
@@ -49,6 +52,7 @@ class StackSpec:
     index_attrs: tuple[str, ...] = ()
     depth_fields: tuple[ConfigField, ...] = ()
     final_norm: str | None = None
+    final_proj: str | None = None
     module_depth_attrs: tuple[str, ...] = ()
 
 
@@ -170,9 +174,16 @@ class Adapter:
         cap = getattr(config, self.logit_softcap, None)
         return float(cap) if cap else None
 
+    def final_projection(self, model: nn.Module) -> nn.Module | None:
+        """The projection between the last stack's final norm and the head, when the model has one (else None)."""
+        spec = self.stacks[-1]
+        return get_path(backbone(model), spec.final_proj, default=None) if spec.final_proj else None
+
     def head_logits(self, model: nn.Module, state: torch.Tensor) -> torch.Tensor:
-        """The model's own head on a final-normed state [b, s, hidden] -> [b, s, vocab], soft-capped like the model."""
-        logits = self.head(model)(state)
+        """The model's own head on a final-normed state [b, s, hidden] -> [b, s, vocab]: its projection to the head's
+        width where it has one (OPT's project_out), the head, and the logit soft-capping, as the model does."""
+        proj = self.final_projection(model)
+        logits = self.head(model)(proj(state) if proj is not None else state)
         cap = self.softcap(model)
         if cap:
             logits = torch.tanh(logits / cap) * cap

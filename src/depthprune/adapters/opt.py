@@ -13,6 +13,7 @@ ADAPTERS = [
                 index_attrs=("self_attn.layer_idx",),
                 depth_fields=(ConfigField("num_hidden_layers"),),
                 final_norm="decoder.final_layer_norm",
+                final_proj="decoder.project_out",
             ),
         ),
         heads=("lm_head", "score"),

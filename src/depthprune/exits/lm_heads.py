@@ -149,11 +149,11 @@ def _model_facts(model: nn.Module) -> tuple[Any, _Shared, int, int, int]:
             f"norm (found {type(head).__name__}); load the model as a causal LM: "
             "depthprune.io.load_model(name, task='causal-lm')"
         )
-    if weight.shape[1] != hidden:
+    if weight.shape[1] != hidden and adapter.final_projection(model) is None:
         raise ValueError(
-            f"{type(model).__name__}'s LM head reads {weight.shape[1]} features but its layers output {hidden}: the "
-            "model projects hidden states between the final norm and the head (e.g. OPT-350m's project_out), which "
-            "decoder exit heads do not support"
+            f"{type(model).__name__}'s LM head reads {weight.shape[1]} features but its layers output {hidden}, and "
+            f"the {adapter.family} adapter names no projection between them (StackSpec.final_proj, as OPT's "
+            "project_out); declare it in the adapter"
         )
     depth = adapter.num_layers(model)["decoder"]
     return adapter, _Shared(norm, head, adapter.softcap(model), adapter, model), depth, hidden, vocab
