@@ -17,6 +17,7 @@ sequence of positions from a hidden state, for a subset of rows, with or without
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -160,6 +161,9 @@ class StackCall:
         return hidden
 
 
+_CAPTURE_LOCK = threading.RLock()
+
+
 class _Recorder(nn.Module):
     """Stands in for one layer during a capture: stores its call, passes its hidden input on, or stops the forward."""
 
@@ -198,7 +202,9 @@ def capture_stack(
     """Run `model(**inputs)` over `stack` (default: the model's last stack) without running any of its layers.
 
     Returns (hidden states entering the stack [batch, seq, hidden], StackCall). The model's own embedding, mask and
-    position code runs; its layer modules are restored before this returns, whatever happens.
+    position code runs; its layer modules are restored before this returns, whatever happens. Captures are serialized
+    by a lock; while one runs, the same model must not run a forward pass in another thread (its layers are stand-ins
+    for that moment): a server that shares one model between threads runs it under one lock.
     """
     adapter = adapter or get_adapter(model)
     spec = adapter.present_stacks(model)[-1] if stack is None else stack
@@ -209,16 +215,17 @@ def capture_stack(
     module_list = adapter.layers(model, spec)
     originals = list(module_list)
     seen: list[tuple[torch.Tensor, tuple, dict]] = []
-    try:
-        for i, layer in enumerate(originals):
-            module_list[i] = _Recorder(layer, seen, stop_after)
+    with _CAPTURE_LOCK:
         try:
-            model(**inputs)
-        except _Captured:
-            pass
-    finally:
-        for i, layer in enumerate(originals):
-            module_list[i] = layer
+            for i, layer in enumerate(originals):
+                module_list[i] = _Recorder(layer, seen, stop_after)
+            try:
+                model(**inputs)
+            except _Captured:
+                pass
+        finally:
+            for i, layer in enumerate(originals):
+                module_list[i] = layer
     if len(seen) <= stop_after:
         raise RuntimeError(
             f"{type(model).__name__}'s forward called {len(seen)} {spec.name} layers, fewer than the {stop_after + 1} "
