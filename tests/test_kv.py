@@ -38,3 +38,42 @@ def test_left_align_moves_masked_columns_left():
     assert out.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert cache.layers[3].keys[0, 0, :, 0].tolist() == [3, 4, 0, 1, 2]
     assert cache.layers[3].values[1, 0, :, 0].tolist() == [5, 6, 7, 8, 9]
+
+
+def test_a_registered_kv_strategy_drives_the_decoding_loop():
+    """A third party's strategy (here: CALM's propagation, counting the rows it propagates) registered by name runs in
+    early_exit_generate: the same tokens and exit layers as the built-in "propagate", and it really was called."""
+    from tiny_models import build
+
+    from depthprune.exits.lm_heads import DecoderExitHeads
+    from depthprune.generation.generate import early_exit_generate
+    from depthprune.kv import Propagate
+    from depthprune.registry import KV_STRATEGIES, register_kv_strategy
+
+    calls = []
+
+    class Counting(Propagate):
+        name = "counting"
+
+        def left(self, rows, layer_idx, hidden):
+            calls.append(int(rows.numel()))
+            super().left(rows, layer_idx, hidden)
+
+    register_kv_strategy("counting", Counting)
+    try:
+        model = build("llama")
+        heads = DecoderExitHeads.for_model(model, [0, 1, 2], "logit_lens")
+        ids, mask = input_ids(batch=3, seq=5, pad_first_row=2)
+        kw = dict(criterion="fixed:1", max_new_tokens=5, eos_token_id=())
+        ours = early_exit_generate(model, heads, ids, mask, kv="counting", **kw)
+        ref = early_exit_generate(model, heads, ids, mask, kv="propagate", **kw)
+    finally:
+        KV_STRATEGIES.unregister("counting")
+    assert torch.equal(ours.sequences, ref.sequences) and torch.equal(ours.exit_layers, ref.exit_layers)
+    assert sum(calls) == 3 * 4  # every row left after layer 1 at each of the 4 steps after the deep prefill
+    try:
+        early_exit_generate(model, heads, ids, mask, kv="counting", **kw)
+    except ValueError as err:
+        assert "unknown kv strategy 'counting'" in str(err) and "propagate" in str(err)
+    else:
+        raise AssertionError("an unregistered strategy was accepted")

@@ -44,7 +44,7 @@ and surgery of cache tensors lives in this module.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -325,3 +325,92 @@ class DeferredKV:
         for p in list(self.calls):
             if bool((self.depth[active, p] >= self.num_layers).all()):
                 del self.calls[p]
+
+
+class KVStrategy(Protocol):
+    """What a decoding loop asks of a KV strategy for the layers some rows skip (one instance per generation, bound to
+    its cache; built as `cls(cache, batch_size, num_layers, length)`; registered by name in depthprune.registry)."""
+
+    name: str
+
+    def start_step(self, call: StackCall, position: int, hidden: torch.Tensor) -> None: ...
+
+    def before_layer(self, layer_idx: int, running: torch.Tensor) -> None: ...
+
+    def pending(self) -> bool: ...
+
+    def left(self, rows: torch.Tensor, layer_idx: int, hidden: torch.Tensor) -> None: ...
+
+    def end_step(self, active: torch.Tensor) -> None: ...
+
+
+class Propagate:
+    """CALM's strategy, for a decoding loop (registered as "propagate"): the rows that leave a step's layer stack early
+    still get keys/values at every layer above, computed from their exit state by `propagate`.
+
+    The loop calls, per step: `start_step`, then for each layer `before_layer` (propagates the rows gone so far into
+    this layer), `left` for rows that stop after a layer, and `end_step`; `pending()` says whether layers above still
+    need work although no row runs them."""
+
+    name = "propagate"
+
+    def __init__(self, cache: DynamicCache, batch_size: int, num_layers: int, length: int) -> None:
+        self.cache, self.num_layers = cache, num_layers
+        self.call: StackCall | None = None
+        self.position = 0
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.hidden: torch.Tensor | None = None
+
+    def start_step(self, call: StackCall, position: int, hidden: torch.Tensor) -> None:
+        """hidden [batch, 1, hidden] entering the stack (sets shapes)."""
+        self.call, self.position = call, position
+        self.rows = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        self.hidden = hidden[:0]
+
+    def before_layer(self, layer_idx: int, running: torch.Tensor) -> None:
+        if self.rows.numel():
+            propagate(self.call, layer_idx, self.cache, self.rows, self.hidden, self.position)
+
+    def pending(self) -> bool:
+        return bool(self.rows.numel())
+
+    def left(self, rows: torch.Tensor, layer_idx: int, hidden: torch.Tensor) -> None:
+        """`rows` stopped after `layer_idx` with states hidden [len(rows), 1, hidden]."""
+        if layer_idx < self.num_layers - 1:
+            self.rows = torch.cat([self.rows, rows])
+            self.hidden = torch.cat([self.hidden, hidden])
+
+    def end_step(self, active: torch.Tensor) -> None:
+        """active: bool [batch], the rows that took part in this step."""
+
+
+class Recompute:
+    """EE-LLM's strategy, for a decoding loop (registered as "recompute"): skipped entries stay holes, filled by
+    `DeferredKV` when the row's next token reaches the layer. Same calls as `Propagate`."""
+
+    name = "recompute"
+
+    def __init__(self, cache: DynamicCache, batch_size: int, num_layers: int, length: int) -> None:
+        self.cache, self.batch_size, self.num_layers, self.length = cache, batch_size, num_layers, length
+        self.deferred: DeferredKV | None = None
+        self.position = 0
+
+    def start_step(self, call: StackCall, position: int, hidden: torch.Tensor) -> None:
+        if self.deferred is None:
+            self.deferred = DeferredKV(self.batch_size, self.length, self.num_layers, hidden)
+        self.deferred.add_step(position, call)
+        self.position = position
+
+    def before_layer(self, layer_idx: int, running: torch.Tensor) -> None:
+        self.deferred.fill(layer_idx, running, self.cache, self.position)
+
+    def pending(self) -> bool:
+        return False
+
+    def left(self, rows: torch.Tensor, layer_idx: int, hidden: torch.Tensor) -> None:
+        if layer_idx < self.num_layers - 1:
+            self.deferred.exited(rows, self.position, layer_idx, hidden[:, -1])
+
+    def end_step(self, active: torch.Tensor) -> None:
+        self.deferred.skipped((~active).nonzero().flatten(), self.position)
+        self.deferred.forget(active)

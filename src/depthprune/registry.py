@@ -98,8 +98,10 @@ class Registry:
             return entry.obj
         if entry.module is None:
             return name
-        module = importlib.import_module(entry.module)
-        return module if self.attr is None else getattr(module, self.attr)
+        path, _, attr = entry.module.partition(":")  # "package.module:Name" names one object of a shared module
+        module = importlib.import_module(path)
+        attr = attr or self.attr
+        return module if attr is None else getattr(module, attr)
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per entry (name, description, where it comes from), without importing anything."""
@@ -161,8 +163,14 @@ RECIPES = Registry("training recipe").add_builtins(
 
 KV_STRATEGIES = Registry("kv strategy", plural="kv strategies (skipped layers' cache)").add_builtins(
     {
-        "propagate": (None, "CALM: the exited state goes through the skipped layers' key/value projections"),
-        "recompute": (None, "EE-LLM: skipped entries are filled by the row's next token that reaches the layer"),
+        "propagate": (
+            "depthprune.kv:Propagate",
+            "CALM: the exited state goes through the skipped layers' key/value projections",
+        ),
+        "recompute": (
+            "depthprune.kv:Recompute",
+            "EE-LLM: skipped entries are filled by the row's next token that reaches the layer",
+        ),
     }
 )
 
@@ -249,6 +257,25 @@ def register_recipe(name: str, recipe: Any, *, description: str | None = None) -
     if not hasattr(recipe, "STAGES"):
         raise ValueError(f"recipe {name!r} has no STAGES: give a module or object with a list of Stage")
     return RECIPES.register(name, recipe, description=description)
+
+
+def register_kv_strategy(name: str, cls: Any, *, description: str | None = None) -> Any:
+    """Register a KV strategy for the layers a token skips: a class built as `cls(cache, batch_size, num_layers,
+    length)` with the methods of `depthprune.kv.KVStrategy` (start_step, before_layer, pending, left, end_step);
+    `early_exit_generate(..., kv=name)` then uses it.
+
+        >>> from depthprune.kv import Propagate
+        >>> class Logged(Propagate):
+        ...     name = "logged"
+        >>> _ = register_kv_strategy("logged", Logged, description="propagate, under another name")
+        >>> KV_STRATEGIES.get("logged") is Logged
+        True
+        >>> KV_STRATEGIES.unregister("logged")
+    """
+    missing = [m for m in ("start_step", "before_layer", "pending", "left", "end_step") if not hasattr(cls, m)]
+    if missing:
+        raise ValueError(f"kv strategy {name!r} lacks {missing}: see depthprune.kv.KVStrategy")
+    return KV_STRATEGIES.register(name, cls, description=description)
 
 
 def parse_threshold(text: str, criterion_class: Callable[[str], Any]) -> Any:

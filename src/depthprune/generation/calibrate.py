@@ -27,8 +27,9 @@ from torch import nn
 from depthprune.decoding import special_tokens
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, criterion_class, list_criteria
-from depthprune.generation.generate import KV_MODES, early_exit_generate
+from depthprune.generation.generate import early_exit_generate
 from depthprune.ltt import ltt_select
+from depthprune.registry import KV_STRATEGIES
 
 CONSISTENCY = ("tokens", "rouge_l")
 
@@ -243,8 +244,7 @@ def _check_setup(model: nn.Module, heads: ExitHeadsLike, consistency: str, kv: s
     from depthprune.adapters.registry import get_adapter
 
     consistency_fn(consistency)
-    if kv not in KV_MODES:
-        raise ValueError(f"unknown kv strategy {kv!r}; choose one of {KV_MODES}")
+    KV_STRATEGIES.check(kv)  # an unknown name lists the registered strategies
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     depth = get_adapter(model).num_layers(model).get("decoder")

@@ -25,11 +25,11 @@ from depthprune import decoding
 from depthprune.adapters.registry import get_adapter
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState, parse_criterion
-from depthprune.kv import DeferredKV, RowView, check_cache, decoder_cache, grow_cache, propagate
+from depthprune.kv import KVStrategy, RowView, check_cache, decoder_cache, grow_cache
 from depthprune.registry import KV_STRATEGIES
 from depthprune.runner import capture_stack
 
-KV_MODES = tuple(KV_STRATEGIES)  # the names registered in depthprune.registry
+KV_MODES = tuple(KV_STRATEGIES)  # the built-in strategies; depthprune.registry.register_kv_strategy adds others
 
 
 @dataclasses.dataclass
@@ -83,8 +83,7 @@ def early_exit_generate(
     With a criterion that never fires, the result is token-identical to `model.generate(do_sample=False)`.
     """
     crit = parse_criterion(criterion) if isinstance(criterion, str) else criterion
-    if kv not in KV_MODES:
-        raise ValueError(f"unknown kv strategy {kv!r}; choose one of {KV_MODES}")
+    KV_STRATEGIES.check(kv)  # an unknown name lists the registered strategies
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _, layers, final_logits = decoding.decoder_parts(model)
@@ -107,7 +106,8 @@ def early_exit_generate(
     exit_layers = torch.full((batch, max_new_tokens), -1, dtype=torch.long, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     times: list[float] = []
-    loop = _Loop(model, heads, crit, kv, layers, final_logits, exits, cache, batch)
+    strategy = KV_STRATEGIES.get(kv)(cache, batch, num_layers, total)  # see depthprune.kv: Propagate, Recompute
+    loop = _Loop(model, heads, crit, strategy, layers, final_logits, exits, cache, batch)
 
     with torch.no_grad():
         start = decoding.wall_time(device, sync=timing)
@@ -123,7 +123,7 @@ def early_exit_generate(
             token = out.logits[:, -1].argmax(-1)
             layer_of = torch.full((batch,), num_layers - 1, dtype=torch.long, device=device)
         else:
-            token, layer_of = loop.step(input_ids[:, -1], mask, positions[:, -1], prompt_len - 1, active, total)
+            token, layer_of = loop.step(input_ids[:, -1], mask, positions[:, -1], prompt_len - 1, active)
         for step in range(max_new_tokens):
             token = torch.where(active, token, torch.full_like(token, pad))
             layer_of = torch.where(active, layer_of, torch.full_like(layer_of, -1))
@@ -143,7 +143,7 @@ def early_exit_generate(
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
             next_pos = positions[:, -1] + 1
             positions = torch.cat([positions, next_pos[:, None]], dim=1)
-            token, layer_of = loop.step(token, mask, next_pos, position, active, total)
+            token, layer_of = loop.step(token, mask, next_pos, position, active)
 
     return EarlyExitOutput(
         sequences=sequences,
@@ -162,7 +162,7 @@ class _Loop:
         model: nn.Module,
         heads: ExitHeadsLike,
         criterion: TokenCriterion,
-        kv: str,
+        kv: KVStrategy,
         layers: list[nn.Module],
         final_logits: Callable[[torch.Tensor], torch.Tensor],
         exits: set[int],
@@ -173,7 +173,6 @@ class _Loop:
         self.layers, self.final_logits, self.exits = layers, final_logits, exits
         self.cache, self.batch = cache, batch
         self.adapter = get_adapter(model)
-        self.deferred: DeferredKV | None = None
 
     def step(
         self,
@@ -182,32 +181,24 @@ class _Loop:
         pos_ids: torch.Tensor,  # [batch]
         position: int,
         active: torch.Tensor,  # bool [batch]
-        total: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the token at cache position `position`; return (next token [batch], its exit layer [batch])."""
         num_layers, batch, cache = len(self.layers), self.batch, self.cache
         inputs = decoding.step_inputs(self.model, token[:, None], mask, pos_ids[:, None], cache)
         hidden, call = capture_stack(self.model, inputs, adapter=self.adapter)  # [batch, 1, hidden], every layer's call
-        if self.kv == "recompute":
-            if self.deferred is None:
-                self.deferred = DeferredKV(batch, total, num_layers, hidden)
-            self.deferred.add_step(position, call)
+        kv = self.kv
+        kv.start_step(call, position, hidden)
         next_token = token.new_zeros(batch)
         exit_layer = torch.full((batch,), -1, dtype=torch.long, device=token.device)
 
         running = active.nonzero().flatten()  # [n] rows still going up
         h = hidden.index_select(0, running)  # [n, 1, hidden]
-        gone_rows = running[:0]  # rows that exited (propagate: they still need keys/values above their exit)
-        gone_hidden = h[:0]
         for idx in range(num_layers):
-            if gone_rows.numel() and self.kv == "propagate":
-                propagate(call, idx, cache, gone_rows, gone_hidden, position)
+            kv.before_layer(idx, running)  # the strategy's work at this layer (propagate the rows gone, fill holes)
             if not running.numel():
-                if self.kv == "propagate" and gone_rows.numel():
+                if kv.pending():
                     continue
                 break
-            if self.deferred is not None:
-                self.deferred.fill(idx, running, cache, position)
             rows_arg = None if running.numel() == batch else running
             view = RowView(cache, rows_arg, position, batch)
             prev, h = h, call.run(h, idx, idx + 1, rows=running, cache=view)
@@ -229,17 +220,11 @@ class _Loop:
             out_rows = running[go]
             next_token[out_rows] = logits.argmax(-1).to(next_token.dtype)
             exit_layer[out_rows] = idx
-            if self.deferred is not None and idx < num_layers - 1:
-                self.deferred.exited(out_rows, position, idx, h[go, -1])
-            if self.kv == "propagate" and idx < num_layers - 1:
-                gone_rows = torch.cat([gone_rows, out_rows])
-                gone_hidden = torch.cat([gone_hidden, h[go]])
+            kv.left(out_rows, idx, h[go])
             running, h = running[~go], h[~go]
 
         grow_cache(cache, position + 1, batch)  # layers no row reached keep holes at this position
-        if self.deferred is not None:
-            self.deferred.skipped((~active).nonzero().flatten(), position)
-            self.deferred.forget(active)
+        kv.end_step(active)
         return next_token, exit_layer
 
     def _state(self, idx: int, h: torch.Tensor, prev: torch.Tensor, running: torch.Tensor) -> TokenState:
