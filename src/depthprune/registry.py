@@ -182,6 +182,15 @@ HEAD_KINDS = Registry("exit head kind", plural="decoder exit-head kinds").add_bu
     }
 )
 
+HEALERS = Registry("healing method", "HEALER", plural="healing methods (static pruning)").add_builtins(
+    {
+        "fold": (
+            "depthprune.static.heal.fold",
+            "ReplaceMe: a least-squares linear map per removed run, folded into the layer before it (no training)",
+        ),
+    }
+)
+
 REGISTRIES: dict[str, Registry] = {
     "scorers": SCORERS,
     "criteria": CRITERIA,
@@ -189,6 +198,7 @@ REGISTRIES: dict[str, Registry] = {
     "recipes": RECIPES,
     "kv_strategies": KV_STRATEGIES,
     "head_kinds": HEAD_KINDS,
+    "healers": HEALERS,
 }
 """Every registry by the key `depthprune list --json` prints it under."""
 
@@ -276,6 +286,21 @@ def register_kv_strategy(name: str, cls: Any, *, description: str | None = None)
     if missing:
         raise ValueError(f"kv strategy {name!r} lacks {missing}: see depthprune.kv.KVStrategy")
     return KV_STRATEGIES.register(name, cls, description=description)
+
+
+def register_healer(name: str, healer: Callable[..., Any], *, description: str | None = None) -> Callable[..., Any]:
+    """Register a healing method: `healer(model, plan, batches, *, progress=False, **options)` returning a new, healed
+    model that runs `plan` (see depthprune.static.heal); `depthprune.static.heal.heal(..., method=name)` then uses it.
+
+        >>> from depthprune.static.apply import apply_plan
+        >>> _ = register_healer("none", lambda model, plan, batches, **kw: apply_plan(model, plan))
+        >>> "none" in HEALERS
+        True
+        >>> HEALERS.unregister("none")
+    """
+    if not callable(healer):
+        raise ValueError(f"healer {name!r} must be callable as healer(model, plan, batches, **options)")
+    return HEALERS.register(name, healer, description=description)
 
 
 def parse_threshold(text: str, criterion_class: Callable[[str], Any]) -> Any:

@@ -41,6 +41,9 @@ class StackSpec:
         KV caches keep one slot per position).
     depth_fields: config fields describing the depth of this stack (set to the new depth) and per-layer config lists.
     final_norm: dotted path of the norm applied after the stack, if any.
+    output_proj: dotted path, inside one layer, of the projection whose output is added straight to the residual stream
+        (the MLP's down projection), where a linear map can be folded exactly (healing by `fold`); None where the
+        family has none or normalizes that output before the residual add (Gemma's post-feedforward norm).
     final_proj: dotted path of a projection applied after the final norm and before the head, when the model has one
         (OPT's `decoder.project_out` where `word_embed_proj_dim` differs from the hidden size; None at run time when
         the model has none).
@@ -53,6 +56,7 @@ class StackSpec:
     depth_fields: tuple[ConfigField, ...] = ()
     final_norm: str | None = None
     final_proj: str | None = None
+    output_proj: str | None = None
     module_depth_attrs: tuple[str, ...] = ()
 
 
