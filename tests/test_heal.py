@@ -107,3 +107,23 @@ def test_bad_input_gets_a_clear_error():
 
 def test_healers_are_listed():
     assert "fold" in list_healers() and "fold" in HEALERS
+
+
+def test_heal_and_prune_heal_on_the_command_line(tmp_path, capsys):
+    from tiny_models import tokenizer
+
+    from depthprune.cli.main import main
+
+    folder = tmp_path / "llama"
+    build("llama").save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    cal = ["--seq-len", "12", "--blocks", "3"]
+    assert main(["heal", str(folder), "--plan", "0,3", *cal, "-o", str(tmp_path / "healed")]) == 0
+    assert "healed by fold" in capsys.readouterr().out
+    config = json.loads((tmp_path / "healed" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["depthprune"]["healing"]["method"] == "fold"
+    rc = main(["prune", str(folder), "--remove", "1", "--scorer", "block_influence", "--heal", "fold", *cal,
+               "-o", str(tmp_path / "pruned")])  # fmt: skip
+    assert rc == 0 and json.loads((tmp_path / "pruned" / "config.json").read_text())["num_hidden_layers"] == 3
+    rc = main(["prune", str(folder), "--plan", "0,3", "--heal", "glue", "-o", str(tmp_path / "x")])
+    assert rc == 2 and "unknown healing method 'glue'" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -101,9 +101,11 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert json.loads(out)["scorers"] if "--json" in argv else "scorers:" in out
     elif command == "analyze":
         assert {"layer_scores.png", "scores.csv", "scores.json"} <= {p.name for p in folder.iterdir()}
-    elif command in ("prune", "train-skipdecode"):
+    elif command in ("prune", "heal", "train-skipdecode"):
         config = json.loads((folder / "config.json").read_text())
         assert (folder / "model.safetensors").is_file()
+        if command == "heal":
+            assert config["depthprune"]["healing"]["method"] == "fold" and "healed by fold" in out
         if "--plan" in argv:
             assert config["num_hidden_layers"] == sum(LayerPlan.parse(option["--plan"]).num_layers().values())
         elif "--remove" in argv:

@@ -66,29 +66,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from depthprune.io import has_tokenizer, load_model
     from depthprune.plan import LayerPlan
+    from depthprune.registry import HEALERS
     from depthprune.static.export import save_model
     from depthprune.static.prune import prune
 
     check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
+    if args.heal is not None:
+        HEALERS.check(args.heal)
     model = load_model(args.model)
-    if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
+    batches = None
+    if args.plan is not None and args.heal is None:  # a plan tokenizes nothing: the tokenizer is copied along if any
         source = args.tokenizer or args.model
         tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
         result = prune(model, plan=args.plan)
     else:
         tokenizer = tokenizer_for(args, args.model)
-        result = prune(
-            model,
-            remove=args.remove,
-            scorer=args.scorer,
-            batches=_calibration(args, tokenizer),
-            stack=args.stack,
-            progress=True,
-        )
-    out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
+        batches = _calibration(args, tokenizer)
+        if args.plan is not None:
+            result = prune(model, plan=args.plan)
+        else:
+            result = prune(
+                model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack, progress=True
+            )
+    pruned = result.model
+    if args.heal is not None:
+        from depthprune.static.heal import heal
+
+        pruned = heal(model, result.plan, batches, method=args.heal, progress=True)
+    out = save_model(pruned, args.output, tokenizer, overwrite=args.overwrite)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
+    healing = (getattr(pruned.config, "depthprune", None) or {}).get("healing")
+    if healing:
+        print(f"healed by {args.heal}: " + json.dumps(healing.get("runs", healing)))
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
     print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
@@ -182,17 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
-    how.add_argument("--plan", help="explicit layer plan, e.g. '0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
-    p.add_argument("--scorer", default="lookahead_kl", help="scorer choosing the layers (default lookahead_kl)")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-    _add_calibration(p)
-    add_tokenizer_option(p)
-    p.set_defaults(func=cmd_prune)
+    for name, what in [
+        ("prune", "remove layers (chosen by a scorer, or an explicit plan) and export the model"),
+        ("heal", "prune, then heal the pruned model on calibration text (default --heal fold) and export it"),
+    ]:
+        p = sub.add_parser(name, help=what)
+        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+        how = p.add_mutually_exclusive_group(required=True)
+        how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
+        how.add_argument(
+            "--plan", help="explicit layer plan, e.g. '0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'"
+        )
+        p.add_argument("--scorer", default="lookahead_kl", help="scorer choosing the layers (default lookahead_kl)")
+        p.add_argument(
+            "--heal",
+            "--method",
+            dest="heal",
+            default="fold" if name == "heal" else None,
+            metavar="METHOD",
+            help="healing method (see `depthprune list`: fold = ReplaceMe's training-free linear fold)"
+            + ("; default fold" if name == "heal" else "; default: none"),
+        )
+        p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+        _add_calibration(p)
+        add_tokenizer_option(p)
+        p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="held-out perplexity and speed, side by side with the untouched model")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + " (or a folder written by `prune`)")
