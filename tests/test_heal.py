@@ -127,3 +127,9 @@ def test_heal_and_prune_heal_on_the_command_line(tmp_path, capsys):
     assert rc == 0 and json.loads((tmp_path / "pruned" / "config.json").read_text())["num_hidden_layers"] == 3
     rc = main(["prune", str(folder), "--plan", "0,3", "--heal", "glue", "-o", str(tmp_path / "x")])
     assert rc == 2 and "unknown healing method 'glue'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_distill_is_registered_as_a_healer():
+    from depthprune.static.heal import distill
+
+    assert HEALERS.get("distill") is distill.HEALER and "distill" in list_healers()

@@ -20,6 +20,7 @@ CORE = (
     "registry",
     "training",
     "ltt",
+    "lora",
     "data",
     "fsutil",
     "errors",

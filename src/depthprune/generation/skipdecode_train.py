@@ -18,7 +18,6 @@ train-skipdecode ...`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
+from depthprune.lora import lora_copy, lora_targets, merged_copy
 from depthprune.training import TrainRun, train
 
 if TYPE_CHECKING:
@@ -89,65 +89,6 @@ def skip_lm_loss(model: nn.Module, ids: torch.Tensor, depth: torch.Tensor | list
     """Mean next-token cross-entropy of ids [batch, seq] when position p runs the top depth[.., p] layers."""
     logits = skipdecode_logits(model, ids, depth)  # [batch, seq, vocab]
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def lora_targets(model: nn.Module, targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
-    """Full names of the projections LoRA adapts: every nn.Linear / transformers Conv1D inside the decoder layers
-    (attention and MLP; not the LM head), or those whose last name part is in `targets` (e.g. ("q_proj", "v_proj"))."""
-    from transformers.pytorch_utils import Conv1D
-
-    _, layers, _ = skipdecode_parts(model)
-    names = {id(m): name for name, m in model.named_modules()}
-    wanted = None if targets is None else set(targets)
-    chosen = [
-        names[id(m)]
-        for layer in layers
-        for name, m in layer.named_modules()
-        if name and isinstance(m, (nn.Linear, Conv1D)) and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
-    ]
-    if not chosen:
-        raise ValueError(
-            f"no linear projection in {type(model).__name__}'s decoder layers matches targets={sorted(wanted or [])}"
-        )
-    return chosen
-
-
-def lora_copy(
-    model: nn.Module, rank: int = 8, alpha: float | None = None, targets: tuple[str, ...] | list[str] | None = None
-) -> nn.Module:
-    """A peft LoRA model (`get_peft_model`) on a deep copy of the decoder-only LM `model`: LoRA on `lora_targets`,
-    update scaled by alpha / rank (default alpha = rank), B = 0 at the start (the copy computes what `model` does);
-    only the LoRA weights require gradients. `model` is not touched. GPT-2's Conv1D gets fan_in_fan_out=True."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    names = lora_targets(model, targets)
-    conv = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
-    config = LoraConfig(
-        r=int(rank),
-        lora_alpha=float(rank if alpha is None else alpha),
-        lora_dropout=0.0,
-        target_modules=names,
-        fan_in_fan_out=conv,
-        bias="none",
-    )
-    return get_peft_model(copy.deepcopy(model), config)
-
-
-def merged_copy(peft_model: nn.Module) -> nn.Module:
-    """A plain HF model (the original class) with the LoRA updates of `peft_model` folded into its weights
-    (`merge_and_unload` on a deep copy; `peft_model` is unchanged); every parameter trainable, as after
-    from_pretrained."""
-    from peft import PeftModel
-
-    if not isinstance(peft_model, PeftModel):
-        raise TypeError(f"merged_copy takes a peft model (from lora_copy), got {type(peft_model).__name__}")
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    for p in merged.parameters():
-        p.requires_grad_(True)
-    return merged
 
 
 class _SkipLoss(nn.Module):

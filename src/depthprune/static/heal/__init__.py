@@ -7,6 +7,8 @@ model: `depthprune.save_model` exports it). The input model is never modified.
 
 - fold (ReplaceMe-style, training-free): a linear map per removed run, fitted by least squares on calibration
   activations and folded into the output projection of the layer before the run.
+- distill: LoRA (peft) on the pruned model, trained through the one training loop towards the untouched model's
+  next-token distribution (KL) plus the text's NLL, merged into a plain model.
 """
 
 from __future__ import annotations
