@@ -182,6 +182,15 @@ HEAD_KINDS = Registry("exit head kind", plural="decoder exit-head kinds").add_bu
     }
 )
 
+HEALERS = Registry("healing method", "HEALER", plural="healing methods").add_builtins(
+    {
+        "fold": (
+            "depthprune.static.heal.fold",
+            "ReplaceMe-style, training-free: a least-squares linear map folded into the layer before each removed run",
+        ),
+    }
+)
+
 REGISTRIES: dict[str, Registry] = {
     "scorers": SCORERS,
     "criteria": CRITERIA,
@@ -189,6 +198,7 @@ REGISTRIES: dict[str, Registry] = {
     "recipes": RECIPES,
     "kv_strategies": KV_STRATEGIES,
     "head_kinds": HEAD_KINDS,
+    "healers": HEALERS,
 }
 """Every registry by the key `depthprune list --json` prints it under."""
 
@@ -215,6 +225,23 @@ def register_scorer(name: str, scorer: Callable[..., Any], *, description: str |
         >>> SCORERS.unregister("last_is_least")
     """
     return SCORERS.register(name, scorer, description=description)
+
+
+def register_healer(name: str, healer: Callable[..., Any], *, description: str | None = None) -> Callable[..., Any]:
+    """Register a healing method: a callable `(model, plan, batches, *, progress=False, **options) -> nn.Module`
+    returning a new model of the same class that runs `plan`, healed (the input model untouched), like
+    depthprune.static.heal.fold.HEALER.
+
+        >>> def unhealed(model, plan, batches, *, progress=False):
+        ...     "the plan applied, nothing healed"
+        ...     from depthprune.static.apply import apply_plan
+        ...     return apply_plan(model, plan)
+        >>> _ = register_healer("unhealed", unhealed)
+        >>> HEALERS.get("unhealed") is unhealed
+        True
+        >>> HEALERS.unregister("unhealed")
+    """
+    return HEALERS.register(name, healer, description=description)
 
 
 def register_criterion(name: str, cls: Any, *, kind: str = "classifier", description: str | None = None) -> Any:

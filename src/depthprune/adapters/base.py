@@ -45,6 +45,10 @@ class StackSpec:
         (OPT's `decoder.project_out` where `word_embed_proj_dim` differs from the hidden size; None at run time when
         the model has none).
     module_depth_attrs: dotted paths of plain int attributes on modules holding the depth (e.g. DistilBERT's n_layers).
+    output_proj: dotted path, inside one layer, of the projection whose output is added to the residual stream with
+        nothing after it (Llama's `mlp.down_proj`, GPT-2's `mlp.c_proj`): where a linear fold heals a removed run
+        (depthprune.static.heal.fold). None: the family has no such projection (post-norm blocks, Gemma 3's
+        post-feedforward norm), so no exact fold exists.
     """
 
     name: str
@@ -54,6 +58,7 @@ class StackSpec:
     final_norm: str | None = None
     final_proj: str | None = None
     module_depth_attrs: tuple[str, ...] = ()
+    output_proj: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ DECODER = StackSpec(
     index_attrs=("self_attn.layer_idx", "layer_idx"),
     depth_fields=(ConfigField("num_hidden_layers"), ConfigField("layer_types", per_layer=True)),
     final_norm="norm",
+    output_proj="mlp.down_proj",
 )
 
 ADAPTERS = [

@@ -87,11 +87,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
             stack=args.stack,
             progress=True,
         )
+    healed = ""
+    if args.heal:
+        from depthprune.static.heal import heal
+
+        if tokenizer is None:
+            tokenizer = tokenizer_for(args, args.model)
+        batches = _calibration(args, tokenizer)
+        result.model = heal(model, result.plan, batches, method=args.heal, progress=True)
+        healed = f", healed by {args.heal}"
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
-    print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
+    print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else "") + healed)
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
     print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from depthprune.io import load_model
+    from depthprune.plan import LayerPlan
+    from depthprune.registry import HEALERS
+    from depthprune.static.export import save_model
+    from depthprune.static.heal import heal
+    from depthprune.static.prune import prune
+
+    check_output_folder(args.output, args.overwrite, source=args.model)
+    HEALERS.check(args.method)
+    if args.plan is not None:
+        LayerPlan.parse(args.plan)
+    model = load_model(args.model)
+    tokenizer = tokenizer_for(args, args.model)
+    batches = _calibration(args, tokenizer)
+    if args.plan is not None:
+        plan = LayerPlan.parse(args.plan)
+    else:
+        plan = prune(model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack).plan
+    healed = heal(model, plan, batches, method=args.method, progress=not args.json)
+    out = save_model(healed, args.output, tokenizer, overwrite=args.overwrite)
+    record = getattr(healed.config, "depthprune_healing", None) or {}
+    summary = {"plan": plan.to_text(), "method": args.method, "output": str(out), **record}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"plan {plan.to_text()} healed by {args.method}; saved to {out}")
     return 0
 
 
@@ -191,8 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     _add_calibration(p)
+    p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("heal", help="remove layers and heal the damage (e.g. a training-free linear fold), then export")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=float, help="layers to remove, chosen by --scorer: a count (8) or a fraction")
+    how.add_argument("--plan", help="explicit layer plan of pure removals, e.g. '0-19,22,24-29'")
+    p.add_argument("--scorer", default="block_influence", help="scorer choosing the layers (default block_influence)")
+    p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
+    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_calibration(p)
+    add_tokenizer_option(p)
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("eval", help="held-out perplexity and speed, side by side with the untouched model")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + " (or a folder written by `prune`)")
