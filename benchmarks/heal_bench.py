@@ -7,6 +7,7 @@ comparable on a shared machine.
 
     python benchmarks/heal_bench.py                                        # fold, 4 and 8 removed
     python benchmarks/heal_bench.py --n-remove 4 8 12 --methods fold fold:loss=cosine --json out/heal.json
+    python benchmarks/heal_bench.py --removed 5,13-18,26 --methods fold    # SLEB's 8-layer set, given by hand
 
 A method is a registered healer name with optional options: `name:key=value,key=value` (values parsed as JSON when
 they parse, else kept as text), e.g. `fold:sequential=false`.
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=["fold"], help="healers, optionally name:key=value,...")
     parser.add_argument("--scorer", default="block_influence")
     parser.add_argument("--n-remove", nargs="+", type=int, default=[4, 8])
+    parser.add_argument(
+        "--removed", nargs="+", default=[], help="explicit removal sets instead of the scorer's, e.g. 5,13-18,26"
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=96)
     parser.add_argument("--heldout-blocks", type=int, default=16)
@@ -68,8 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     stack = list(sizes)[-1]
     rows = [{"n_remove": 0, "method": "untouched", "plan": "", "ppl": perplexity(model, heldout), "seconds": 0.0}]
     print(f"untouched: {rows[0]['ppl']:.2f}", flush=True)
-    for n in args.n_remove:
-        remove = get_scorer(args.scorer)(model, batches, n_remove=n, stack=stack).remove
+    chosen = [list(LayerPlan.parse(text).stacks.values())[0] for text in args.removed]
+    if not chosen:
+        chosen = [get_scorer(args.scorer)(model, batches, n_remove=n, stack=stack).remove for n in args.n_remove]
+    for remove in chosen:
+        n = len(remove)
         plan = LayerPlan.drop(sizes, {stack: remove})
         pruned = apply_plan(model, plan, share_weights=True)
         row = {"n_remove": n, "method": "unhealed", "plan": plan.to_text(), "ppl": perplexity(pruned, heldout)}
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             del healed
     result = {
         "model": args.model,
-        "scorer": args.scorer,
+        "scorer": "explicit" if args.removed else args.scorer,
         "calibration_tokens": args.calib_blocks * args.seq_len,
         "heldout_tokens": int(heldout.numel()),
         "threads": args.threads,

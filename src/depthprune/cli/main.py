@@ -26,6 +26,17 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
 
 
+def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
+    """The model, which layers go (--remove N chosen by --scorer, or --plan) and the output folder."""
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
+    how.add_argument("--plan", help=f"explicit layer plan, e.g. {plans}")
+    p.add_argument("--scorer", default=scorer, help=f"scorer choosing the layers (default {scorer})")
+    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+
+
 def _calibration(args: argparse.Namespace, tokenizer) -> list:
     from depthprune.static.prune import calibration_batches
 
@@ -222,27 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
-    how.add_argument("--plan", help="explicit layer plan, e.g. '0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
-    p.add_argument("--scorer", default="lookahead_kl", help="scorer choosing the layers (default lookahead_kl)")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    _add_removal(p, "lookahead_kl", "'0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
     _add_calibration(p)
     p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("heal", help="remove layers and heal the damage (e.g. a training-free linear fold), then export")
-    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=float, help="layers to remove, chosen by --scorer: a count (8) or a fraction")
-    how.add_argument("--plan", help="explicit layer plan of pure removals, e.g. '0-19,22,24-29'")
-    p.add_argument("--scorer", default="block_influence", help="scorer choosing the layers (default block_influence)")
+    _add_removal(p, "block_influence", "'0-19,22,24-29' (pure removals)")
     p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_calibration(p)
     add_tokenizer_option(p)
