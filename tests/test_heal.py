@@ -40,7 +40,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gpt_neox", "phi3"])
 def test_fold_equals_applying_T_by_hand(name):
     model = _layers(6, name)
     plan = "0,1,4,5" if name != "gpt2" else "0,3"  # gpt2: a run at the end too ([4, 6))
