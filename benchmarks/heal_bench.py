@@ -1,12 +1,16 @@
-"""Healing after static pruning on SmolLM2: held-out perplexity of each scorer's plan, unhealed and healed, next to the
-untouched model, in one run.
+"""Held-out perplexity of SmolLM2 after static pruning, unhealed vs healed, beside the untouched model (same run).
 
-    OMP_NUM_THREADS=1 python benchmarks/heal_bench.py --n-remove 4 8 12 --methods fold --json out/heal.json
+Plans come from one scorer (default block_influence, ShortGPT) on the calibration batches; every healing method
+gets the same plan and the same batches. Calibration: Moby-Dick before chapter 110, held-out: from chapter 110 on
+(depthprune.data), both in 256-token blocks. One thread, so figures are
+comparable on a shared machine.
 
-Calibration: --calib-blocks blocks of --seq-len tokens from the book's calibration part (before chapter 110); the
-scorers choose on the first --score-blocks of them, the healers fit on all. Held-out: --heldout-blocks blocks from
-chapter 110 on (depthprune.data). The healed model's decode speed equals the unhealed one's (same layers, same shapes:
-a fold only changes weight values), so no timing here.
+    python benchmarks/heal_bench.py                                        # fold, 4 and 8 removed
+    python benchmarks/heal_bench.py --n-remove 4 8 12 --methods fold fold:loss=cosine --json out/heal.json
+    python benchmarks/heal_bench.py --removed 5,13-18,26 --methods fold    # SLEB's 8-layer set, given by hand
+
+A method is a registered healer name with optional options: `name:key=value,key=value` (values parsed as JSON when
+they parse, else kept as text), e.g. `fold:sequential=false`.
 """
 
 from __future__ import annotations
@@ -18,77 +22,87 @@ from pathlib import Path
 
 import torch
 
+import depthprune
 from depthprune.bench.perplexity import perplexity
-from depthprune.bench.report import format_table, to_jsonable
-from depthprune.bench.speed import machine_info
-from depthprune.data import calibration_text, heldout_text, token_blocks
-from depthprune.io import load_model, load_tokenizer
+from depthprune.data import heldout_text, token_blocks
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.heal import heal
+from depthprune.static.prune import calibration_batches
 from depthprune.static.scorers import get_scorer
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--book", default=None, help="a text file (e.g. ../shared/data/moby-dick.txt); default: packaged")
-    p.add_argument("--scorers", nargs="+", default=["block_influence"])
-    p.add_argument("--methods", nargs="+", default=["fold"])
-    p.add_argument("--n-remove", type=int, nargs="+", default=[4, 8, 12])
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--calib-blocks", type=int, default=32)
-    p.add_argument("--score-blocks", type=int, default=8)
-    p.add_argument("--heldout-blocks", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+
+def parse_method(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"), help="the book")
+    parser.add_argument("--model", default="smollm2", help="model name, folder or alias (default: embedded SmolLM2)")
+    parser.add_argument("--methods", nargs="+", default=["fold"], help="healers, optionally name:key=value,...")
+    parser.add_argument("--scorer", default="block_influence")
+    parser.add_argument("--n-remove", nargs="+", type=int, default=[4, 8])
+    parser.add_argument(
+        "--removed", nargs="+", default=[], help="explicit removal sets instead of the scorer's, e.g. 5,13-18,26"
+    )
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--calib-blocks", type=int, default=96)
+    parser.add_argument("--heldout-blocks", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(args.model, task="causal-lm"), load_tokenizer(args.model)
-    cal = token_blocks(tokenizer, calibration_text(args.book), args.seq_len, args.calib_blocks)
-    held = token_blocks(tokenizer, heldout_text(args.book), args.seq_len, args.heldout_blocks)
-    cal_batches = list(cal.split(4))
+    model = depthprune.load_model(args.model).eval()
+    tokenizer = depthprune.load_tokenizer(args.model)
+    batches = calibration_batches(tokenizer, path=args.text, seq_len=args.seq_len, n_blocks=args.calib_blocks)
+    heldout = token_blocks(tokenizer, heldout_text(args.text), args.seq_len, args.heldout_blocks)  # [blocks, seq]
     sizes = layer_sizes(model)
-    full = perplexity(model, held)
-    print(f"untouched: held-out perplexity {full:.2f} ({held.numel()} tokens); calibration {tuple(cal.shape)}")
-    rows = [{"scorer": "-", "removed": 0, "method": "untouched", "ppl": full, "x_untouched": 1.0, "seconds": 0.0}]
-    for scorer in args.scorers:
-        for n in args.n_remove:
-            chosen = get_scorer(scorer)(model, cal_batches[: max(1, args.score_blocks // 4)], n_remove=n).remove
-            plan = LayerPlan.drop(sizes, chosen)
-            unhealed = perplexity(apply_plan(model, plan, share_weights=True), held)
-            rows.append(
-                {"scorer": scorer, "removed": n, "method": "none", "ppl": unhealed, "x_untouched": unhealed / full}
-            )
-            rows[-1].update(plan=plan.to_text(), seconds=0.0)
-            for method in args.methods:
-                t0 = time.perf_counter()
-                try:
-                    healed = heal(model, plan, cal_batches, method=method)
-                except ValueError as err:  # e.g. a plan removing layer 0 cannot be folded
-                    rows.append({"scorer": scorer, "removed": n, "method": method, "error": str(err)})
-                    continue
-                seconds = time.perf_counter() - t0
-                ppl = perplexity(healed, held)
-                rows.append(
-                    {
-                        "scorer": scorer,
-                        "removed": n,
-                        "method": method,
-                        "ppl": ppl,
-                        "x_untouched": ppl / full,
-                        "x_unhealed": ppl / unhealed,
-                        "seconds": round(seconds, 1),
-                    }
-                )
-                print(f"{scorer} -{n} {method}: {unhealed:.1f} -> {ppl:.1f} ({seconds:.0f} s)")
-    print(format_table(rows, columns=["scorer", "removed", "method", "ppl", "x_untouched", "x_unhealed", "seconds"]))
+    stack = list(sizes)[-1]
+    rows = [{"n_remove": 0, "method": "untouched", "plan": "", "ppl": perplexity(model, heldout), "seconds": 0.0}]
+    print(f"untouched: {rows[0]['ppl']:.2f}", flush=True)
+    chosen = [list(LayerPlan.parse(text).stacks.values())[0] for text in args.removed]
+    if not chosen:
+        chosen = [get_scorer(args.scorer)(model, batches, n_remove=n, stack=stack).remove for n in args.n_remove]
+    for remove in chosen:
+        n = len(remove)
+        plan = LayerPlan.drop(sizes, {stack: remove})
+        pruned = apply_plan(model, plan, share_weights=True)
+        row = {"n_remove": n, "method": "unhealed", "plan": plan.to_text(), "ppl": perplexity(pruned, heldout)}
+        rows.append({**row, "seconds": 0.0})
+        print(f"{n} removed {sorted(remove)}: unhealed {row['ppl']:.2f}", flush=True)
+        for method in args.methods:
+            name, options = parse_method(method)
+            start = time.perf_counter()
+            healed = heal(model, plan, batches, method=name, **options)
+            seconds = time.perf_counter() - start
+            ppl = perplexity(healed, heldout)
+            rows.append({"n_remove": n, "method": method, "plan": plan.to_text(), "ppl": ppl, "seconds": seconds})
+            print(f"{n} removed: {method} {ppl:.2f} ({ppl / row['ppl']:.3f} x unhealed, {seconds:.0f} s)", flush=True)
+            del healed
+    result = {
+        "model": args.model,
+        "scorer": "explicit" if args.removed else args.scorer,
+        "calibration_tokens": args.calib_blocks * args.seq_len,
+        "heldout_tokens": int(heldout.numel()),
+        "threads": args.threads,
+        "rows": rows,
+    }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(to_jsonable({"machine": machine_info(), "args": vars(args), "rows": rows}), indent=1)
-        )
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ ADAPTERS = [
                 index_attrs=("attn.layer_idx", "crossattention.layer_idx"),
                 depth_fields=(ConfigField("num_hidden_layers"),),
                 final_norm="ln_f",
-                output_proj="mlp.c_proj",
+                output_proj="mlp.c_proj",  # a Conv1D: weight [in, out]
             ),
         ),
         heads=("lm_head", "score"),

@@ -26,6 +26,17 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
 
 
+def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
+    """The model, which layers go (--remove N chosen by --scorer, or --plan) and the output folder."""
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
+    how.add_argument("--plan", help=f"explicit layer plan, e.g. {plans}")
+    p.add_argument("--scorer", default=scorer, help=f"scorer choosing the layers (default {scorer})")
+    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+
+
 def _calibration(args: argparse.Namespace, tokenizer) -> list:
     from depthprune.static.prune import calibration_batches
 
@@ -66,43 +77,71 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from depthprune.io import has_tokenizer, load_model
     from depthprune.plan import LayerPlan
-    from depthprune.registry import HEALERS
     from depthprune.static.export import save_model
     from depthprune.static.prune import prune
 
     check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
-    if args.heal is not None:
-        HEALERS.check(args.heal)
     model = load_model(args.model)
-    batches = None
-    if args.plan is not None and args.heal is None:  # a plan tokenizes nothing: the tokenizer is copied along if any
+    if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
         source = args.tokenizer or args.model
         tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
         result = prune(model, plan=args.plan)
     else:
         tokenizer = tokenizer_for(args, args.model)
-        batches = _calibration(args, tokenizer)
-        if args.plan is not None:
-            result = prune(model, plan=args.plan)
-        else:
-            result = prune(
-                model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack, progress=True
-            )
-    pruned = result.model
-    if args.heal is not None:
+        result = prune(
+            model,
+            remove=args.remove,
+            scorer=args.scorer,
+            batches=_calibration(args, tokenizer),
+            stack=args.stack,
+            progress=True,
+        )
+    healed = ""
+    if args.heal:
         from depthprune.static.heal import heal
 
-        pruned = heal(model, result.plan, batches, method=args.heal, progress=True)
-    out = save_model(pruned, args.output, tokenizer, overwrite=args.overwrite)
-    print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else ""))
-    healing = (getattr(pruned.config, "depthprune", None) or {}).get("healing")
-    if healing:
-        print(f"healed by {args.heal}: " + json.dumps(healing.get("runs", healing)))
+        if tokenizer is None:
+            tokenizer = tokenizer_for(args, args.model)
+        batches = _calibration(args, tokenizer)
+        result.model = heal(model, result.plan, batches, method=args.heal, progress=True)
+        healed = f", healed by {args.heal}"
+    out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
+    print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else "") + healed)
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
     print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from depthprune.io import load_model
+    from depthprune.plan import LayerPlan
+    from depthprune.registry import HEALERS
+    from depthprune.static.export import save_model
+    from depthprune.static.heal import heal
+    from depthprune.static.prune import prune
+
+    check_output_folder(args.output, args.overwrite, source=args.model)
+    HEALERS.check(args.method)
+    if args.plan is not None:
+        LayerPlan.parse(args.plan)
+    model = load_model(args.model)
+    tokenizer = tokenizer_for(args, args.model)
+    batches = _calibration(args, tokenizer)
+    if args.plan is not None:
+        plan = LayerPlan.parse(args.plan)
+    else:
+        plan = prune(model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack).plan
+    healed = heal(model, plan, batches, method=args.method, progress=not args.json)
+    out = save_model(healed, args.output, tokenizer, overwrite=args.overwrite)
+    record = getattr(healed.config, "depthprune_healing", None) or {}
+    summary = {"plan": plan.to_text(), "method": args.method, "output": str(out), **record}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"plan {plan.to_text()} healed by {args.method}; saved to {out}")
     return 0
 
 
@@ -193,32 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_analyze)
 
-    for name, what in [
-        ("prune", "remove layers (chosen by a scorer, or an explicit plan) and export the model"),
-        ("heal", "prune, then heal the pruned model on calibration text (default --heal fold) and export it"),
-    ]:
-        p = sub.add_parser(name, help=what)
-        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
-        how = p.add_mutually_exclusive_group(required=True)
-        how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
-        how.add_argument(
-            "--plan", help="explicit layer plan, e.g. '0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'"
-        )
-        p.add_argument("--scorer", default="lookahead_kl", help="scorer choosing the layers (default lookahead_kl)")
-        p.add_argument(
-            "--heal",
-            "--method",
-            dest="heal",
-            default="fold" if name == "heal" else None,
-            metavar="METHOD",
-            help="healing method (see `depthprune list`: fold = ReplaceMe's training-free linear fold)"
-            + ("; default fold" if name == "heal" else "; default: none"),
-        )
-        p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
-        _add_calibration(p)
-        add_tokenizer_option(p)
-        p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
+    _add_removal(p, "lookahead_kl", "'0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
+    _add_calibration(p)
+    p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
+    add_tokenizer_option(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("heal", help="remove layers and heal the damage (e.g. a training-free linear fold), then export")
+    _add_removal(p, "block_influence", "'0-19,22,24-29' (pure removals)")
+    p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _add_calibration(p)
+    add_tokenizer_option(p)
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("eval", help="held-out perplexity and speed, side by side with the untouched model")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP + " (or a folder written by `prune`)")

@@ -1,216 +1,263 @@
-"""Training-free healing by a linear fold (ReplaceMe, Shopkhoev et al. 2025): every removed run of layers is replaced by
-a linear map, fitted on calibration activations and folded into the layer before the run, so the healed model is an
-ordinary model of the same architecture with fewer layers.
+"""Training-free healing by a linear fold (ReplaceMe-style): a removed run of layers becomes a linear map folded into
+the output projection of the layer kept just before it.
 
-What is fitted. Let layers [i, j) be a removed run and k = i - 1 the kept layer before it. In the families this file
-serves, layer k's output is h_i = r_k + m_k, where m_k is the output of the layer's `output_proj` (the MLP's down
-projection), added straight to the residual stream, and r_k everything else (the residual input plus attention).
-The run would have turned h_i into h_j. Replacing m_k by m_k T gives the layer output r_k + m_k T, so T is chosen by
-least squares to make that h_j:
+What is exact. In every supported block the output projection's output m (Llama's `mlp.down_proj`, GPT-2's
+`mlp.c_proj`) is added to the residual stream with nothing after it: h_out = h_mid + m, where h_mid is everything
+else the block adds (pre-norm attention, or GPT-NeoX's parallel attention), so h_mid = h_out - m. Removing the run
+[i, j) drops r = h_j - h_i from the stream. We fit T [hidden, hidden] on calibration tokens so that the kept layer
+i-1 gives h_mid + m T ~ h_j, i.e. m T ~ Y with Y = m + r = h_j - h_mid (least squares with a ridge: T = (M^T M +
+lambda I)^-1 M^T Y, the normal equations accumulated in float64 over batches, so memory is two [hidden, hidden]
+matrices). Because m = x W^T + b for the projection's input x, m T = x (W^T T) + b T: the fold W' = T^T W, b' = b T
+(a Conv1D stores W^T, so W' = W T) is *exactly* the pruned model with T applied to that projection's output, and the
+export is an ordinary model of the same architecture. `loss="cosine"` is ReplaceMe's cosine variant: T, started from
+the least-squares solution, is refined by Adam on 1 - cos(h_mid + m T, h_j) over a bounded sample of tokens.
 
-    T = argmin_T sum over positions |m_k T - y|^2 + ridge * |T - I|^2,   y = m_k + (h_j - h_i)
+Runs are fitted in order along the stack on the model healed so far (`sequential=True`): the activations of layer
+i-1 are those of the pruned model with the earlier folds in place and the target h_j is the untouched model's, so
+each fold also corrects what earlier removals left. A run at the start of a stack (layer 0 removed) has no layer
+before it: it is skipped with a warning and recorded as skipped (folding into the embedding would be a per-token map
+of a context-dependent target, and would change a tied LM head). A run at the end (the last layers removed) is
+folded with the stack's last hidden state (before the final norm) as its target.
 
-(the ridge pulls T towards the identity, i.e. towards plain removal, and is a fraction of the mean diagonal of
-m_k^T m_k). The fold is exact: nn.Linear computes x W^T + b, so W' = T^T W and b' = b T; GPT-2's Conv1D computes
-x W + b, so W' = W T and b' = b T. Activations come from the untouched model (the runner: `capture_stack` +
-`StackCall.run`, each layer called by the model's own forward code), normal equations accumulated in float64 and
-streamed over batches (memory: two d x d matrices per run). Every run is fitted on the untouched model's states, as
-ReplaceMe does; a later run then sees inputs that the earlier folds only approximate.
-
-Limits (clear errors): plans that reorder or repeat layers (a fold needs a pure removal), a run that starts at layer 0
-(no kept layer before it to fold into), and families whose adapter names no `output_proj` (Gemma normalizes the MLP
-output before the residual add, so no linear map on it can be folded exactly).
+Families whose MLP output goes through something nonlinear before the residual (Gemma 3's post-feedforward RMSNorm,
+post-norm BERT blocks) have no exact fold: their adapters name no `StackSpec.output_proj`, and fold refuses them.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
+import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from depthprune.adapters.base import backbone, get_path
+from depthprune.adapters.base import StackSpec, get_path
 from depthprune.adapters.registry import get_adapter, supported_model_types
-from depthprune.plan import PLAN_CONFIG_KEY, LayerPlan
+from depthprune.plan import LayerPlan
 from depthprune.runner import capture_stack
-from depthprune.static.apply import apply_plan, layer_sizes
+from depthprune.static.apply import apply_plan
+from depthprune.static.scorers.hidden import as_batches, eval_mode, model_inputs
+
+NAME = "fold"
+LOSSES = ("lstsq", "cosine")
+RECORD_KEY = "depthprune_healing"
 
 
-def removed_runs(kept: tuple[int, ...], n_layers: int) -> list[tuple[int, int]]:
-    """Maximal runs [i, j) of source layers that a pure-removal plan `kept` leaves out."""
-    runs, gone = [], sorted(set(range(n_layers)) - set(kept))
-    for i in gone:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
+@dataclasses.dataclass
+class Fold:
+    """One removed run [start, stop) of `stack` and the map T [hidden, hidden] folded into the output projection of
+    the kept layer `start - 1` (at `position` in the pruned stack)."""
+
+    stack: str
+    start: int
+    stop: int
+    position: int
+    T: torch.Tensor  # float64 [hidden, hidden]
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stack": self.stack, "removed": [self.start, self.stop], "into_layer": self.start - 1}
+
+
+@dataclasses.dataclass
+class FoldResult:
+    model: nn.Module
+    plan: LayerPlan
+    folds: list[Fold]
+    skipped: list[tuple[str, int, int]]  # (stack, start, stop) of runs that could not be folded
+
+
+def foldable_families() -> list[str]:
+    """The adapter families whose stacks name an output projection (so fold can heal them)."""
+    families = set()
+    for model_type in supported_model_types():
+        adapter = get_adapter(types.SimpleNamespace(model_type=model_type))
+        if any(s.output_proj for s in adapter.stacks):
+            families.add(adapter.family)
+    return sorted(families)
+
+
+def removed_runs(plan: Sequence[int], n_layers: int) -> list[tuple[int, int]]:
+    """Maximal runs [i, j) of source layers a pure-removal plan (strictly increasing indices) never runs."""
+    if any(b <= a for a, b in zip(plan, plan[1:], strict=False)):
+        raise ValueError(
+            f"fold heals plans that only remove layers (indices strictly increasing); got {list(plan)}: "
+            "reordered or repeated layers have no single layer before a removed run"
+        )
+    runs, prev = [], -1
+    for k in [*plan, n_layers]:
+        if k > prev + 1:
+            runs.append((prev + 1, k))
+        prev = k
     return runs
 
 
-def _check(model: nn.Module, plan: LayerPlan | str, batches: list[torch.Tensor]):
+def output_projection(layer: nn.Module, spec: StackSpec) -> nn.Module:
+    proj = get_path(layer, spec.output_proj)
+    if not isinstance(proj, nn.Linear) and type(proj).__name__ != "Conv1D":
+        raise TypeError(f"{spec.output_proj} is a {type(proj).__name__}; fold knows nn.Linear and GPT-2's Conv1D")
+    return proj
+
+
+def fold_into(proj: nn.Module, T: torch.Tensor) -> None:
+    """Replace `proj` (y = x W^T + b) by y T in place: W' = T^T W, b' = b T (Conv1D stores W^T: W' = W T)."""
+    with torch.no_grad():
+        w = proj.weight.detach().double()
+        new = w @ T if type(proj).__name__ == "Conv1D" else T.T @ w
+        proj.weight.copy_(new.to(proj.weight.dtype))
+        if getattr(proj, "bias", None) is not None:
+            proj.bias.copy_((proj.bias.detach().double() @ T).to(proj.bias.dtype))
+
+
+def _stack_targets(model: nn.Module, plan: LayerPlan) -> list[tuple[StackSpec, tuple[int, ...], list[tuple[int, int]]]]:
     adapter = get_adapter(model)
-    stacks = adapter.present_stacks(model)
-    if [s.name for s in stacks] != ["decoder"] or getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"fold heals decoder-only models; {type(model).__name__} has the stacks {[s.name for s in stacks]}"
-        )
-    spec = stacks[0]
-    if spec.output_proj is None:
-        foldable = [
-            t for t in supported_model_types() if get_adapter(SimpleNamespace(model_type=t)).stacks[-1].output_proj
-        ]
-        raise ValueError(
-            f"the {adapter.family} adapter names no output projection a linear map can be folded into exactly "
-            f"(StackSpec.output_proj); fold supports the model types {foldable}. Heal this model with another method"
-        )
-    sizes = layer_sizes(model, adapter)
-    resolved = (LayerPlan.parse(plan) if isinstance(plan, str) else plan).resolve(sizes)
-    kept = resolved.stacks[spec.name]
-    if list(kept) != sorted(set(kept)):
-        raise ValueError(f"fold heals pure removals; the plan {resolved.to_text()} reorders or repeats layers")
-    runs = removed_runs(kept, sizes[spec.name])
-    if not runs:
-        raise ValueError("the plan removes no layer: there is nothing to heal")
-    if runs[0][0] == 0:
-        raise ValueError(
-            f"the plan removes layers {runs[0][0]}-{runs[0][1] - 1}, at the start of the stack: fold needs a kept "
-            "layer before each removed run to fold its map into; keep layer 0"
-        )
-    if not batches:
-        raise ValueError("fold needs calibration batches (a list of LongTensor [batch, seq] token ids)")
-    for b in batches:
-        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.dtype != torch.long:
-            raise ValueError("calibration batches must be LongTensor [batch, seq] token ids")
-    return adapter, spec, resolved, kept, runs
+    sizes = adapter.num_layers(model)
+    plan = plan.resolve(sizes)
+    found = []
+    for spec in adapter.present_stacks(model):
+        layers = plan.stacks[spec.name]
+        runs = removed_runs(layers, sizes[spec.name])
+        if not runs:
+            continue
+        if not spec.output_proj:
+            raise ValueError(
+                f"fold: the {adapter.family} family names no output projection for stack {spec.name!r} "
+                f"(StackSpec.output_proj), so no exact linear fold exists"
+                + (" (Gemma 3 normalises the MLP output after down_proj)" if "gemma" in adapter.family else "")
+                + f"; fold supports: {', '.join(foldable_families())}"
+            )
+        found.append((spec, layers, runs))
+    if not found:
+        raise ValueError(f"fold: the plan {plan.to_text()} removes no layer; there is nothing to heal")
+    return found
 
 
-@torch.no_grad()
-def fit_maps(
+def _collect(model, healed, spec, position, stop, batches, max_tokens, generator):
+    """Normal equations (float64 M^T M, M^T Y) of one run over every batch, and a token sample for the cosine loss."""
+    proj = output_projection(get_adapter(healed).layers(healed, spec)[position], spec)
+    seen: list[torch.Tensor] = []
+    hook = proj.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    d = proj.weight.shape[1] if type(proj).__name__ == "Conv1D" else proj.weight.shape[0]
+    mtm = torch.zeros(d, d, dtype=torch.float64)
+    mty = torch.zeros(d, d, dtype=torch.float64)
+    sample: list[tuple[torch.Tensor, ...]] = []
+    tokens = 0
+    try:
+        for ids in batches:
+            hidden, call = capture_stack(model, model_inputs(model, ids), stack=spec.name)
+            target = call.run(hidden, 0, stop)  # [b, s, hidden] the untouched model's h_j
+            hidden, call = capture_stack(healed, model_inputs(healed, ids), stack=spec.name)
+            seen.clear()
+            out = call.run(hidden, 0, position + 1)  # the healed model's h_out of layer i-1
+            m = seen[-1]
+            mid = (out - m).reshape(-1, d)
+            m, target = m.reshape(-1, d), target.reshape(-1, d)
+            y = (target - mid).double()
+            mtm += m.double().T @ m.double()
+            mty += m.double().T @ y
+            tokens += m.shape[0]
+            if max_tokens:
+                keep = torch.randperm(m.shape[0], generator=generator)[: max(1, max_tokens // len(batches))]
+                sample.append((m[keep].float(), mid[keep].float(), target[keep].float()))
+    finally:
+        hook.remove()
+    return mtm, mty, sample, tokens
+
+
+def _cosine(T: torch.Tensor, sample, steps: int, lr: float) -> torch.Tensor:
+    """Refine T on 1 - cos(h_mid + m T, h_j) (ReplaceMe's cosine objective) with Adam, from the given T."""
+    m, mid, target = (torch.cat(parts) for parts in zip(*sample, strict=True))
+    t = T.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([t], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = 1 - nn.functional.cosine_similarity(mid + m @ t, target, dim=-1).mean()
+            loss.backward()
+            opt.step()
+    return t.detach().double()
+
+
+def fold(
     model: nn.Module,
-    runs: list[tuple[int, int]],
-    batches: list[torch.Tensor],
-    output_proj: str,
+    plan: LayerPlan | str,
+    batches: Sequence[torch.Tensor] | torch.Tensor,
     *,
+    loss: str = "lstsq",
     ridge: float = 1e-4,
-    skip_first: int = 1,
+    sequential: bool = True,
+    cosine_steps: int = 200,
+    cosine_lr: float = 1e-4,
+    cosine_tokens: int = 16384,
     progress: bool = False,
-) -> dict[int, tuple[torch.Tensor, float]]:
-    """Per run [i, j), keyed by its end j: (T [d, d], relative residual |m T - y|^2 / |y - m|^2, i.e. against plain
-    removal), fitted on `batches`.
+) -> FoldResult:
+    """Apply `plan` to a copy of `model` and fold a fitted linear map into the layer before each removed run.
 
-    skip_first: positions left out at the start of every row (the first token's outlier activations, an attention
-    sink, would dominate the fit)."""
-    adapter = get_adapter(model)
-    spec = adapter.stacks[-1]
-    layers = adapter.run_sequence(model, spec)
-    device = next(model.parameters()).device
-    sums: dict[int, dict[str, torch.Tensor | float]] = {}
-    caught: dict[int, torch.Tensor] = {}
-    hooks = [
-        get_path(layers[i - 1], output_proj).register_forward_hook(
-            lambda _m, _a, out, k=i - 1: caught.__setitem__(k, out)
-        )
-        for i, _ in runs
-    ]
-    starts = {i: j for i, j in runs}
-    ends = {j for _, j in runs}
-    was_training = model.training
-    model.eval()
-    iterator = batches
+    ridge: lambda relative to the mean eigenvalue of M^T M (trace / hidden); sequential: fit each run on the model
+    healed so far (else every run on the untouched model's activations). `model` is never modified."""
+    if loss not in LOSSES:
+        raise ValueError(f"fold: loss must be one of {LOSSES}, got {loss!r}")
+    if isinstance(plan, str):
+        plan = LayerPlan.parse(plan)
+    batches = as_batches(batches, NAME)
+    targets = _stack_targets(model, plan)
+    healed = apply_plan(model, plan)
+    reference = apply_plan(model, plan) if not sequential else healed
+    folds: list[Fold] = []
+    skipped: list[tuple[str, int, int]] = []
+    jobs = [(spec, layers, run) for spec, layers, runs in targets for run in runs]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="fold", unit="batch")
-    try:
-        for ids in iterator:
-            ids = ids.to(device)
-            hidden, call = capture_stack(model, {"input_ids": ids, "use_cache": False}, adapter=adapter)
-            open_runs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # j -> (m_k, h_i)
-            h = hidden
-            for idx in range(len(layers)):
-                if idx in starts:  # h is h_i, the output of layer i - 1
-                    open_runs[starts[idx]] = (caught.pop(idx - 1), h)
-                if idx in ends:
-                    _close(sums, open_runs, idx, h, skip_first)
-                h = call.run(h, idx, idx + 1)
-            if len(layers) in ends:
-                _close(sums, open_runs, len(layers), h, skip_first)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    maps = {}
-    for j, s in sums.items():
-        xtx, xty = s["xtx"], s["xty"]
-        d = xtx.shape[0]
-        eye = torch.eye(d, dtype=torch.float64)
-        reg = ridge * float(xtx.diagonal().mean())
-        t = torch.linalg.solve(xtx + reg * eye, xty + reg * eye)  # [d, d]
-        # |m T - y|^2 = |y|^2 - 2 tr(T' X'Y) + tr(T' X'X T); plain removal is T = I: |m - y|^2 = |h_j - h_i|^2
-        rss = s["yy"] - 2 * float((t * xty).sum()) + float((t * (xtx @ t)).sum())
-        maps[j] = (t, rss / max(float(s["dd"]), 1e-12))
-    return maps
+        bar = tqdm(total=len(jobs), desc=NAME, unit="run")
+    generator = torch.Generator().manual_seed(0)
+    with eval_mode(model), eval_mode(healed), eval_mode(reference), torch.no_grad():
+        for spec, layers, (start, stop) in jobs:
+            if start == 0:
+                skipped.append((spec.name, start, stop))
+                warnings.warn(
+                    f"fold: layers {start}-{stop - 1} of stack {spec.name!r} start the stack; no layer before them "
+                    "to fold into, so that run is left unhealed",
+                    stacklevel=2,
+                )
+            else:
+                position = layers.index(start - 1)
+                mtm, mty, sample, tokens = _collect(
+                    model, reference, spec, position, stop, batches, cosine_tokens if loss == "cosine" else 0, generator
+                )
+                lam = ridge * float(torch.trace(mtm)) / mtm.shape[0]
+                T = torch.linalg.solve(mtm + lam * torch.eye(mtm.shape[0], dtype=mtm.dtype), mty)
+                if loss == "cosine":
+                    T = _cosine(T, sample, cosine_steps, cosine_lr)
+                proj = output_projection(get_adapter(healed).layers(healed, spec)[position], spec)
+                fold_into(proj, T)
+                folds.append(Fold(spec.name, start, stop, position, T, tokens))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    setattr(
+        healed.config,
+        RECORD_KEY,
+        {
+            "method": NAME,
+            "loss": loss,
+            "folds": [f.to_dict() for f in folds],
+            "skipped": [{"stack": s, "removed": [a, b]} for s, a, b in skipped],
+        },
+    )
+    return FoldResult(healed, plan, folds, skipped)
 
 
-def _close(sums: dict, open_runs: dict, j: int, h_j: torch.Tensor, skip_first: int) -> None:
-    """Add the positions of the run ending at `j` (states h_j leaving it) to its normal equations (keyed by j)."""
-    m, h_i = open_runs.pop(j)
-    m = m[:, skip_first:].reshape(-1, m.shape[-1]).double().cpu()
-    delta = (h_j - h_i)[:, skip_first:].reshape(-1, m.shape[-1]).double().cpu()
-    y = m + delta
-    s = sums.setdefault(j, {"xtx": 0.0, "xty": 0.0, "yy": 0.0, "dd": 0.0})
-    s["xtx"] = s["xtx"] + m.T @ m
-    s["xty"] = s["xty"] + m.T @ y
-    s["yy"] = s["yy"] + float(y.pow(2).sum())
-    s["dd"] = s["dd"] + float(delta.pow(2).sum())
+def heal(
+    model: nn.Module, plan: LayerPlan | str, batches: Sequence[torch.Tensor], *, progress: bool = False, **options
+):
+    """The healer interface: a new model running `plan`, each removed run folded into the layer before it."""
+    return fold(model, plan, batches, progress=progress, **options).model
 
 
-def fold_heal(
-    model: nn.Module,
-    plan: LayerPlan | str,
-    batches: list[torch.Tensor],
-    *,
-    ridge: float = 1e-4,
-    skip_first: int = 1,
-    progress: bool = False,
-) -> nn.Module:
-    """`plan` (a pure removal) applied to a copy of `model`, each removed run replaced by a least-squares linear map
-    folded into the output projection of the kept layer before it (see the module docstring). `model` is untouched.
-    The healed model's config records the method and each run's relative residual under "depthprune" -> "healing"."""
-    adapter, spec, resolved, kept, runs = _check(model, plan, batches)
-    fitted = fit_maps(model, runs, batches, spec.output_proj, ridge=ridge, skip_first=skip_first, progress=progress)
-    healed = apply_plan(model, resolved)
-    new_layers = get_path(backbone(healed), spec.layers)
-    report = []
-    for i, j in runs:
-        t, residual = fitted[j]
-        position = kept.index(i - 1)  # where the kept layer before the run sits in the healed model
-        proj = get_path(new_layers[position], spec.output_proj)
-        _fold(proj, t)
-        report.append({"removed": [i, j - 1], "into_layer": i - 1, "relative_residual": round(residual, 6)})
-    record = dict(getattr(healed.config, PLAN_CONFIG_KEY, None) or {})
-    record["healing"] = {"method": "fold", "ridge": ridge, "runs": report}
-    setattr(healed.config, PLAN_CONFIG_KEY, record)
-    return healed
-
-
-@torch.no_grad()
-def _fold(proj: nn.Module, t: torch.Tensor) -> None:
-    """Make `proj` compute proj(x) T: nn.Linear (x W^T + b) -> W' = T^T W; Conv1D (x W + b) -> W' = W T; b' = b T."""
-    from transformers.pytorch_utils import Conv1D
-
-    w = proj.weight
-    t = t.to(device=w.device)
-    if isinstance(proj, Conv1D):
-        w.copy_((w.double() @ t).to(w.dtype))
-    elif isinstance(proj, nn.Linear):
-        w.copy_((t.T @ w.double()).to(w.dtype))
-    else:
-        raise ValueError(f"cannot fold a linear map into a {type(proj).__name__}: expected nn.Linear or Conv1D")
-    if getattr(proj, "bias", None) is not None:
-        proj.bias.copy_((proj.bias.double() @ t).to(proj.bias.dtype))
-
-
-def HEALER(model: nn.Module, plan: LayerPlan | str, batches: list[torch.Tensor], *, progress: bool = False, **options):  # noqa: N802
-    """The registered healer "fold" (see depthprune.static.heal)."""
-    return fold_heal(model, plan, batches, progress=progress, **options)
+HEALER = heal
