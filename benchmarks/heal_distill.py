@@ -13,7 +13,7 @@ import time
 import torch
 
 import depthprune
-from depthprune.bench import perplexity
+from depthprune.bench.perplexity import perplexity
 from depthprune.data import heldout_text, token_blocks
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.heal.distill import _DistillLoss, distill_heal

@@ -9,6 +9,8 @@ no method.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -75,3 +77,12 @@ def merged_copy(peft_model: nn.Module) -> nn.Module:
 
 
 __all__ = ["lora_copy", "lora_targets", "merged_copy"]
+
+
+def lora_settings(rank: int, alpha: float | None, targets: Sequence[str] | None) -> dict[str, Any]:
+    """The LoRA settings a trainer records in its result: rank, the alpha used (default: the rank), the targets."""
+    return {
+        "lora_rank": rank,
+        "lora_alpha": float(rank if alpha is None else alpha),
+        "targets": None if targets is None else list(targets),
+    }

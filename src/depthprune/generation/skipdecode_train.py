@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
-from depthprune.lora import lora_copy, lora_targets, merged_copy
+from depthprune.lora import lora_copy, lora_settings, lora_targets, merged_copy
 from depthprune.training import TrainRun, train
 
 if TYPE_CHECKING:
@@ -164,9 +164,7 @@ def train_skipdecode(
     def make_result(run: TrainRun, merged: nn.Module | None) -> SkipDecodeTrainResult:
         return SkipDecodeTrainResult(
             schedule=schedule.to_dict(),
-            lora_rank=lora_rank,
-            lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
-            targets=None if targets is None else list(targets),
+            **lora_settings(lora_rank, lora_alpha, targets),
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from depthprune.lora import lora_copy, merged_copy
+from depthprune.lora import lora_copy, lora_settings, merged_copy
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.training import train
@@ -203,9 +203,7 @@ def distill_heal(
     merged.eval()
     return DistillResult(
         plan=resolved.to_text(),
-        lora_rank=lora_rank,
-        lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
-        targets=None if targets is None else list(targets),
+        **lora_settings(lora_rank, lora_alpha, targets),
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
