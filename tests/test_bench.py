@@ -270,3 +270,35 @@ def test_write_atomic_replaces_whole_files(tmp_path):
     path = write_atomic(tmp_path / "a.txt", "old")
     assert write_atomic(path, b"\x89new") == path and path.read_bytes() == b"\x89new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_repeated_ngram_share_counts_repeats_of_earlier_ngrams():
+    from depthprune.bench.fluency import repeated_ngram_share
+
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    # "a b a b a b a b": 5 four-grams, 2 distinct -> 3 of 5 are repeats
+    assert repeated_ngram_share([1, 2] * 4) == pytest.approx(3 / 5)
+    assert repeated_ngram_share([7] * 10, n=1) == pytest.approx(0.9)
+    assert repeated_ngram_share([1, 2, 3]) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        repeated_ngram_share([1, 2], n=0)
+
+
+def test_fluency_runs_greedy_generate_and_measures_each_continuation(llama):
+    from depthprune.bench.fluency import fluency, prompt_ids, repeated_ngram_share
+
+    class Ids:  # decodes ids as text, as a tokenizer would
+        pad_token_id, eos_token_id = 0, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    blocks = torch.randint(3, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    prompts = prompt_ids(Ids(), blocks, prompt_len=8)
+    result = fluency(llama, Ids(), prompts, max_new_tokens=12)
+    assert len(result.continuations) == 3 and all(len(t.split()) == 12 for t in result.continuations)
+    first = llama.generate(input_ids=prompts[0], max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert result.shares[0] == repeated_ngram_share(first[0, 8:].tolist())
+    assert result.mean_share == pytest.approx(sum(result.shares) / 3)
+    with pytest.raises(ValueError, match="need blocks"):
+        prompt_ids(Ids(), blocks, prompt_len=32)

@@ -86,3 +86,33 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
     assert resumed.history == pytest.approx(full.history, rel=1e-5)
     a, b = state(full.model), state(resumed.model)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_fold_then_distill_starts_from_the_fold():
+    from depthprune.static.heal import heal
+    from depthprune.static.heal.fold import fold
+
+    model = build("llama")
+    data = batches()
+    folded = fold(model, PLAN, data).model
+    ids = batches(1)[0]
+    chained = heal(model, PLAN, data, "fold+distill", **{"distill.epochs": 0})
+    assert torch.allclose(chained(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-6)
+    trained = heal(model, PLAN, data, "fold+distill", **{"distill.epochs": 4, "distill.lr": 1e-3, "distill.nll_weight": 0.0})
+    assert distill_kl(trained, model, data) < distill_kl(folded, model, data)
+    record = trained.config.depthprune_healing
+    assert record["method"] == "fold+distill" and [s["method"] for s in record["stages"]] == ["fold", "distill"]
+
+
+def test_a_chain_names_each_option_and_every_stage_must_exist():
+    from depthprune.static.heal import heal, stage_options
+
+    assert stage_options("fold+distill", {"distill.lr": 1e-3}) == [("fold", {}), ("distill", {"lr": 1e-3})]
+    with pytest.raises(ValueError, match="names its stage"):
+        stage_options("fold+distill", {"lr": 1e-3})
+    with pytest.raises(ValueError, match="unknown healing method 'nope'"):
+        stage_options("fold+nope", {})
+    with pytest.raises(ValueError, match="cannot follow another stage"):
+        heal(build("llama"), PLAN, batches(), "distill+fold", **{"distill.epochs": 0})
+    with pytest.raises(ValueError, match="start must be a"):
+        distill_heal(build("llama"), PLAN, batches(), start=build("llama"))

@@ -7,6 +7,7 @@ Public functions (imported lazily, so `import depthprune.bench` stays fast):
     plot_layer_scores, plot_ppl_curves              bench.plots
     format_table, write_json, write_csv             bench.report
     interleaved_seconds, speed_ratios, markdown_table   bench.generation
+    fluency, repeated_ngram_share                   bench.fluency
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ _EXPORTS = {
     "interleaved_seconds": "depthprune.bench.generation",
     "speed_ratios": "depthprune.bench.generation",
     "markdown_table": "depthprune.bench.generation",
+    "fluency": "depthprune.bench.fluency",
+    "repeated_ngram_share": "depthprune.bench.fluency",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -83,6 +83,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
+    if args.heal:
+        from depthprune.static.heal import stage_options
+
+        stage_options(args.heal, {})  # an unknown healing method fails before the model loads
     model = load_model(args.model)
     if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
         source = args.tokenizer or args.model
@@ -118,13 +122,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_heal(args: argparse.Namespace) -> int:
     from depthprune.io import load_model
     from depthprune.plan import LayerPlan
-    from depthprune.registry import HEALERS
     from depthprune.static.export import save_model
-    from depthprune.static.heal import heal
+    from depthprune.static.heal import heal, stage_options
     from depthprune.static.prune import prune
 
     check_output_folder(args.output, args.overwrite, source=args.model)
-    HEALERS.check(args.method)
+    stage_options(args.method, {})
     if args.plan is not None:
         LayerPlan.parse(args.plan)
     model = load_model(args.model)
@@ -235,13 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
     _add_removal(p, "lookahead_kl", "'0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
     _add_calibration(p)
-    p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
+    p.add_argument(
+        "--heal", help="heal the pruned model with this method on the calibration text (e.g. fold, or fold+distill)"
+    )
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("heal", help="remove layers and heal the damage (e.g. a training-free linear fold), then export")
     _add_removal(p, "block_influence", "'0-19,22,24-29' (pure removals)")
-    p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
+    p.add_argument(
+        "--method",
+        default="fold",
+        help="healing method, or a chain such as fold+distill (default fold; `depthprune list`)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_calibration(p)
     add_tokenizer_option(p)

@@ -1,6 +1,11 @@
 """Healing after static depth pruning: a method takes the untouched model, a plan and calibration batches and returns
 a new model of the same class running the plan, repaired. One file per method, registered by name in
-`depthprune.registry.HEALERS` (`fold`: training-free linear fold); third parties add theirs with `register_healer`.
+`depthprune.registry.HEALERS` (`fold`: training-free linear fold, `distill`: LoRA distillation); third parties add
+theirs with `register_healer`.
+
+Methods chain with `+`: `heal(model, plan, batches, "fold+distill")` folds, then distils starting from the folded
+model (a later stage must accept `start=`, the model the earlier stages made; the teacher stays the untouched model).
+In a chain every option names its stage: `**{"distill.max_tokens": 65536, "fold.loss": "cosine"}`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,33 @@ def get_healer(name: str) -> Any:
     return HEALERS.get(name)
 
 
+RECORD_KEY = "depthprune_healing"
+
+
+def stage_options(method: str, options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """[(healer name, its options)] of `method` ("fold" or a chain "fold+distill"); in a chain each option key is
+    "stage.key". Checks the names against the registry and the keys against the stages, with clear errors."""
+    names = [name.strip() for name in method.split("+")]
+    if not all(names):
+        raise ValueError(f"healing method {method!r}: empty stage name (write e.g. 'fold' or 'fold+distill')")
+    if len(set(names)) != len(names):
+        raise ValueError(f"healing method {method!r} names a stage twice")
+    for name in names:
+        HEALERS.check(name)
+    if len(names) == 1:
+        return [(names[0], dict(options))]
+    per_stage: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for key, value in options.items():
+        stage, dot, option = key.partition(".")
+        if not dot or stage not in per_stage:
+            raise ValueError(
+                f"option {key!r}: in the chain {method!r} every option names its stage, e.g. "
+                f"'{names[-1]}.{key.rpartition('.')[2]}' (stages: {', '.join(names)})"
+            )
+        per_stage[stage][option] = value
+    return list(per_stage.items())
+
+
 def heal(
     model: nn.Module,
     plan: LayerPlan | str,
@@ -34,8 +66,27 @@ def heal(
     progress: bool = False,
     **options: Any,
 ) -> nn.Module:
-    """A new model running `plan` on `model`'s layers, healed by `method` on `batches`; `model` is untouched."""
-    return get_healer(method)(model, plan, batches, progress=progress, **options)
+    """A new model running `plan` on `model`'s layers, healed by `method` on `batches` (one healer, or a chain
+    "a+b": b starts from a's model); `model` is untouched."""
+    stages = stage_options(method, options)
+    healed: nn.Module | None = None
+    records = []
+    for name, opts in stages:
+        healer = get_healer(name)
+        if healed is not None:
+            opts = {**opts, "start": healed}
+        try:
+            healed = healer(model, plan, batches, progress=progress, **opts)
+        except TypeError as err:
+            if healed is not None and "keyword argument 'start'" in str(err):
+                raise ValueError(
+                    f"healing method {name!r} cannot follow another stage (it takes no start= model); put it first"
+                ) from err
+            raise
+        records.append(getattr(healed.config, RECORD_KEY, None) or {"method": name})
+    if len(stages) > 1:
+        setattr(healed.config, RECORD_KEY, {"method": method, "stages": records})
+    return healed
 
 
-__all__ = ["get_healer", "heal", "list_healers"]
+__all__ = ["get_healer", "heal", "list_healers", "stage_options"]

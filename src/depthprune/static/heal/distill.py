@@ -28,6 +28,8 @@ from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.training import train
 
+RECORD_KEY = "depthprune_healing"
+
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
@@ -151,10 +153,14 @@ def distill_heal(
     nll_weight: float = 0.1,
     max_tokens: int | None = None,
     warmup: float = 0.1,
+    start: nn.Module | None = None,
     **run_kwargs: Unpack[RunKwargs],
 ) -> DistillResult:
     """Prune a copy of `model` by `plan`, train LoRA on it to match `model`'s next-token distributions on `batches`
-    (a list of LongTensor [batch, seq]), merge; return the result with the healed model (same class as `model`)."""
+    (a list of LongTensor [batch, seq]), merge; return the result with the healed model (same class as `model`).
+
+    start: a model already running `plan` (an earlier healer's output, e.g. the fold's) to train from instead of the
+    plain pruned copy; it is not modified either."""
     if epochs < 0 or batch_size < 1 or not lr > 0 or not temperature > 0 or nll_weight < 0:
         raise ValueError(
             f"need epochs >= 0, batch_size >= 1, lr > 0, temperature > 0, nll_weight >= 0; got {epochs}, "
@@ -167,6 +173,14 @@ def distill_heal(
     pruned = apply_plan(model, plan)  # checks the plan (and the architecture) with clear errors
     sizes = layer_sizes(model)
     resolved = plan.resolve(sizes)
+    if start is not None:
+        kept = {name: len(layers) for name, layers in resolved.stacks.items()}
+        if type(start) is not type(model) or layer_sizes(start) != kept:
+            raise ValueError(
+                f"distill: start must be a {type(model).__name__} running the plan {resolved} (layers per stack "
+                f"{kept}); got a {type(start).__name__} with {layer_sizes(start)}"
+            )
+        pruned = start  # lora_copy copies it
     if resolved.is_identity(sizes):
         raise ValueError(f"the plan {resolved} keeps every layer: there is nothing to heal")
     if any(len(set(layers)) != len(layers) for layers in resolved.stacks.values()):
@@ -193,6 +207,7 @@ def distill_heal(
             "lora_rank": lora_rank,
             "targets": targets and list(targets),
             "max_tokens": max_tokens,
+            "start": None if start is None else (getattr(start.config, RECORD_KEY, None) or {}).get("method", "given"),
         },  # fmt: skip
         desc="distill heal",
         **run_kwargs,
@@ -201,7 +216,7 @@ def distill_heal(
         p.requires_grad_(False)
     merged = merged_copy(peft_model)
     merged.eval()
-    return DistillResult(
+    result = DistillResult(
         plan=resolved.to_text(),
         **lora_settings(lora_rank, lora_alpha, targets),
         epochs=epochs,
@@ -223,6 +238,9 @@ def distill_heal(
         output_dir=run.output_dir,
         model=merged,
     )
+    record = {k: v for k, v in result.to_dict().items() if k not in ("history", "output_dir")}
+    setattr(merged.config, RECORD_KEY, {"method": "distill", **record})
+    return result
 
 
 def heal(
