@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--text", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"), help="the book")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     pipelines = [parse_pipeline(t) for t in args.pipeline]
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         stage_options(method, {})
     torch.set_num_threads(args.threads)
     model, tokenizer = depthprune.load_model("smollm2").eval(), depthprune.load_tokenizer("smollm2")
-    batches = calibration_batches(tokenizer, seq_len=args.seq_len, n_blocks=args.calib_blocks)
-    held = token_blocks(tokenizer, heldout_text(), args.seq_len, args.heldout_blocks + args.prompts)
+    batches = calibration_batches(tokenizer, path=args.text, seq_len=args.seq_len, n_blocks=args.calib_blocks)
+    held = token_blocks(tokenizer, heldout_text(args.text), args.seq_len, args.heldout_blocks + args.prompts)
     heldout, prompts = held[: args.heldout_blocks], prompt_ids(tokenizer, held[args.heldout_blocks :])
     sizes = layer_sizes(model)
     stack = list(sizes)[-1]
