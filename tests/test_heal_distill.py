@@ -98,7 +98,8 @@ def test_fold_then_distill_starts_from_the_fold():
     ids = batches(1)[0]
     chained = heal(model, PLAN, data, "fold+distill", **{"distill.epochs": 0})
     assert torch.allclose(chained(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-6)
-    trained = heal(model, PLAN, data, "fold+distill", **{"distill.epochs": 4, "distill.lr": 1e-3, "distill.nll_weight": 0.0})
+    options = {"distill.epochs": 4, "distill.lr": 1e-3, "distill.nll_weight": 0.0}
+    trained = heal(model, PLAN, data, "fold+distill", **options)
     assert distill_kl(trained, model, data) < distill_kl(folded, model, data)
     record = trained.config.depthprune_healing
     assert record["method"] == "fold+distill" and [s["method"] for s in record["stages"]] == ["fold", "distill"]
