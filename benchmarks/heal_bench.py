@@ -46,6 +46,15 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, options
 
 
+def book_data(
+    tokenizer, text: str, seq_len: int = 256, calib_blocks: int = 96, heldout_blocks: int = 16
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(calibration batches from before chapter 110 of the book at path `text`, held-out blocks [blocks, seq_len]
+    from chapter 110 on): the data of every healing and order-search benchmark."""
+    batches = calibration_batches(tokenizer, path=text, seq_len=seq_len, n_blocks=calib_blocks)
+    return batches, token_blocks(tokenizer, heldout_text(text), seq_len, heldout_blocks)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"), help="the book")
@@ -66,8 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = depthprune.load_model(args.model).eval()
     tokenizer = depthprune.load_tokenizer(args.model)
-    batches = calibration_batches(tokenizer, path=args.text, seq_len=args.seq_len, n_blocks=args.calib_blocks)
-    heldout = token_blocks(tokenizer, heldout_text(args.text), args.seq_len, args.heldout_blocks)  # [blocks, seq]
+    batches, heldout = book_data(tokenizer, args.text, args.seq_len, args.calib_blocks, args.heldout_blocks)
     sizes = layer_sizes(model)
     stack = list(sizes)[-1]
     rows = [{"n_remove": 0, "method": "untouched", "plan": "", "ppl": perplexity(model, heldout), "seconds": 0.0}]

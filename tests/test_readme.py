@@ -53,7 +53,7 @@ def readme_blocks() -> dict[str, list[str]]:
 def test_the_readme_has_commands_to_check():
     names = {shlex.split(c)[1] for block in readme_blocks().values() for c in block}
     assert {"list", "prune", "analyze", "eval", "train-exits", "calibrate", "classify", "generate"} <= names
-    assert "train-skipdecode" in names
+    assert "train-skipdecode" in names and "search-order" in names
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,9 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
             assert config["num_hidden_layers"] == 30 - int(option["--remove"])
         else:
             assert (folder / "skip_schedule.json").is_file()
+    elif command == "search-order":
+        config = json.loads((folder / "config.json").read_text())
+        assert config["num_hidden_layers"] == 30 - int(option["--remove"]) and "calibration NLL" in out
     elif command == "eval":
         assert "perplexity" in out
     elif command == "train-exits":

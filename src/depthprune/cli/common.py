@@ -42,6 +42,30 @@ def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:
     return load_tokenizer(getattr(args, "tokenizer", None) or model_name)
 
 
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    """--calibration PATH, --seq-len, --blocks and --stack: the calibration text of the commands that score layers."""
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration text file (the part before 'CHAPTER 110.' is "
+        "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune",
+    )
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
+    p.add_argument("--blocks", type=int, default=8, help="number of calibration blocks (default 8)")
+    p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
+
+
+def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list:
+    """The calibration batches the options of `add_calibration_options` ask for; a clear error naming them."""
+    from depthprune.static.prune import calibration_batches
+
+    try:
+        return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
+    except ValueError as err:
+        where = f"--calibration {args.calibration}" if args.calibration else "the packaged calibration text"
+        raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
+
+
 def calibrate_check_write(
     names: Sequence[str],
     calibrate_one: Callable[[str], Any],

@@ -187,10 +187,37 @@ def plan_loss(
     batch_ids = tuple(range(len(batches)) if batch_ids is None else batch_ids)
     cache = capture(model, batches, target, batch_ids) if cache is None else cache
     p = cache.shared(keep)
+    rows = [(b, cache.index(b)) for b in batch_ids]
+    final = ((b, cache.calls[j].run(cache.states[p][j], order=keep[p:])) for b, j in rows)  # one batch at a time
+    return _loss(model, batches, target, final, ref)
+
+
+@torch.no_grad()
+def cache_loss(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    target: Target,
+    cache: PrefixCache,
+    *,
+    ref: Reference | None = None,
+) -> Loss:
+    """The loss of the cached plan (`cache.keep`) on the cache's batches, from the hidden states leaving its last
+    layer: no layer runs. `plan_inputs` then `cache_loss` gives what `plan_loss` gives, and keeps the states for
+    the next candidate to resume from."""
+    final = [(b, cache.states[-1][j]) for j, b in enumerate(cache.batch_ids)]
+    return _loss(model, batches, target, final, ref)
+
+
+def _loss(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    target: Target,
+    final: Iterable[tuple[int, torch.Tensor]],
+    ref: Reference | None,
+) -> Loss:
+    """Mean NLL (and KL from `ref`) over (batch id, hidden states leaving the stack [batch, seq, hidden]) pairs."""
     nll, kl, count = 0.0, 0.0, 0
-    for b in batch_ids:
-        j = cache.index(b)
-        hidden = cache.calls[j].run(cache.states[p][j], order=keep[p:])
+    for b, hidden in final:
         ids = batches[b].to(hidden.device)
         batch_ref = None if ref is None else (ref.top_ids[b], ref.top_logp[b], ref.rest_logp[b])
         n, k = _token_losses(_logits(model, target, hidden), ids, batch_ref)
