@@ -1,5 +1,5 @@
-"""Pieces several commands share: the output-folder check that runs before anything loads, the tokenizer option, and
-calibrate -> check -> write calibration.json (classifier and decoder exit heads alike)."""
+"""Pieces several commands share: the output-folder check that runs before anything loads, the tokenizer and calibration
+options, and calibrate -> check -> write calibration.json (classifier and decoder exit heads alike)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,30 @@ def add_tokenizer_option(p: argparse.ArgumentParser | Any) -> None:
         metavar="NAME",
         help="tokenizer folder, hub id or alias, for a model folder saved without one (default: the model's)",
     )
+
+
+def add_calibration_options(p: argparse.ArgumentParser | Any) -> None:
+    """--calibration, --seq-len, --blocks, --stack: the calibration text of every command that reads one."""
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration text file (the part before 'CHAPTER 110.' is "
+        "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune",
+    )
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
+    p.add_argument("--blocks", type=int, default=8, help="number of calibration blocks (default 8)")
+    p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
+
+
+def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list:
+    """The calibration batches the options of `add_calibration_options` ask for (a clear error naming them)."""
+    from depthprune.static.prune import calibration_batches
+
+    try:
+        return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
+    except ValueError as err:
+        where = f"--calibration {args.calibration}" if args.calibration else "the packaged calibration text"
+        raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
 
 
 def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:

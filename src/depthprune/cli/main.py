@@ -9,21 +9,15 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 
-from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
+from depthprune.cli.common import (
+    add_calibration_options,
+    add_tokenizer_option,
+    calibration_from_args,
+    check_output_folder,
+    tokenizer_for,
+)
 
 MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
-
-
-def _add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--calibration",
-        metavar="PATH",
-        help="calibration text file (the part before 'CHAPTER 110.' is "
-        "used if present, else the first 80%%); default: the Moby-Dick excerpt shipped with depthprune",
-    )
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block (default 256)")
-    p.add_argument("--blocks", type=int, default=8, help="number of calibration blocks (default 8)")
-    p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
 
 
 def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
@@ -37,16 +31,6 @@ def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
 
 
-def _calibration(args: argparse.Namespace, tokenizer) -> list:
-    from depthprune.static.prune import calibration_batches
-
-    try:
-        return calibration_batches(tokenizer, path=args.calibration, seq_len=args.seq_len, n_blocks=args.blocks)
-    except ValueError as err:
-        where = f"--calibration {args.calibration}" if args.calibration else "the packaged calibration text"
-        raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
     from depthprune.io import load_model
@@ -56,7 +40,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     scorers = args.scorers.split(",") if args.scorers else None
     results = analyze(
         model,
-        _calibration(args, tokenizer),
+        calibration_from_args(args, tokenizer),
         scorers=scorers,
         n_remove=args.remove,
         stack=args.stack,
@@ -94,7 +78,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             model,
             remove=args.remove,
             scorer=args.scorer,
-            batches=_calibration(args, tokenizer),
+            batches=calibration_from_args(args, tokenizer),
             stack=args.stack,
             progress=True,
         )
@@ -104,7 +88,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         if tokenizer is None:
             tokenizer = tokenizer_for(args, args.model)
-        batches = _calibration(args, tokenizer)
+        batches = calibration_from_args(args, tokenizer)
         result.model = heal(model, result.plan, batches, method=args.heal, progress=True)
         healed = f", healed by {args.heal}"
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
@@ -129,7 +113,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         LayerPlan.parse(args.plan)
     model = load_model(args.model)
     tokenizer = tokenizer_for(args, args.model)
-    batches = _calibration(args, tokenizer)
+    batches = calibration_from_args(args, tokenizer)
     if args.plan is not None:
         plan = LayerPlan.parse(args.plan)
     else:
@@ -228,13 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", type=int, default=1, help="layers each scorer should choose to remove (default 1)")
     p.add_argument("-o", "--out", default="out/analyze", help="folder for scores.csv/json and layer_scores.png")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_calibration(p)
+    add_calibration_options(p)
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("prune", help="remove layers (chosen by a scorer, or an explicit plan) and export the model")
     _add_removal(p, "lookahead_kl", "'0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
-    _add_calibration(p)
+    add_calibration_options(p)
     p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
@@ -243,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_removal(p, "block_influence", "'0-19,22,24-29' (pure removals)")
     p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    _add_calibration(p)
+    add_calibration_options(p)
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_heal)
 
@@ -277,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from depthprune.cli import train_skipdecode
     from depthprune.cli.exits import add_commands
+    from depthprune.cli.fusion import add_commands as add_fusion_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
 
+    add_fusion_commands(sub)
     add_commands(sub)
     add_generation_commands(sub)
 
