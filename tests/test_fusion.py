@@ -102,6 +102,12 @@ def test_merging_a_run_of_one_layer_is_the_identity():
     assert _same_state(merged, model.state_dict())
 
 
+def test_merging_two_layers_gives_the_second_ones_weights():
+    model = _deep("llama", 4)  # theta_1 + (theta_2 - theta_1) = theta_2: the merge removes layer 1, keeps layer 2
+    merged, removed = merge_layers(model, [(1, 2)]), apply_plan(model, "0,2,3")
+    assert torch.equal(logits(merged, inputs("llama")), logits(removed, inputs("llama")))
+
+
 def test_merges_compose_on_the_source_layers():
     model = _deep("llama", 6)
     twice = merge_layers(merge_layers(model, [(3, 5)]), [(2, 3)])  # the merged layer 3 is merged again, into 2

@@ -9,6 +9,10 @@ parameter of the layer (attention, MLP and norm weights and biases alike),
 and the merged layer runs at position l; layers l+1..l+m are gone. (LaCo's public notebooks add the differences only
 for some projections and keep the rest of the base layer, which users reported in the repository's issues #4/#5;
 here every parameter follows the formula, computed in float64.) Buffers (rotary tables, masks) are the base layer's.
+Two layers merge into the second one's weights (theta_l + (theta_{l+1} - theta_l) = theta_{l+1}), so C = 2 is the
+removal of the base layer; from three on the merge extrapolates (theta_{l+1} + theta_{l+2} - theta_l), which only
+stays close to the layers where their differences are small (the paper's Llama-2 layers; not SmolLM2-135M's, see
+benchmarks/RESULTS.md 6.4).
 
 Which runs to merge is chosen on calibration text by the paper's algorithm (`laco`): start at l = H - C, merge the C
 layers l..l+C-1 (fewer where the top of the range or the target is reached), and compare the merged model's final
