@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threshold", type=float, default=None, help="LaCo's T (default: laco's)")
     parser.add_argument("--interval", type=int, default=None, help="LaCo's I (default: laco's)")
     parser.add_argument("--low", type=int, default=None, help="LaCo's L (default: laco's, half the depth)")
+    parser.add_argument("--high", type=int, default=None, help="LaCo's H (default: laco's, the depth)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-blocks", type=int, default=96)
     parser.add_argument("--laco-blocks", type=int, default=8)
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threshold": args.threshold,
             "interval": args.interval,
             "low": args.low,
+            "high": args.high,
         }.items()
         if v is not None
     }
