@@ -20,8 +20,9 @@ hidden states (after the final norm: what the head reads) with the untouched mod
 over calibration tokens. Above the threshold T the merge is kept and the next candidate starts I positions lower
 (so a later merge may take in an earlier merged layer, as in the paper); below it, one position lower. The search
 stops when the target number of layers is removed or l falls below L. The paper's defaults for Llama2-7B (32 layers)
-are C = 4, [L, H) = [16, 32), I = 2; here L = half the depth, H = the depth, C = 4, I = 2 for any depth, and a
-threshold measured for cosine of final hidden states (the paper compares sentence representations).
+are C = 4, [L, H) = [16, 32), I = 2; here L = half the depth, H = the depth, C = 4, I = 2 for any depth, and
+T = 0.85 for the cosine of final hidden states (ours: the paper compares sentence representations). On SmolLM2-135M
+no 3- or 4-layer merge comes near it and searches need C = 2 and T ~ 0.5 (benchmarks/RESULTS.md 6.4).
 
 The result is an ordinary model of the same class with fewer layers: `apply_plan` rebuilds the structure (layer
 index attributes renumbered, config depth and `layer_types` fields updated, the kept source layers recorded as the
