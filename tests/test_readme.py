@@ -101,6 +101,14 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert json.loads(out)["scorers"] if "--json" in argv else "scorers:" in out
     elif command == "analyze":
         assert {"layer_scores.png", "scores.csv", "scores.json"} <= {p.name for p in folder.iterdir()}
+    elif command in ("merge", "share"):
+        config = json.loads((folder / "config.json").read_text())
+        steps = config["depthprune_fusion"]["steps"]
+        removed = sum(b - a for step in steps for a, b in step.get("runs", []))
+        assert config["num_hidden_layers"] == 30 - removed and (removed > 0) == (command == "merge")
+        if "--remove" in argv:
+            assert removed == int(option["--remove"]) and {s["method"] for s in steps} == {"laco"}
+        assert "saved to" in out and (steps[-1]["method"] == "share") == (command == "share")
     elif command in ("prune", "heal", "train-skipdecode"):
         config = json.loads((folder / "config.json").read_text())
         assert (folder / "model.safetensors").is_file()

@@ -1,7 +1,8 @@
 """depthprune: make Transformer models shallower, with the quality loss measured.
 
 Public API (imported lazily so `import depthprune` is fast):
-    LayerPlan, apply_plan, save_model, load_model, get_adapter, register_adapter, Adapter, StackSpec, ConfigField
+    LayerPlan, apply_plan, save_model, load_model, get_adapter, register_adapter, Adapter, StackSpec, ConfigField,
+    merge_layers, laco, share_layers (layer fusion)
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ _EXPORTS = {
     "Adapter": "depthprune.adapters.base",
     "StackSpec": "depthprune.adapters.base",
     "ConfigField": "depthprune.adapters.base",
+    "merge_layers": "depthprune.static.fusion",
+    "laco": "depthprune.static.fusion",
+    "share_layers": "depthprune.static.fusion",
     "get_scorer": "depthprune.static.scorers",
     "list_scorers": "depthprune.static.scorers",
 }

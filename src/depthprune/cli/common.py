@@ -1,5 +1,5 @@
-"""Pieces several commands share: the output-folder check that runs before anything loads, the tokenizer option, and
-calibrate -> check -> write calibration.json (classifier and decoder exit heads alike)."""
+"""Pieces several commands share: the output-folder check that runs before anything loads, the tokenizer and calibration
+options, and calibrate -> check -> write calibration.json (classifier and decoder exit heads alike)."""
 
 from __future__ import annotations
 
@@ -35,15 +35,8 @@ def add_tokenizer_option(p: argparse.ArgumentParser | Any) -> None:
     )
 
 
-def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:
-    """The --tokenizer given, else the model's own (a clear error naming the folder when it has none)."""
-    from depthprune.io import load_tokenizer
-
-    return load_tokenizer(getattr(args, "tokenizer", None) or model_name)
-
-
-def add_calibration_options(p: argparse.ArgumentParser) -> None:
-    """--calibration PATH, --seq-len, --blocks and --stack: the calibration text of the commands that score layers."""
+def add_calibration_options(p: argparse.ArgumentParser | Any) -> None:
+    """--calibration, --seq-len, --blocks, --stack: the calibration text of every command that reads one."""
     p.add_argument(
         "--calibration",
         metavar="PATH",
@@ -56,7 +49,7 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
 
 
 def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list:
-    """The calibration batches the options of `add_calibration_options` ask for; a clear error naming them."""
+    """The calibration batches the options of `add_calibration_options` ask for (a clear error naming them)."""
     from depthprune.static.prune import calibration_batches
 
     try:
@@ -64,6 +57,13 @@ def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list:
     except ValueError as err:
         where = f"--calibration {args.calibration}" if args.calibration else "the packaged calibration text"
         raise ValueError(f"{where}: {err} (--seq-len {args.seq_len}, --blocks {args.blocks})") from None
+
+
+def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:
+    """The --tokenizer given, else the model's own (a clear error naming the folder when it has none)."""
+    from depthprune.io import load_tokenizer
+
+    return load_tokenizer(getattr(args, "tokenizer", None) or model_name)
 
 
 def calibrate_check_write(

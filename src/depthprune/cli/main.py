@@ -270,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from depthprune.cli import train_skipdecode
     from depthprune.cli.exits import add_commands
+    from depthprune.cli.fusion import add_commands as add_fusion_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
     from depthprune.cli.search import add_commands as add_search_commands
 
+    add_fusion_commands(sub)
     add_commands(sub)
     add_generation_commands(sub)
     add_search_commands(sub)
