@@ -37,6 +37,46 @@ def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
 
 
+def _add_healer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a healer option (repeatable), e.g. --option epochs=2 --option init=last; values are read as int, "
+        "float, true/false, none, else text (see the healer's docstring)",
+    )
+
+
+def parse_option_value(text: str) -> object:
+    """A healer option's value from the command line: int, float, true/false, none, else the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: Sequence[str]) -> dict[str, object]:
+    """`--option key=value` items as keyword arguments (a clear error for a malformed or repeated key)."""
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option epochs=2")
+        if key in options:
+            raise ValueError(f"--option {key} is given twice")
+        options[key] = parse_option_value(value)
+    return options
+
+
 def _calibration(args: argparse.Namespace, tokenizer) -> list:
     from depthprune.static.prune import calibration_batches
 
@@ -83,6 +123,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
+    options = parse_options(args.option)
+    if options and not args.heal:
+        raise ValueError("--option sets a healer's options; it needs --heal METHOD")
     model = load_model(args.model)
     if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
         source = args.tokenizer or args.model
@@ -105,7 +148,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if tokenizer is None:
             tokenizer = tokenizer_for(args, args.model)
         batches = _calibration(args, tokenizer)
-        result.model = heal(model, result.plan, batches, method=args.heal, progress=True)
+        result.model = heal(model, result.plan, batches, method=args.heal, progress=True, **options)
         healed = f", healed by {args.heal}"
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else "") + healed)
@@ -127,6 +170,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     HEALERS.check(args.method)
     if args.plan is not None:
         LayerPlan.parse(args.plan)
+    options = parse_options(args.option)
     model = load_model(args.model)
     tokenizer = tokenizer_for(args, args.model)
     batches = _calibration(args, tokenizer)
@@ -134,7 +178,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         plan = LayerPlan.parse(args.plan)
     else:
         plan = prune(model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack).plan
-    healed = heal(model, plan, batches, method=args.method, progress=not args.json)
+    healed = heal(model, plan, batches, method=args.method, progress=not args.json, **options)
     out = save_model(healed, args.output, tokenizer, overwrite=args.overwrite)
     record = getattr(healed.config, "depthprune_healing", None) or {}
     summary = {"plan": plan.to_text(), "method": args.method, "output": str(out), **record}
@@ -236,12 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_removal(p, "lookahead_kl", "'0-19,22,24-29', '0,1,2,2,3', 'encoder=0-5;decoder=0-2'")
     _add_calibration(p)
     p.add_argument("--heal", help="heal the pruned model with this method on the calibration text (e.g. fold)")
+    _add_healer_options(p)
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("heal", help="remove layers and heal the damage (e.g. a training-free linear fold), then export")
     _add_removal(p, "block_influence", "'0-19,22,24-29' (pure removals)")
     p.add_argument("--method", default="fold", help="healing method (default fold; see `depthprune list`)")
+    _add_healer_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     _add_calibration(p)
     add_tokenizer_option(p)
