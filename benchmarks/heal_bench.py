@@ -13,8 +13,9 @@ A method is a registered healer name with optional options: `name:key=value,key=
 they parse, else kept as text), e.g. `fold:sequential=false`, `replace:epochs=4,lr=0.001`.
 
 Every row records the layers the evaluated model runs. A healer that keeps more layers than the plan (replace keeps
-one layer per removed run) gets a row beside it: the scorer's plain removal at that same executed depth
-("unhealed, same depth"), so that a healed model is also compared with pruning that runs as many layers.
+one layer per removed run) gets two rows beside it: the same model before training (the plan with each run's init
+layer kept, "..., untrained") and the scorer's plain removal at that same executed depth ("unhealed, same depth"),
+so that a healed model is also compared with pruning that runs as many layers.
 """
 
 from __future__ import annotations
@@ -117,7 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
             ratio = ppl / row["ppl"]
             print(f"{n} removed: {method} {ppl:.2f} ({ratio:.3f} x unhealed, {layers} layers, {seconds:.0f} s)")
+            record = getattr(healed.config, "depthprune_healing", None) or {}
             del healed
+            kept = [k for k in range(n_layers) if k not in remove]
+            inits = [r["init_layer"] for r in record.get("replacements", [])]
+            if inits:  # the replaced model before training: the plan with each run's init layer kept
+                alone = unhealed([k for k in range(n_layers) if k not in kept + inits], "init layers kept, untrained")
+                rows.append(alone | {"n_remove": n, "plan": plan.to_text(), "method": f"{method}, untrained"})
+                print(f"{n} removed: {method} before training {alone['ppl']:.2f} ({alone['layers']} layers)")
             if layers > n_layers - n and not any(
                 r["method"] == "unhealed, same depth" and r["layers"] == layers for r in rows
             ):

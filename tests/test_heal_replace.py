@@ -127,6 +127,17 @@ def test_runs_are_fitted_in_order_and_streaming_gives_the_cached_result():
     assert apart.replacements[1].mse_before != pytest.approx(cached.replacements[1].mse_before, rel=1e-6)
 
 
+def test_the_cosine_loss_trains_towards_the_direction():
+    model = deep("llama")
+    kw = dict(epochs=3, lr=3e-3, batch_size=2, progress=False)
+    cosine = replace_heal(model, "0,1,4,5", batches(), loss="cosine", **kw)
+    plain = replace_heal(model, "0,1,4,5", batches(), **kw)
+    assert cosine.loss == "cosine" and cosine.model.config.depthprune_healing["loss"] == "cosine"
+    assert cosine.replacements[0].history[0] < 1 and cosine.replacements[0].history != plain.replacements[0].history
+    a, b = state(cosine.model), state(plain.model)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
 def test_the_position_keeps_the_init_layers_attention_type():
     model = build_gemma3_sliding()
     types = list(model.config.get_text_config().layer_types)

@@ -18,16 +18,20 @@ the model healed so far (earlier replacements trained), the target h_j from the 
 corrects what earlier runs left. `sequential=False` takes h_i from the untouched model for every run.
 
 Activations are STREAMED: h_i and h_j of a batch are computed under no_grad by the runner (`capture_stack` +
-`StackCall.run`) when the batch is trained on, and kept in a cache bounded by `cache_mb` (pairs of calibration
-blocks, filled on first use, in block order, until the bound; the blocks beyond it are recomputed every time). The
-default (512 MiB) holds 96 x 256 tokens of a 576-wide model with room to spare; `cache_mb=0` recomputes every batch,
-so memory is one batch of activations whatever the calibration size (LLM-Streamline's issue #5 is the OOM of
-materialising every hidden state at once).
+`StackCall.run`) when the batch is first needed, and kept in a cache bounded by `cache_mb` (pairs of calibration
+blocks, filled in block order until the bound; blocks beyond it are recomputed each time they are trained on). A
+block the run before (same stack) holds in its cache continues from that run's (h_i, h_j), so only the layers
+between the two runs run; that cache is dropped once the next run's first pass is done, so memory stays under
+2 x cache_mb plus one batch. The default (512 MiB) holds 96 x 256 tokens of a 576-wide model with room to spare;
+`cache_mb=0` recomputes every batch from the embedding: memory is one batch of activations whatever the
+calibration size (LLM-Streamline's issue #5 is the OOM of materialising every hidden state at once). The first pass
+over the blocks (mse_before) is what fills the cache, so the training epochs cost one layer each per step.
 
-Training goes through `depthprune.training.train`, one call per run (AdamW, warm-up then linear decay, seeds,
-progress; `max_tokens` caps each run's training tokens like distill's budget). With `output_dir` each run writes its
-own folder `run-<stack>-<i>-<j>` (checkpoints, the trained layer, its record); `resume=True` loads the runs already
-finished and goes on from the newest checkpoint of the one that was interrupted.
+Training goes through `depthprune.training.train`, one call per run (AdamW at lr 1e-3 by default: on SmolLM2 1e-4
+barely moved the MSE in a calibration-sized budget; warm-up then linear decay, seeds, progress; `max_tokens` caps
+each run's training tokens like distill's budget). With `output_dir` each run writes its own folder
+`run-<stack>-<i>-<j>` (checkpoints, the trained layer, its record); `resume=True` loads the runs already finished
+and goes on from the newest checkpoint of the one that was interrupted.
 
 The healed model keeps (kept + number of runs) layers: compare it with plain removal at the same executed depth.
 Stacks the runner cannot run layer by layer (T5's relative position bias) and adapters whose layers share weights
@@ -277,12 +281,6 @@ class _Pairs:
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def _error(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    if loss == "cosine":
-        return 1 - nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-    return (pred.float() - target.float()).pow(2).mean()
-
-
 class _ReplaceLoss(nn.Module):
     """The trained layer plus its loss on a batch of calibration block indices, as one module DDP can wrap; the
     models that give the layer's arguments and activations are held outside the module tree."""
@@ -305,7 +303,10 @@ class _ReplaceLoss(nn.Module):
     def forward(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         pred, target = self.predict(rows.cpu())
         mse = (pred.float() - target.float()).pow(2).mean()
-        return {"loss": mse if self.loss == "mse" else _error(pred, target, self.loss), "mse": mse.detach()}
+        if self.loss == "mse":
+            return {"loss": mse, "mse": mse.detach()}
+        cosine = 1 - nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1).mean()  # per token
+        return {"loss": cosine, "mse": mse.detach()}
 
 
 @torch.no_grad()
@@ -362,7 +363,7 @@ def replace_heal(
     loss: str = "mse",
     sequential: bool = True,
     epochs: int = 1,
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     batch_size: int = 4,
     seed: int = 0,
     max_tokens: int | None = None,
