@@ -112,10 +112,15 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
     elif command in ("prune", "heal", "train-skipdecode"):
         config = json.loads((folder / "config.json").read_text())
         assert (folder / "model.safetensors").is_file()
+        extra = 0  # layers a healer keeps beyond the plan's: replace keeps one per removed run
         if command == "heal":
-            assert "fold" in json.dumps(config["depthprune_healing"]) and "healed by fold" in out
+            method = option.get("--method", "fold")
+            record = config["depthprune_healing"]
+            assert record["method"] == method and f"healed by {method}" in out
+            extra = len(record.get("replacements", []))
         if "--plan" in argv:
-            assert config["num_hidden_layers"] == sum(LayerPlan.parse(option["--plan"]).num_layers().values())
+            planned = sum(LayerPlan.parse(option["--plan"]).num_layers().values())
+            assert config["num_hidden_layers"] == planned + extra
         elif "--remove" in argv:
             assert config["num_hidden_layers"] == 30 - int(option["--remove"])
         else:

@@ -188,6 +188,10 @@ HEALERS = Registry("healing method", "HEALER", plural="healing methods (static p
             "depthprune.static.heal.fold",
             "ReplaceMe: a least-squares linear map per removed run, folded into the layer before it (no training)",
         ),
+        "replace": (
+            "depthprune.static.heal.replace",
+            "LLM-Streamline: each removed run becomes one layer (from the run's first), trained on h_i -> h_j (MSE)",
+        ),
         "distill": (
             "depthprune.static.heal.distill",
             "LoRA on the pruned model, trained to the untouched model's next-token distribution (KL + NLL), merged",

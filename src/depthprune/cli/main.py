@@ -31,6 +31,48 @@ def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
 
 
+def _add_healer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a healer option (repeatable), e.g. --option epochs=2 --option init=last; values are read as int, "
+        "float, true/false, none, else text (see the healer's docstring)",
+    )
+
+
+def parse_option_value(text: str) -> object:
+    """A healer option's value from the command line: int, float, true/false, none, else the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: Sequence[str]) -> dict[str, object]:
+    """`--option key=value` items as keyword arguments (a clear error for a malformed or repeated key)."""
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not all(part.isidentifier() for part in key.split(".")):
+            raise ValueError(
+                f"--option {item!r}: write KEY=VALUE, e.g. --option epochs=2 (in a chain: --option distill.epochs=2)"
+            )
+        if key in options:
+            raise ValueError(f"--option {key} is given twice")
+        options[key] = parse_option_value(value)
+    return options
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from depthprune.bench.report import format_table
     from depthprune.io import load_model
@@ -71,6 +113,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from depthprune.static.heal import stage_options
 
         stage_options(args.heal, {})  # an unknown healing method fails before the model loads
+    options = parse_options(args.option)
+    if options and not args.heal:
+        raise ValueError("--option sets a healer's options; it needs --heal METHOD")
     model = load_model(args.model)
     if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
         source = args.tokenizer or args.model
@@ -93,7 +138,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if tokenizer is None:
             tokenizer = tokenizer_for(args, args.model)
         batches = calibration_from_args(args, tokenizer)
-        result.model = heal(model, result.plan, batches, method=args.heal, progress=True)
+        result.model = heal(model, result.plan, batches, method=args.heal, progress=True, **options)
         healed = f", healed by {args.heal}"
     out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else "") + healed)
@@ -114,6 +159,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     stage_options(args.method, {})
     if args.plan is not None:
         LayerPlan.parse(args.plan)
+    options = parse_options(args.option)
     model = load_model(args.model)
     tokenizer = tokenizer_for(args, args.model)
     batches = calibration_from_args(args, tokenizer)
@@ -121,7 +167,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
         plan = LayerPlan.parse(args.plan)
     else:
         plan = prune(model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack).plan
-    healed = heal(model, plan, batches, method=args.method, progress=not args.json)
+    healed = heal(model, plan, batches, method=args.method, progress=not args.json, **options)
     out = save_model(healed, args.output, tokenizer, overwrite=args.overwrite)
     record = getattr(healed.config, "depthprune_healing", None) or {}
     summary = {"plan": plan.to_text(), "method": args.method, "output": str(out), **record}
@@ -225,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heal", help="heal the pruned model with this method on the calibration text (e.g. fold, or fold+distill)"
     )
+    _add_healer_options(p)
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 
@@ -235,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fold",
         help="healing method, or a chain such as fold+distill (default fold; `depthprune list`)",
     )
+    _add_healer_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_calibration_options(p)
     add_tokenizer_option(p)

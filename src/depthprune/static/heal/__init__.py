@@ -1,7 +1,7 @@
 """Healing after static depth pruning: a method takes the untouched model, a plan and calibration batches and returns
 a new model of the same class running the plan, repaired. One file per method, registered by name in
-`depthprune.registry.HEALERS` (`fold`: training-free linear fold, `distill`: LoRA distillation); third parties add
-theirs with `register_healer`.
+`depthprune.registry.HEALERS` (`fold`: training-free linear fold; `replace`: one trained layer per removed run;
+`distill`: LoRA distillation); third parties add theirs with `register_healer`.
 
 Methods chain with `+`: `heal(model, plan, batches, "fold+distill")` folds, then distils starting from the folded
 model (a later stage must accept `start=`, the model the earlier stages made; the teacher stays the untouched model).
@@ -10,7 +10,8 @@ In a chain every option names its stage: `**{"distill.max_tokens": 65536, "fold.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,20 @@ def list_healers() -> list[str]:
 def get_healer(name: str) -> Any:
     """The healer registered as `name`: `(model, plan, batches, *, progress=False, **options) -> nn.Module`."""
     return HEALERS.get(name)
+
+
+def check_options(
+    name: str, function: Callable[..., Any], options: Mapping[str, Any], extra: Iterable[str] = ()
+) -> None:
+    """Refuse options `function` (a healer's main function) does not take, naming the ones it does (`extra`: more
+    accepted keys, e.g. the training loop's keyword arguments that `**run_kwargs` hands on)."""
+    params = inspect.signature(function).parameters.values()
+    skip = {"model", "plan", "batches"}
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    accepted = {p.name for p in params if p.kind in kinds and p.name not in skip} | set(extra)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"healer {name!r} has no option(s) {unknown}; it takes: {', '.join(sorted(accepted))}")
 
 
 RECORD_KEY = "depthprune_healing"
@@ -77,8 +92,8 @@ def heal(
             opts = {**opts, "start": healed}
         try:
             healed = healer(model, plan, batches, progress=progress, **opts)
-        except TypeError as err:
-            if healed is not None and "keyword argument 'start'" in str(err):
+        except (TypeError, ValueError) as err:  # check_options (or Python) refusing start=
+            if healed is not None and ("'start'" in str(err)):
                 raise ValueError(
                     f"healing method {name!r} cannot follow another stage (it takes no start= model); put it first"
                 ) from err
@@ -89,4 +104,4 @@ def heal(
     return healed
 
 
-__all__ = ["get_healer", "heal", "list_healers", "stage_options"]
+__all__ = ["check_options", "get_healer", "heal", "list_healers", "stage_options"]

@@ -26,14 +26,13 @@ from torch import nn
 from depthprune.lora import lora_copy, lora_settings, merged_copy
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
-from depthprune.training import train
+from depthprune.static.heal import check_options
+from depthprune.training import RunKwargs, train
 
 RECORD_KEY = "depthprune_healing"
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-    from depthprune.training import RunKwargs
 
 
 @dataclasses.dataclass
@@ -247,6 +246,7 @@ def heal(
     model: nn.Module, plan: LayerPlan | str, batches: list[torch.Tensor], *, progress: bool = False, **options: Any
 ) -> nn.Module:
     """The healer interface: a new model of `model`'s class running `plan`, healed by distillation (`distill_heal`)."""
+    check_options("distill", distill_heal, options, extra=RunKwargs.__annotations__)
     return distill_heal(model, plan, batches, progress=progress, **options).model
 
 

@@ -39,6 +39,7 @@ from depthprune.adapters.registry import get_adapter, supported_model_types
 from depthprune.plan import LayerPlan
 from depthprune.runner import capture_stack
 from depthprune.static.apply import apply_plan
+from depthprune.static.heal import check_options
 from depthprune.static.scorers.hidden import as_batches, eval_mode, model_inputs
 
 NAME = "fold"
@@ -257,6 +258,7 @@ def heal(
     model: nn.Module, plan: LayerPlan | str, batches: Sequence[torch.Tensor], *, progress: bool = False, **options
 ):
     """The healer interface: a new model running `plan`, each removed run folded into the layer before it."""
+    check_options(NAME, fold, options)
     return fold(model, plan, batches, progress=progress, **options).model
 
 
