@@ -369,3 +369,126 @@ def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
         main(["train-skipdecode", *base, "--speedup", "9", "--output-dir", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "depthprune train-skipdecode: error: argument --speedup" in err
+
+
+# ---- every decoder on the command line ----------------------------------------------------------------------------
+PROMPTS = ("the white whale", "sea")  # different lengths: a left-padded batch
+
+
+def _plain_greedy(model, prompts, n):
+    """Plain greedy `model.generate` of the prompts as one left-padded batch: the new token ids per row."""
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    tok.padding_side = "left"
+    enc = tok(list(prompts), return_tensors="pt", padding=True, return_token_type_ids=False)
+    ref = lm.generate(**enc, do_sample=False, max_new_tokens=n, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    return ref[:, enc["input_ids"].shape[1] :].tolist(), lm, enc
+
+
+@pytest.mark.parametrize("with_heads", [False, True])
+def test_generate_speculative_equals_plain_greedy(folders, capsys, with_heads):
+    model, heads, _ = folders
+    ref, _, _ = _plain_greedy(model, PROMPTS, 6)
+    extra = ["--heads", heads, "--draft-layers", "2"] if with_heads else []
+    rc, out, err = _run(
+        capsys, "generate", model, "--speculative", "--draft-len", "3", *extra, "--prompt", *PROMPTS,
+        "--max-new-tokens", "6", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["decoder"] == "speculative" and report["draft_len"] == 3
+    assert report["draft_layers"] == (2 if with_heads else 3)  # default without heads: round(0.8 * 4) = 3
+    assert report["head_kind"] == ("lens" if with_heads else "logit_lens")
+    assert [r["tokens"] for r in report["results"]] == ref
+    assert report["rounds"] >= 2 and 0 <= report["acceptance_rate"] <= 1
+
+
+def test_generate_skipdecode_runs_its_schedule_with_a_floor(folders, capsys):
+    from depthprune.generation.skipdecode import default_floor, skipdecode_generate
+
+    model, _, _ = folders
+    rc, out, err = _run(
+        capsys, "generate", model, "--skipdecode", "2", "--prompt", *PROMPTS, "--max-new-tokens", "6", "--json"
+    )
+    assert rc == 0, err
+    report = json.loads(out)
+    floor = default_floor(4)
+    schedule = SkipSchedule.for_speedup(4, 2.0, budget=5, min_layers=floor)
+    assert SkipSchedule.from_dict(report["schedule"]) == schedule and schedule.min_layers == floor
+    _, lm, enc = _plain_greedy(model, PROMPTS, 1)
+    want = skipdecode_generate(lm, enc["input_ids"], enc["attention_mask"], schedule=schedule, max_new_tokens=6,
+                               eos_token_id=[], pad_token_id=0)  # fmt: skip
+    p = enc["input_ids"].shape[1]
+    assert [r["tokens"] for r in report["results"]] == want.sequences[:, p:].tolist()
+    assert [r["layers"] for r in report["results"]] == want.layers.tolist()
+    assert report["results"][0]["layers"][0] == 4 and min(report["results"][0]["layers"]) >= floor
+    # a 30-layer model keeps 8 layers by default: 5x (6 layers a token) is refused with what to do
+    assert default_floor(30) == 8
+    # a floor given explicitly, and the plain-text output
+    rc, out, _ = _run(
+        capsys, "generate", model, "--skipdecode", "2", "--min-layers", "2", "--prompt", "sea", "--max-new-tokens", "4"
+    )
+    assert rc == 0 and "SkipDecode: the top" in out and "-> 2 layers (floor) of 4" in out
+    assert "mean layers per generated token:" in out
+
+
+def test_generate_skipdecode_saved_schedule(folders, capsys, tmp_path):
+    from depthprune.generation.skipdecode_train import SCHEDULE_NAME
+
+    model, _, _ = folders
+    folder = tmp_path / "adapted"
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+    lm.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    saved = SkipSchedule.linear(4, 3, 2, 2.0)
+    (folder / SCHEDULE_NAME).write_text(json.dumps(saved.to_dict()))
+    rc, out, err = _run(capsys, "generate", folder, "--skipdecode", "saved", "--prompt", "sea", "--json")
+    assert rc == 0, err
+    assert SkipSchedule.from_dict(json.loads(out)["schedule"]) == saved
+
+
+@pytest.mark.parametrize("decoder", [["--speculative"], ["--skipdecode", "2"], ["--exit", "fixed:1"]])
+def test_generate_compare_prints_tokens_per_second_beside_plain_generate(folders, capsys, decoder):
+    model, heads, _ = folders
+    extra = ["--heads", heads] if decoder[0] == "--exit" else []
+    argv = ["generate", model, *decoder, *extra, "--prompt", *PROMPTS, "--max-new-tokens", "4", "--compare"]
+    rc, out, err = _run(capsys, *argv, "--repeats", "2", "--warmup", "0")
+    assert rc == 0, err
+    assert "tokens/s (batch of 2, whole calls with prefill, median of 2 interleaved rounds after 0 warm-up): " in out
+    assert "plain generate " in out and "x)" in out
+    rc, out, _ = _run(capsys, *argv, "--repeats", "2", "--json")
+    compare = json.loads(out)["compare"]
+    assert len(compare["generate"]["seconds"]) == len(compare["decoder"]["seconds"]) == 2
+    assert compare["generate"]["tokens"] == 8 and compare["decoder"]["tokens"] == 8  # no end of sequence
+    assert compare["generate"]["tok_s"] > 0 and compare["decoder"]["ratio"] > 0
+
+
+def test_generate_decoder_options_clear_errors(folders, capsys):
+    model, heads, _ = folders
+    base = ["generate", model, "--prompt", "the whale"]
+    for argv, message in [
+        (["--speculative", "--exit", "max_prob:0.9"], "--exit set token-level early exit, which --speculative does"),
+        (["--skipdecode", "2", "--kv", "recompute"], "--kv set token-level early exit, which --skipdecode does not"),
+        (["--speculative", "--skipdecode", "2"], "--speculative and --skipdecode are two different decoders"),
+        (["--speculative", "--draft-len", "0"], "--draft-len is the number of tokens drafted per round"),
+        (["--speculative", "--draft-layers", "4"], "--draft-layers 4 out of range: the draft runs the first E layers"),
+        (["--speculative", "--draft-layers", "0"], "--draft-layers is how many of the first layers draft"),
+        (["--draft-len", "2"], "--draft-len set the draft of --speculative: add --speculative or drop them"),
+        (["--min-layers", "2"], "--min-layers is the depth floor of a --skipdecode schedule"),
+        (["--skipdecode", "fast"], "--skipdecode takes a target speed-up (e.g. 2) or 'saved'"),
+        (["--skipdecode", "9"], "--skipdecode 9 out of range: a 4-layer model can aim at 1..4x"),
+        (["--skipdecode", "3", "--min-layers", "2"], "below the depth floor of 2 layers; aim lower (at most 2x)"),
+        (["--skipdecode", "saved"], "skip_schedule.json does not exist"),
+        (["--skipdecode", "2", "--heads", str(heads)], "--skipdecode uses no exit heads"),
+        (["--speculative", "--heads", str(heads), "--draft-layers", "4"], "--draft-layers 4 out of range"),
+        (["--speculative", "--compare", "--repeats", "0"], "--repeats must be >= 1"),
+    ]:
+        rc, _, err = _run(capsys, *base, *argv)
+        assert rc == 2 and message in err, (argv, err)
+    # heads without an exit where the draft would end
+    rc, _, err = _run(capsys, *base, "--speculative", "--heads", heads, "--draft-layers", "2")
+    assert rc == 0, err
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+    DecoderExitHeads.logit_lens(lm, [0]).save(folders[0].parent / "exit0")
+    rc, _, err = _run(capsys, *base, "--speculative", "--heads", folders[0].parent / "exit0", "--draft-layers", "2")
+    assert rc == 2 and "--draft-layers 2 needs an exit after layer 1 (0-based)" in err and "one of [1]" in err

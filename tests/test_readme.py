@@ -123,7 +123,15 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
     elif command == "classify":
         assert "exit after" in out
     elif command == "generate":
-        assert "mean layers per token" in out and out.split("->\n", 1)[1].strip()
+        if "--speculative" in argv:
+            assert "accepted drafts per verification" in out
+        elif "--skipdecode" in argv:
+            assert "mean layers per generated token" in out
+        else:
+            assert "mean layers per token" in out
+        assert out.split("->\n", 1)[1].strip()
+        if "--compare" in argv:
+            assert "tokens/s" in out and "plain generate" in out
     else:
         raise AssertionError(f"no effect to check for README command {command!r}: add one to _effect")
 

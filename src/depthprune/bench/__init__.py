@@ -7,6 +7,7 @@ Public functions (imported lazily, so `import depthprune.bench` stays fast):
     plot_layer_scores, plot_ppl_curves              bench.plots
     format_table, write_json, write_csv             bench.report
     interleaved_seconds, speed_ratios, markdown_table   bench.generation
+    compare_tokens_per_s, plain_greedy, new_tokens       bench.generation
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _EXPORTS = {
     "interleaved_seconds": "depthprune.bench.generation",
     "speed_ratios": "depthprune.bench.generation",
     "markdown_table": "depthprune.bench.generation",
+    "compare_tokens_per_s": "depthprune.bench.generation",
+    "plain_greedy": "depthprune.bench.generation",
+    "new_tokens": "depthprune.bench.generation",
 }
 
 __all__ = sorted(_EXPORTS)

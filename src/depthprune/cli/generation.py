@@ -157,70 +157,318 @@ def _encode(tokenizer, prompts: list[str]):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from depthprune.generation.generate import early_exit_generate
+DEFAULT_DRAFT_LEN = 2  # what choose_speculation picked on SmolLM2 (benchmarks/RESULTS.md 4a)
 
+
+def _decoder(args: argparse.Namespace) -> str:
+    """Which decoder the options ask for ("exit", "speculative" or "skipdecode"), or a clear error for options that do
+    not go together; checked before anything loads."""
     if not args.prompt:
         raise ValueError("give --prompt TEXT (one or more)")
-    criterion = _criterion(args)
-    model, tokenizer, heads = _load(args, _model_name(args.model, args.heads), args.heads)
-    _check_supported(heads, criterion.name)
-    ids, mask = _encode(tokenizer, args.prompt)
-    out = early_exit_generate(
-        model,
-        heads,
-        ids,
-        mask,
-        criterion=criterion,
-        max_new_tokens=args.max_new_tokens,
-        kv=args.kv,
-        deep_prefill=not args.shallow_prefill,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    rows = []
-    for prompt, seq, exits in zip(args.prompt, out.sequences[:, ids.shape[1] :], out.exit_layers, strict=True):
-        keep = exits >= 0  # -1: padding after the end of sequence
-        tokens, layers = seq[keep].tolist(), exits[keep].tolist()
-        rows.append(
-            {
-                "prompt": prompt,
-                "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                "tokens": tokens,
-                "pieces": [tokenizer.decode([t]) for t in tokens],
-                "exit_layers": layers,
-                "mean_layers": sum(e + 1 for e in layers) / len(layers) if layers else None,
-            }
+    if args.speculative and args.skipdecode is not None:
+        raise ValueError("--speculative and --skipdecode are two different decoders; pick one")
+    decoder = "speculative" if args.speculative else "skipdecode" if args.skipdecode is not None else "exit"
+    if decoder != "exit":
+        flag = f"--{decoder}"
+        how = {
+            "speculative": "drafts with the first layers and verifies with the full model",
+            "skipdecode": "runs a fixed schedule of top layers per position",
+        }[decoder]
+        used = [
+            name
+            for name, value in (
+                ("--exit", args.exit),
+                ("--kv", args.kv),
+                ("--shallow-prefill", args.shallow_prefill),
+                ("--uncalibrated", getattr(args, "uncalibrated", False)),
+            )
+            if value
+        ]
+        if used:
+            raise ValueError(
+                f"{', '.join(used)} set token-level early exit, which {flag} does not use ({flag} {how}); "
+                f"drop {' '.join(used)} or {flag}"
+            )
+    if decoder == "skipdecode" and args.heads:
+        raise ValueError(
+            "--skipdecode uses no exit heads (every position runs the top layers of its schedule); drop --heads"
         )
-    if args.json:
-        report = {
-            "criterion": f"{criterion.name}:{criterion.threshold:g}",
-            "kv": args.kv,
-            "deep_prefill": not args.shallow_prefill,
-            "num_layers": out.num_layers,
-            "results": rows,
+    if decoder != "speculative":
+        used = [n for n, v in (("--draft-layers", args.draft_layers), ("--draft-len", args.draft_len)) if v is not None]
+        if used:
+            raise ValueError(f"{' and '.join(used)} set the draft of --speculative: add --speculative or drop them")
+    if decoder != "skipdecode" and args.min_layers is not None:
+        raise ValueError("--min-layers is the depth floor of a --skipdecode schedule: add --skipdecode SPEEDUP")
+    if args.draft_len is not None and args.draft_len < 1:
+        raise ValueError(
+            f"--draft-len is the number of tokens drafted per round and must be >= 1, got {args.draft_len}"
+        )
+    if args.draft_layers is not None and args.draft_layers < 1:
+        raise ValueError(
+            f"--draft-layers is how many of the first layers draft and must be >= 1, got {args.draft_layers}"
+        )
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return decoder
+
+
+def _speculative_heads(args: argparse.Namespace, model, depth: int):
+    """(exit layer the draft ends at, exit heads that have it): --heads' exits, else the logit lens."""
+    from depthprune.exits.lm_heads import DecoderExitHeads
+
+    heads = DecoderExitHeads.load(args.heads, model).eval() if args.heads else None
+    draft_layers = args.draft_layers
+    if draft_layers is None:  # the heads' deepest exit, else about 4/5 of the depth (RESULTS 4a: 24 of 30 was best)
+        draft_layers = max(heads.layers) + 1 if heads is not None else min(depth - 1, max(1, round(0.8 * depth)))
+    if not 1 <= draft_layers <= depth - 1:
+        raise ValueError(
+            f"--draft-layers {draft_layers} out of range: the draft runs the first E layers of this {depth}-layer "
+            f"model and the rest verify, so E must lie in 1..{depth - 1}"
+        )
+    exit_layer = draft_layers - 1
+    if heads is None:
+        return exit_layer, DecoderExitHeads.logit_lens(model, [exit_layer]).eval()
+    if exit_layer not in heads.layers:
+        raise ValueError(
+            f"--draft-layers {draft_layers} needs an exit after layer {exit_layer} (0-based); the heads in "
+            f"{args.heads} have exits after layers {list(heads.layers)}: pass --draft-layers as one of "
+            f"{[i + 1 for i in heads.layers]}, or drop --heads to draft through the logit lens"
+        )
+    return exit_layer, heads
+
+
+def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
+    """The SkipDecode schedule: 'saved' reads the model folder's skip_schedule.json (train-skipdecode); a number is
+    SkipSchedule.for_speedup over the decode steps with a depth floor (default: a quarter of the layers)."""
+    from depthprune.generation.skipdecode import SkipSchedule, default_floor
+    from depthprune.generation.skipdecode_train import load_schedule
+
+    if args.skipdecode == "saved":
+        if args.min_layers is not None:
+            raise ValueError("--min-layers shapes a new schedule; --skipdecode saved uses the folder's own")
+        return load_schedule(model_name)
+    try:
+        speedup = float(args.skipdecode)
+    except ValueError:
+        raise ValueError(
+            f"--skipdecode takes a target speed-up (e.g. 2) or 'saved' (the model folder's skip_schedule.json), "
+            f"got {args.skipdecode!r}"
+        ) from None
+    floor = default_floor(depth) if args.min_layers is None else args.min_layers
+    if not 1.0 <= speedup <= depth:
+        raise ValueError(f"--skipdecode {speedup:g} out of range: a {depth}-layer model can aim at 1..{depth}x")
+    if depth / speedup < floor:
+        default = " (the default: a quarter of the depth)" if args.min_layers is None else ""
+        raise ValueError(
+            f"--skipdecode {speedup:g} means {depth / speedup:.3g} layers per generated token on average, below the "
+            f"depth floor of {floor} layers{default}; "
+            f"aim lower (at most {depth / floor:.3g}x) or pass --min-layers {max(1, int(depth // speedup))}"
+        )
+    budget = max(1, args.max_new_tokens - 1)  # the decode steps after the prompt's token
+    return SkipSchedule.for_speedup(depth, speedup, budget=budget, min_layers=floor)
+
+
+def _rows(tokenizer, prompts: list[str], new, layers=None, keep=None) -> list[dict]:
+    """One result per prompt: text, tokens and pieces (up to the end of sequence), and the layers behind each token."""
+    rows = []
+    for r, (prompt, seq) in enumerate(zip(prompts, new.tolist(), strict=True)):
+        n = len(seq) if keep is None else int(keep[r])
+        tokens = seq[:n]
+        row = {
+            "prompt": prompt,
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "tokens": tokens,
+            "pieces": [tokenizer.decode([t]) for t in tokens],
         }
+        if layers is not None:
+            row["layers"] = layers[r][:n]
+        rows.append(row)
+    return rows
+
+
+def _kept(new, eos: list[int]):
+    """Per row: new tokens up to and including its first end-of-sequence token."""
+    import torch
+
+    if not eos:
+        return [new.shape[1]] * new.shape[0]
+    hit = torch.isin(new, torch.tensor(eos))
+    first = torch.where(
+        hit.any(1), hit.float().argmax(1) + 1, torch.full_like(hit[:, 0], new.shape[1], dtype=torch.long)
+    )
+    return first.tolist()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
+    from depthprune.decoding import decoder_parts, special_tokens
+
+    decoder = _decoder(args)
+    criterion = _criterion(args) if decoder == "exit" else None
+    model_name = _model_name(args.model, args.heads)
+    if decoder == "exit":
+        model, tokenizer, heads = _load(args, model_name, args.heads)
+        _check_supported(heads, criterion.name)
+    else:
+        from depthprune.io import load_model
+
+        model, tokenizer = load_model(model_name, task="causal-lm").eval(), tokenizer_for(args, model_name)
+    ids, mask = _encode(tokenizer, args.prompt)
+    eos, pad = special_tokens(model, None, tokenizer.pad_token_id)
+    depth = len(decoder_parts(model, "generate").layers)
+    p, n = ids.shape[1], args.max_new_tokens
+    report: dict = {"decoder": decoder, "num_layers": depth}
+
+    if decoder == "exit":
+        from depthprune.generation.generate import early_exit_generate
+
+        kv = args.kv or "propagate"
+        settings = {"criterion": criterion, "max_new_tokens": n, "kv": kv, "deep_prefill": not args.shallow_prefill}
+
+        def run():
+            return early_exit_generate(model, heads, ids, mask, pad_token_id=pad, **settings)
+
+        out = run()
+        exits = out.exit_layers
+        keep = (exits >= 0).sum(1).tolist()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], exits.tolist(), keep)
+        for row in rows:
+            row["exit_layers"] = row.pop("layers")
+            layers = row["exit_layers"]
+            row["mean_layers"] = sum(e + 1 for e in layers) / len(layers) if layers else None
+        report.update(
+            criterion=f"{criterion.name}:{criterion.threshold:g}", kv=kv, deep_prefill=not args.shallow_prefill
+        )
+        header = (
+            f"{criterion.name}:{criterion.threshold:g}, kv={kv}, {'shallow' if args.shallow_prefill else 'deep'} "
+            f"prefill; exit layers are 0-based, {depth - 1} = all {depth} layers"
+        )
+        name = f"early exit ({criterion.name}:{criterion.threshold:g})"
+    elif decoder == "speculative":
+        from depthprune.generation.speculative import self_speculative_generate
+
+        exit_layer, heads = _speculative_heads(args, model, depth)
+        k = args.draft_len or DEFAULT_DRAFT_LEN
+
+        def run():
+            return self_speculative_generate(
+                model, heads, ids, mask, exit_layer=exit_layer, draft_len=k, max_new_tokens=n, eos_token_id=eos,
+                pad_token_id=pad,
+            )  # fmt: skip
+
+        out = run()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], keep=_kept(out.sequences[:, p:], eos))
+        kind = heads.config.kind
+        report.update(
+            draft_layers=exit_layer + 1, exit_layer=exit_layer, draft_len=k, heads=args.heads or "logit_lens",
+            head_kind=kind, **{key: out.summary()[key] for key in ("rounds", "acceptance_rate", "mean_accepted")},
+        )  # fmt: skip
+        header = (
+            f"self-speculative (LayerSkip exit drafts): layers 0-{exit_layer} + {kind} exit draft {k} token(s) a "
+            f"round, the other {depth - exit_layer - 1} of {depth} layers verify; greedy, token-identical to plain "
+            f"generate\naccepted drafts per verification: {out.mean_accepted():.2f} (acceptance rate "
+            f"{out.acceptance_rate():.2f}, {out.rounds} rounds)"
+        )
+        name = f"self-speculative (E={exit_layer + 1}, k={k})"
+    else:
+        from depthprune.generation.skipdecode import skipdecode_generate
+
+        schedule = _skip_schedule(args, model_name, depth)
+
+        def run():
+            return skipdecode_generate(
+                model, ids, mask, schedule=schedule, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad
+            )
+
+        out = run()
+        used = out.layers.tolist()
+        keep = (out.layers > 0).sum(1).tolist()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], used, keep)
+        s = schedule
+        report.update(schedule=s.to_dict(), mean_layers=out.mean_layers(), ideal_speedup=out.speedup())
+        header = (
+            f"SkipDecode: the top {s.max_layers} -> {s.min_layers} layers (floor) of {depth} per generated token, "
+            f"decaying over {s.decay_tokens:.3g} tokens; the first token comes from the full prompt\n"
+            f"mean layers per generated token: {out.mean_layers():.2f} of {depth} (ideal {out.speedup():.2f}x)"
+        )
+        name = f"skipdecode ({s.max_layers}->{s.min_layers})"
+
+    if args.compare:
+
+        def ours() -> int:
+            return new_tokens(run().sequences[:, p:], eos)
+
+        def base() -> int:
+            return new_tokens(plain_greedy(model, ids, mask, n, eos, pad)[:, p:], eos)
+
+        timing = compare_tokens_per_s(
+            {"generate": base, name: ours}, "generate", repeats=args.repeats, warmup=args.warmup
+        )
+        report["compare"] = {
+            "batch": ids.shape[0], "repeats": args.repeats, "warmup": args.warmup, "generate": timing["generate"],
+            "decoder": {"name": name, **timing[name]},
+        }  # fmt: skip
+    report["results"] = rows
+    if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(
-        f"{criterion.name}:{criterion.threshold:g}, kv={args.kv}, {'shallow' if args.shallow_prefill else 'deep'} "
-        f"prefill; exit layers are 0-based, {out.num_layers - 1} = all {out.num_layers} layers"
-    )
+    print(header)
     for row in rows:
         print(f"\n{row['prompt']!r} ->")
         print(row["text"])
-        print(" ".join(f"{piece!r}@{layer}" for piece, layer in zip(row["pieces"], row["exit_layers"], strict=True)))
-        if row["mean_layers"] is not None:
-            print(f"mean layers per token: {row['mean_layers']:.2f} of {out.num_layers}")
+        if decoder == "exit":
+            print(
+                " ".join(f"{piece!r}@{layer}" for piece, layer in zip(row["pieces"], row["exit_layers"], strict=True))
+            )
+            if row["mean_layers"] is not None:
+                print(f"mean layers per token: {row['mean_layers']:.2f} of {depth}")
+    if args.compare:
+        c = report["compare"]
+        print(
+            f"\ntokens/s (batch of {c['batch']}, whole calls with prefill, median of {c['repeats']} interleaved rounds "
+            f"after {c['warmup']} warm-up): plain generate {c['generate']['tok_s']:.1f}, {name} "
+            f"{c['decoder']['tok_s']:.1f} ({c['decoder']['ratio']:.2f}x)"
+        )
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="greedy text generation with token-level early exit; prints the exit layers")
+    p = sub.add_parser(
+        "generate",
+        help="greedy generation by early exit (default), self-speculative decoding or SkipDecode",
+        description="Greedy text generation with one of three decoders: token-level early exit (--exit or the heads' "
+        "calibrated threshold; prints the exit layers), LayerSkip-style self-speculative decoding (--speculative: "
+        "token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it against plain "
+        "greedy generate on the same prompts.",
+    )
     p.add_argument("model", nargs="?", default=None, help="the causal LM (default: the heads folder's, else smollm2)")
     p.add_argument("--heads", help="folder of decoder exit heads (train-exits on a causal LM); default: logit lens")
     p.add_argument("--exit", help="CRITERION:THRESHOLD, e.g. max_prob:0.9 (default: the calibrated one in --heads)")
-    p.add_argument("--kv", default="propagate", choices=KV_STRATEGIES.names(), help="skipped layers' KV cache")
+    p.add_argument("--kv", default=None, choices=KV_STRATEGIES.names(), help="skipped layers' KV cache (propagate)")
     p.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
+    g = p.add_argument_group("self-speculative decoding (LayerSkip exit drafts, verified by the full model)")
+    g.add_argument("--speculative", action="store_true", help="draft with the first layers + an exit head, verify")
+    g.add_argument(
+        "--draft-layers",
+        type=int,
+        metavar="E",
+        help="the draft runs the first E layers (default: the heads' deepest exit + 1, else 4/5 of the depth)",
+    )
+    g.add_argument("--draft-len", type=int, metavar="K", help=f"tokens drafted per round (default {DEFAULT_DRAFT_LEN})")
+    g = p.add_argument_group("SkipDecode (every generated position runs the top layers of a decaying schedule)")
+    g.add_argument(
+        "--skipdecode",
+        metavar="SPEEDUP",
+        help="target mean layer speed-up (e.g. 2), or 'saved': the model folder's skip_schedule.json "
+        "(train-skipdecode)",
+    )
+    g.add_argument("--min-layers", type=int, help="depth floor of the schedule (default: a quarter of the layers)")
+    g = p.add_argument_group("timing")
+    g.add_argument("--compare", action="store_true", help="print tokens/s beside plain greedy generate (same prompts)")
+    g.add_argument("--repeats", type=int, default=3, help="timed rounds of each, interleaved (default 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s), generated as one batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
