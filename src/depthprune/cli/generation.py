@@ -130,18 +130,112 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
-def _criterion(args: argparse.Namespace):
-    from depthprune.exits.token_criteria import make_criterion, parse_criterion
+def _records(heads_dir: str | None) -> list[dict]:
+    """The generation calibrations saved beside the heads (calibration.json, written by `depthprune calibrate`)."""
+    path = Path(heads_dir or ".") / CALIBRATION_FILE
+    if not heads_dir or not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()) if isinstance(r, dict) and "consistency" in r]
 
+
+def _criterion(args: argparse.Namespace):
+    """(criterion, kv, deep prefill, the calibration that certifies them or None): --exit as given, else the threshold
+    calibrated for --heads (with its KV strategy and prefill unless overridden). A criterion no calibration certifies is
+    refused unless --uncalibrated: an untried threshold can exit every token at the first layers and print garbage."""
+    from depthprune.exits.token_criteria import parse_criterion
+    from depthprune.generation.calibrate import calibrated_criterion, certified_thresholds, certifying_record
+
+    records = _records(args.heads)
     if args.exit:
-        return parse_criterion(args.exit)
-    path = Path(args.heads or ".") / CALIBRATION_FILE
-    if not args.heads or not path.is_file():
-        raise ValueError("pass --exit CRITERION:THRESHOLD (e.g. max_prob:0.9), or calibrate the heads folder first")
-    chosen = [r for r in json.loads(path.read_text()) if r.get("threshold") is not None and "consistency" in r]
-    if not chosen:
-        raise ValueError(f"{path} certifies no token criterion; pass --exit CRITERION:THRESHOLD")
-    return make_criterion(chosen[0]["criterion"], chosen[0]["threshold"])
+        criterion, saved = parse_criterion(args.exit), {}
+    else:
+        found = calibrated_criterion(records)
+        if found is None:
+            where = (
+                f"{Path(args.heads) / CALIBRATION_FILE} certifies no token criterion"
+                if args.heads and (Path(args.heads) / CALIBRATION_FILE).is_file()
+                else f"{args.heads} holds no {CALIBRATION_FILE}"
+                if args.heads
+                else "the default logit-lens heads have no calibrated threshold"
+            )
+            raise ValueError(f"{where}; {_how_to_calibrate(args)}, or pass --exit CRITERION:THRESHOLD --uncalibrated")
+        criterion, saved = found
+    kv = args.kv or saved.get("kv", "propagate")
+    deep = bool(saved.get("deep_prefill", True)) and not args.shallow_prefill
+    record = certifying_record(records, criterion, kv=kv, deep_prefill=deep)
+    if record is None and not args.uncalibrated:
+        how = _how_to_calibrate(args)
+        name = f"{criterion.name}:{criterion.threshold:g}"
+        setting = f"kv={kv}, {'deep' if deep else 'shallow'} prefill"
+        if not args.heads:
+            why = f"{name} is not calibrated for the default logit-lens heads"
+        elif not records:
+            why = f"{name} is not calibrated for {args.heads} (it holds no generation {CALIBRATION_FILE})"
+        else:
+            known = "; ".join(
+                f"{r['criterion']} at {', '.join(f'{t:g}' for t in certified_thresholds(r)) or 'none'} "
+                f"(kv={r.get('kv', 'propagate')}, {'deep' if r.get('deep_prefill', True) else 'shallow'} prefill)"
+                for r in records
+            )
+            why = (
+                f"{name} ({setting}) is not certified by {Path(args.heads) / CALIBRATION_FILE}, which certifies {known}"
+            )
+        raise ValueError(
+            f"{why}. A threshold that was not calibrated for the heads in use can exit almost every token after the "
+            f"first layers and print garbage (the logit lens of a tied head predicts the input token with high "
+            f"confidence). {how[0].upper() + how[1:]}; or run it anyway with --uncalibrated (a warning "
+            "then states how often the exits agree with the full model)"
+        )
+    if record is not None and args.uncalibrated:
+        raise ValueError(
+            f"{criterion.name}:{criterion.threshold:g} is calibrated for {args.heads}: drop --uncalibrated"
+        )
+    return criterion, kv, deep, record
+
+
+def _how_to_calibrate(args: argparse.Namespace) -> str:
+    if args.heads:
+        return f"calibrate a threshold with `depthprune calibrate {args.heads} --criterion NAME` (then omit --exit)"
+    model = args.model or "MODEL"
+    return (
+        f"train exit heads and calibrate them: `depthprune train-exits {model} --kind lens --fit --epochs 0 -o HEADS`, "
+        "`depthprune calibrate HEADS --criterion NAME`, then `generate --heads HEADS`"
+    )
+
+
+def _uncalibrated_warning(args, model, tokenizer, heads, ids, mask, criterion) -> dict:
+    """Measure (teacher forcing, one forward pass) how the uncalibrated criterion and the exits do on the prompts and
+    on 2 x 64 tokens of the packaged held-out text; print a warning saying so; return the figures."""
+    import torch
+
+    from depthprune.data import heldout_text
+    from depthprune.generation.calibrate import prompt_blocks, teacher_forced_agreement
+
+    figures = {"prompt": teacher_forced_agreement(model, heads, ids, mask, criterion)}
+    try:
+        held = prompt_blocks(tokenizer, heldout_text(), 2, 64)
+    except ValueError:  # a tokenizer that makes too few tokens of the excerpt: the prompts alone
+        held = None
+    if held is not None:
+        figures["heldout"] = teacher_forced_agreement(model, heads, held, torch.ones_like(held), criterion)
+    heads_name = args.heads or "the default logit-lens heads"
+    lines = [
+        f"warning: {criterion.name}:{criterion.threshold:g} is not calibrated for {heads_name}; measured by "
+        "teacher forcing:"
+    ]
+    for what, f in figures.items():
+        per_layer = f["per_layer"]
+        best = max(per_layer, key=per_layer.get)
+        text = "the prompt" if what == "prompt" else "2 x 64 held-out tokens"
+        lines.append(
+            f"  on {text} ({f['positions']} positions): it exits after {f['mean_layers']:.1f} of {f['num_layers']} "
+            f"layers on average and picks the full model's next token at {f['agreement']:.0%} of positions; the exits "
+            f"alone agree with the full model on {min(per_layer.values()):.0%}-{per_layer[best]:.0%} "
+            f"(best: after layer {best})"
+        )
+    lines.append(f"  {_how_to_calibrate(args)}")
+    print("\n".join(lines), file=sys.stderr)
+    return figures
 
 
 def _encode(tokenizer, prompts: list[str]):
@@ -306,7 +400,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from depthprune.decoding import decoder_parts, special_tokens
 
     decoder = _decoder(args)
-    criterion = _criterion(args) if decoder == "exit" else None
+    if decoder == "exit":
+        criterion, kv, deep, record = _criterion(args)
     model_name = _model_name(args.model, args.heads)
     if decoder == "exit":
         model, tokenizer, heads = _load(args, model_name, args.heads)
@@ -324,8 +419,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if decoder == "exit":
         from depthprune.generation.generate import early_exit_generate
 
-        kv = args.kv or "propagate"
-        settings = {"criterion": criterion, "max_new_tokens": n, "kv": kv, "deep_prefill": not args.shallow_prefill}
+        report["calibrated"] = record is not None
+        if record is None:
+            report["uncalibrated_check"] = _uncalibrated_warning(args, model, tokenizer, heads, ids, mask, criterion)
+        settings = {"criterion": criterion, "max_new_tokens": n, "kv": kv, "deep_prefill": deep}
 
         def run():
             return early_exit_generate(model, heads, ids, mask, pad_token_id=pad, **settings)
@@ -338,13 +435,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             row["exit_layers"] = row.pop("layers")
             layers = row["exit_layers"]
             row["mean_layers"] = sum(e + 1 for e in layers) / len(layers) if layers else None
-        report.update(
-            criterion=f"{criterion.name}:{criterion.threshold:g}", kv=kv, deep_prefill=not args.shallow_prefill
-        )
+        report.update(criterion=f"{criterion.name}:{criterion.threshold:g}", kv=kv, deep_prefill=deep)
         header = (
-            f"{criterion.name}:{criterion.threshold:g}, kv={kv}, {'shallow' if args.shallow_prefill else 'deep'} "
+            f"{criterion.name}:{criterion.threshold:g}, kv={kv}, {'deep' if deep else 'shallow'} "
             f"prefill; exit layers are 0-based, {depth - 1} = all {depth} layers"
         )
+        if record is not None and record.get("guarantee"):
+            header += f"\ncalibrated: {record['guarantee']}"
         name = f"early exit ({criterion.name}:{criterion.threshold:g})"
     elif decoder == "speculative":
         from depthprune.generation.speculative import self_speculative_generate
@@ -438,14 +535,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="greedy generation by early exit (default), self-speculative decoding or SkipDecode",
-        description="Greedy text generation with one of three decoders: token-level early exit (--exit or the heads' "
-        "calibrated threshold; prints the exit layers), LayerSkip-style self-speculative decoding (--speculative: "
-        "token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it against plain "
-        "greedy generate on the same prompts.",
+        description="Greedy text generation with one of three decoders: token-level early exit (--exit, or the\n"
+        "threshold calibrated for --heads; prints the exit layers), LayerSkip-style self-speculative decoding\n"
+        "(--speculative: token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it\n"
+        "against plain greedy generate on the same prompts. Early exit runs thresholds calibrated for the heads:\n\n"
+        "  depthprune train-exits smollm2 --kind lens --layers 7 11 15 19 23 --fit --epochs 0 --max-blocks 64 \\\n"
+        "      -o out/smollm2-lens\n"
+        "  depthprune calibrate out/smollm2-lens --criterion max_prob\n"
+        "  depthprune generate smollm2 --heads out/smollm2-lens --prompt 'Call me Ishmael.'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None, help="the causal LM (default: the heads folder's, else smollm2)")
     p.add_argument("--heads", help="folder of decoder exit heads (train-exits on a causal LM); default: logit lens")
-    p.add_argument("--exit", help="CRITERION:THRESHOLD, e.g. max_prob:0.9 (default: the calibrated one in --heads)")
+    p.add_argument(
+        "--exit",
+        metavar="CRITERION:THRESHOLD",
+        help="a threshold `depthprune calibrate HEADS` certified for --heads (default: the calibrated one there); "
+        "any other needs --uncalibrated",
+    )
+    p.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="run an --exit threshold no calibration certified, with a warning stating the exits' measured agreement",
+    )
     p.add_argument("--kv", default=None, choices=KV_STRATEGIES.names(), help="skipped layers' KV cache (propagate)")
     p.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
     g = p.add_argument_group("self-speculative decoding (LayerSkip exit drafts, verified by the full model)")
