@@ -424,6 +424,20 @@ def test_generate_speculative_equals_plain_greedy(folders, capsys, with_heads):
     assert report["rounds"] >= 2 and 0 <= report["acceptance_rate"] <= 1
 
 
+def test_generate_speculative_with_a_truncated_draft_vocabulary(folders, capsys):
+    model, _, _ = folders
+    ref, _, _ = _plain_greedy(model, PROMPTS, 6)
+    rc, out, err = _run(
+        capsys, "generate", model, "--speculative", "--draft-vocab", "0.9", "--prompt", *PROMPTS, "--max-new-tokens",
+        "6", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["head_kind"] == "truncated" and [r["tokens"] for r in report["results"]] == ref
+    rc, out, _ = _run(capsys, "generate", model, "--speculative", "--draft-vocab", "0.9", "--prompt", "sea")
+    assert rc == 0 and "logit_lens on " in out and "of calibration text) exit draft" in out
+
+
 def test_generate_skipdecode_runs_its_schedule_with_a_floor(folders, capsys):
     from depthprune.generation.skipdecode import default_floor, skipdecode_generate
 
@@ -503,6 +517,8 @@ def test_generate_decoder_options_clear_errors(folders, capsys):
         (["--skipdecode", "2", "--heads", str(heads)], "--skipdecode uses no exit heads"),
         (["--speculative", "--heads", str(heads), "--draft-layers", "4"], "--draft-layers 4 out of range"),
         (["--speculative", "--compare", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--draft-vocab", "0.9"], "--draft-vocab set the draft of --speculative"),
+        (["--speculative", "--draft-vocab", "1.5"], "--draft-vocab is a share of the calibration tokens, in (0, 1]"),
         (["--speculative", "--uncalibrated"], "--uncalibrated set token-level early exit, which --speculative"),
     ]:
         rc, _, err = _run(capsys, *base, *argv)

@@ -288,7 +288,15 @@ def _decoder(args: argparse.Namespace) -> str:
             "--skipdecode uses no exit heads (every position runs the top layers of its schedule); drop --heads"
         )
     if decoder != "speculative":
-        used = [n for n, v in (("--draft-layers", args.draft_layers), ("--draft-len", args.draft_len)) if v is not None]
+        used = [
+            n
+            for n, v in (
+                ("--draft-layers", args.draft_layers),
+                ("--draft-len", args.draft_len),
+                ("--draft-vocab", args.draft_vocab),
+            )
+            if v is not None
+        ]
         if used:
             raise ValueError(f"{' and '.join(used)} set the draft of --speculative: add --speculative or drop them")
     if decoder != "skipdecode" and args.min_layers is not None:
@@ -331,6 +339,19 @@ def _speculative_heads(args: argparse.Namespace, model, depth: int):
             f"{[i + 1 for i in heads.layers]}, or drop --heads to draft through the logit lens"
         )
     return exit_layer, heads
+
+
+def _truncated(args: argparse.Namespace, heads, tokenizer, eos: list[int]):
+    """The draft head projecting onto the tokens that cover --draft-vocab of the packaged calibration text."""
+    import torch
+
+    from depthprune.data import calibration_text
+    from depthprune.exits.vocab_heads import TruncatedVocabHeads
+
+    if not 0 < args.draft_vocab <= 1:
+        raise ValueError(f"--draft-vocab is a share of the calibration tokens, in (0, 1]; got {args.draft_vocab}")
+    tokens = torch.tensor(tokenizer(calibration_text())["input_ids"])
+    return TruncatedVocabHeads.from_tokens(heads, tokens, coverage=args.draft_vocab, always=eos).eval()
 
 
 def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
@@ -447,6 +468,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from depthprune.generation.speculative import self_speculative_generate
 
         exit_layer, heads = _speculative_heads(args, model, depth)
+        if args.draft_vocab is not None:
+            heads = _truncated(args, heads, tokenizer, eos)
         k = args.draft_len or DEFAULT_DRAFT_LEN
 
         def run():
@@ -457,10 +480,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         out = run()
         rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], keep=_kept(out.sequences[:, p:], eos))
-        kind = heads.config.kind
+        kind = getattr(heads, "kind", heads.config.kind)
+        if kind == "truncated":
+            kind = f"{heads.config.kind} on {heads.k} tokens ({heads.info['coverage']:.0%} of calibration text)"
         report.update(
             draft_layers=exit_layer + 1, exit_layer=exit_layer, draft_len=k, heads=args.heads or "logit_lens",
-            head_kind=kind, **{key: out.summary()[key] for key in ("rounds", "acceptance_rate", "mean_accepted")},
+            head_kind=getattr(heads, "kind", heads.config.kind),
+            **{key: out.summary()[key] for key in ("rounds", "acceptance_rate", "mean_accepted")},
         )  # fmt: skip
         header = (
             f"self-speculative (LayerSkip exit drafts): layers 0-{exit_layer} + {kind} exit draft {k} token(s) a "
@@ -569,6 +595,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the draft runs the first E layers (default: the heads' deepest exit + 1, else 4/5 of the depth)",
     )
     g.add_argument("--draft-len", type=int, metavar="K", help=f"tokens drafted per round (default {DEFAULT_DRAFT_LEN})")
+    g.add_argument(
+        "--draft-vocab",
+        type=float,
+        metavar="COVERAGE",
+        help="draft over the fewest tokens covering this share of the calibration text (e.g. 0.95; verification "
+        "stays on the full vocabulary)",
+    )
     g = p.add_argument_group("SkipDecode (every generated position runs the top layers of a decaying schedule)")
     g.add_argument(
         "--skipdecode",
