@@ -565,7 +565,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "threshold calibrated for --heads; prints the exit layers), LayerSkip-style self-speculative decoding\n"
         "(--speculative: token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it\n"
         "against plain greedy generate on the same prompts. Early exit runs thresholds calibrated for the heads:\n\n"
-        "  depthprune train-exits smollm2 --kind lens --layers 7 11 15 19 23 --fit --epochs 0 --max-blocks 64 \\\n"
+        "  depthprune train-exits smollm2 --kind lens --layers 7 11 15 19 23 --fit --epochs 0 --fit-blocks 64 \\\n"
         "      -o out/smollm2-lens\n"
         "  depthprune calibrate out/smollm2-lens --criterion max_prob\n"
         "  depthprune generate smollm2 --heads out/smollm2-lens --prompt 'Call me Ishmael.'",
