@@ -45,6 +45,13 @@ seconds = seconds of the whole call - the same round's prefill seconds, on every
 verifies even the first token, so it pays one step more than this subtracts). speedup_bB: the median over repeats of
 generate's decode seconds / the configuration's; e2e_speedup_bB: the same for whole calls, prefill included.
 
+Truncated-vocabulary drafts (`depthprune.exits.vocab_heads`, issue 17): --draft-vocab C... adds, for every exit draft,
+the same draft through a head that projects onto the fewest tokens covering share C of the calibration text's tokens
+(--draft-vocab-k K... for explicit counts); the verification stays on the full vocabulary, so they are token-identical
+too. --head-costs adds a table: per batch size, one decoder layer (with the prompt's KV cache), the full exit head
+and each truncated head (full-vocabulary logits, and the greedy top token alone), in ms and in layer-equivalents.
+--no-skip-draft / --no-hf leave the Draft & Verify drafts / transformers' assistant_early_exit out.
+
 Writes into --out: spec_bench.json (everything, with the machine), spec_table.txt and spec_table.md (the tables,
 plain and markdown).
 """
@@ -74,7 +81,8 @@ from depthprune.bench.generation import (
 from depthprune.bench.report import format_table, to_jsonable
 from depthprune.bench.speed import machine_info
 from depthprune.data import calibration_text, heldout_text
-from depthprune.exits.lm_heads import DecoderExitHeads
+from depthprune.exits.lm_heads import DecoderExitHeads, top_tokens
+from depthprune.exits.vocab_heads import TruncatedVocabHeads
 from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import prompt_blocks, token_consistency
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_generate, skipdecode_perplexity
@@ -132,7 +140,7 @@ def hf_early_exit(model, config, exit_layer: int) -> Method:
     return Method(f"hf assistant_early_exit={exit_layer + 1}", run, row, batch1_only=True)
 
 
-def speculative(model, heads, draft: str, draft_len: int, exit_layer=None, skip_layers=None) -> Method:
+def speculative(model, heads, draft: str, draft_len: int, exit_layer=None, skip_layers=None, vocab=None) -> Method:
     def run(ids, n):
         out = self_speculative_generate(
             model, heads if draft == "exit" else None, ids, draft=draft, exit_layer=exit_layer,
@@ -141,6 +149,9 @@ def speculative(model, heads, draft: str, draft_len: int, exit_layer=None, skip_
         return out.sequences, out
 
     row = {"method": "self-spec", "draft": draft, "exit_layer": exit_layer, "draft_len": draft_len, "chosen": False}
+    if vocab is not None:
+        row.update(draft_vocab=vocab, vocab_k=heads.k, vocab_coverage=heads.info["coverage"])
+        return Method(f"exit {exit_layer} k={draft_len} vocab {vocab}", run, row)
     if draft == "skip":
         row.update(skipped=len(skip_layers), skip_layers=list(skip_layers))
         name = f"skip {len(skip_layers)} k={draft_len}"
@@ -248,6 +259,60 @@ def speed(methods: dict[str, Method], ids, max_new_tokens, repeats, warmup) -> d
     }  # fmt: skip
 
 
+def per_call_ms(fn, *args, repeats: int = 20, reset=None) -> float:
+    """Median milliseconds of fn(*args) over `repeats` calls (after one warm-up); reset() runs untimed after each."""
+    import statistics
+
+    fn(*args)
+    if reset:
+        reset()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        out.append(time.perf_counter() - t0)
+        if reset:
+            reset()
+    return 1000 * statistics.median(out)
+
+
+@torch.inference_mode()
+def head_costs(model, heads, truncated: dict[str, TruncatedVocabHeads], prompts, layer: int, batch_sizes) -> list[dict]:
+    """Per batch size: ms of one decoder layer step (the prompt's KV cache behind it), of the full exit head and of
+    each truncated head (full-vocabulary logits; greedy top token), and each head's cost in layer-equivalents."""
+    from transformers.cache_utils import DynamicCache
+
+    from depthprune.decoding import step_inputs
+    from depthprune.runner import capture_stack
+
+    rows = []
+    for bs in batch_sizes:
+        ids = prompts[:bs]
+        cache = DynamicCache(config=model.config)
+        model(**step_inputs(model, ids, None, None, cache))
+        hidden, stack = capture_stack(model, step_inputs(model, ids[:, -1:], None, None, cache))
+        call = stack.calls[layer]
+        kv = cache.layers[layer]
+        kept = (kv.keys, kv.values)  # restored after each timed call, which appends a position
+
+        def reset(kv=kv, kept=kept):
+            kv.keys, kv.values = kept
+
+        layer_module = get_adapter(model).run_sequence(model, "decoder")[layer]
+        h = call.run(layer_module, hidden)
+        reset()
+        row = {"batch": bs, "layer_ms": per_call_ms(call.run, layer_module, hidden, reset=reset)}
+        row["full_head_ms"] = per_call_ms(heads.logits, layer, h)
+        row["full_top_ms"] = per_call_ms(top_tokens, heads, layer, h)
+        for name, t in truncated.items():
+            row[f"{name}_logits_ms"] = per_call_ms(t.logits, layer, h)
+            row[f"{name}_top_ms"] = per_call_ms(t.top_tokens, layer, h)
+        for key in [k for k in row if k.endswith("_ms") and k != "layer_ms"]:
+            row[key.replace("_ms", "_layers")] = row[key] / row["layer_ms"]
+        rows.append(row)
+    return rows
+
+
 # ---- the run --------------------------------------------------------------------------------------------------------
 def parse_adapted(items: list[str], p: argparse.ArgumentParser) -> dict[float, str]:
     out = {}
@@ -286,6 +351,25 @@ def main() -> None:
     p.add_argument("--adapted", nargs="+", default=[], metavar="SPEEDUP=FOLDER", help="LoRA-adapted SkipDecode models")
     p.add_argument("--ppl-blocks", type=int, default=16, help="held-out blocks for SkipDecode perplexity")
     add_timing_arguments(p)
+    p.add_argument(
+        "--draft-vocab",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="COVERAGE",
+        help="truncated-vocabulary exit drafts covering these shares of the calibration tokens",
+    )
+    p.add_argument(
+        "--draft-vocab-k",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="truncated-vocabulary exit drafts of K tokens each",
+    )
+    p.add_argument("--head-costs", action="store_true", help="time the full and truncated heads against a layer")
+    p.add_argument("--no-skip-draft", action="store_true", help="leave the Draft & Verify skip drafts out")
+    p.add_argument("--no-hf", action="store_true", help="leave transformers' assistant_early_exit out")
     p.add_argument("--no-speculative", action="store_true")
     p.add_argument("--no-skipdecode", action="store_true")
     p.add_argument("--out", default="benchmarks/spec")
@@ -317,14 +401,39 @@ def main() -> None:
             for k in args.draft_lens:
                 m = speculative(model, heads, "exit", k, exit_layer=e)
                 methods[m.name] = m
+        truncated = {}
+        if args.draft_vocab or args.draft_vocab_k:
+            cal_tokens = torch.tensor(tokenizer(calibration_text())["input_ids"])
+            held_tokens = torch.tensor(tokenizer(heldout_text())["input_ids"])
+            eos = model.generation_config.eos_token_id
+            always = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            for c in args.draft_vocab:
+                truncated[f"cov{c:g}"] = TruncatedVocabHeads.from_tokens(heads, cal_tokens, coverage=c, always=always)
+            for kk in args.draft_vocab_k:
+                truncated[f"k{kk}"] = TruncatedVocabHeads.from_tokens(heads, cal_tokens, k=kk, always=always)
+            report["draft_vocab"] = {
+                name: {**t.info, "heldout_coverage": float(torch.isin(held_tokens, t.token_ids).float().mean())}
+                for name, t in truncated.items()
+            }
+            for name, t in truncated.items():
+                for e in exits:
+                    for k in args.draft_lens:
+                        m = speculative(model, t, "exit", k, exit_layer=e, vocab=name)
+                        methods[m.name] = m
+        if args.head_costs:
+            print("timing heads against a layer ...", flush=True)
+            report["head_costs"] = head_costs(model, heads, truncated, prompts, exits[-1], args.batch_sizes)
+            print(format_table(report["head_costs"], title=f"head cost at exit {exits[-1]} (ms; *_layers: in layers)"))
         skip_rule = {"rule": "--skip-layers"}
         skip = args.skip_layers
-        if skip is None:
+        if args.no_skip_draft:
+            skip_rule, skip = {"rule": "--no-skip-draft"}, []
+        elif skip is None:
             count = args.skip_count or num_layers // 2
             skip, scores = auto_skip_layers(model, tokenizer, args.prompt_len, count)
             skip_rule = {"rule": f"the {count} layers with the lowest Block Influence", "block_influence": scores}
         report["skip_draft"] = {**skip_rule, "skip_layers": sorted(skip)}
-        for k in args.draft_lens:
+        for k in args.draft_lens if skip else []:
             m = speculative(model, None, "skip", k, skip_layers=sorted(skip))
             methods[m.name] = m
         if args.choose:
@@ -337,6 +446,8 @@ def main() -> None:
             m = speculative(model, heads, "exit", choice.draft_len, exit_layer=choice.exit_layer)
             methods.setdefault(m.name, m).row["chosen"] = True
         supported, report["hf_early_exit"] = hf_early_exit_support()
+        if args.no_hf:
+            supported, report["hf_early_exit"] = False, {"note": "--no-hf: not measured"}
         if supported:
             for e in exits:
                 m = hf_early_exit(model, config, e)
@@ -382,7 +493,7 @@ def main() -> None:
 
     rows = {name: {"name": name, **m.row, **results[name]} for name, m in methods.items() if name != "generate"}
     per_b = [f"{c}_b{bs}" for bs in args.batch_sizes for c in ("identical", "mean_accepted", "speedup", "e2e_speedup")]
-    spec_cols = ["name", "draft", "exit_layer", "skipped", "draft_len", "chosen", *per_b]
+    spec_cols = ["name", "draft", "exit_layer", "skipped", "draft_len", "vocab_k", "vocab_coverage", "chosen", *per_b]
     per_b = [f"{c}_b{bs}" for bs in args.batch_sizes for c in ("agreement", "identical", "speedup", "e2e_speedup")]
     skip_cols = ["model", "target", "schedule", "mean_layers", "ideal_speedup", "ppl", "ppl_full", *per_b]
     spec_rows = [r for r in rows.values() if r.get("method") in ("self-spec", "hf generate")]

@@ -44,7 +44,8 @@ def test_registry_docstring_examples_run():
 def test_registries_know_their_builtins_and_refuse_unknown_names():
     assert SCORERS.names() == ["block_influence", "angular", "sleb", "lookahead_kl"]
     assert "patience" in CRITERIA and "saturation" in TOKEN_CRITERIA and "two_stage" in RECIPES
-    assert KV_STRATEGIES.names() == ["propagate", "recompute"] and HEAD_KINDS.names() == ["logit_lens", "lens", "mlp"]
+    assert KV_STRATEGIES.names() == ["propagate", "recompute"]
+    assert HEAD_KINDS.names() == ["logit_lens", "lens", "mlp", "truncated"]
     with pytest.raises(ValueError, match="unknown training recipe 'nope'; available: two_stage, joint"):
         RECIPES.get("nope")
     with pytest.raises(ValueError, match="already exists"):

@@ -177,3 +177,47 @@ def test_supported_criteria():
     assert supported_criteria(DecoderExitHeads.for_model(model, confidence=True)) == [
         "max_prob", "margin", "saturation", "learned", "fixed",
     ]  # fmt: skip
+
+
+# ---- what a saved calibration certifies; teacher-forced agreement of uncalibrated exits ------------------------------
+def test_teacher_forced_agreement_matches_the_exits_and_the_criterion(tiny):
+    from depthprune.exits.token_criteria import make_criterion
+    from depthprune.exits.train.lm_exits import exit_agreement
+    from depthprune.generation.calibrate import teacher_forced_agreement
+
+    model, heads = tiny
+    ids = _prompts(4, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # padding positions do not count
+    never = teacher_forced_agreement(model, heads, ids, mask, make_criterion("fixed", NEVER))
+    assert never["positions"] == 22 and never["agreement"] == 1.0 and never["mean_layers"] == heads.num_layers
+    first = teacher_forced_agreement(model, heads, ids, mask, make_criterion("fixed", 0))
+    assert first["mean_layers"] == 1.0 and first["agreement"] == pytest.approx(first["per_layer"][0])
+    full = teacher_forced_agreement(model, heads, ids)  # no criterion: per-layer agreement only
+    assert "agreement" not in full
+    assert full["per_layer"] == pytest.approx(exit_agreement(model, heads, ids))
+    # max_prob:0 exits every position at the first exit: the exit's own agreement
+    assert teacher_forced_agreement(model, heads, ids, criterion=make_criterion("max_prob", 0.0))["agreement"] == (
+        pytest.approx(full["per_layer"][0])
+    )
+
+
+def test_certifying_record_finds_the_certified_thresholds(tiny):
+    from depthprune.exits.token_criteria import make_criterion
+    from depthprune.generation.calibrate import calibrated_criterion, certified_thresholds, certifying_record
+
+    model, heads = tiny
+    result = calibrate_generation(
+        model, heads, _prompts(5), "fixed", delta=0.5, epsilon=0.05, max_new_tokens=3, grid=[NEVER, 2, 0]
+    ).to_dict()
+    certified = certified_thresholds(result)
+    assert certified[0] == NEVER and result["threshold"] == certified[-1]
+    assert all(row["threshold"] in certified for row in result["table"] if row["rejected"])
+    assert certifying_record([result], make_criterion("fixed", NEVER)) is result
+    assert certifying_record([result], make_criterion("fixed", 1)) is None  # never tested
+    assert certifying_record([result], make_criterion("max_prob", NEVER / 1024)) is None  # another criterion
+    assert certifying_record([result], make_criterion("fixed", NEVER), kv="recompute") is None  # other settings
+    assert certifying_record([result], make_criterion("fixed", NEVER), deep_prefill=False) is None
+    criterion, record = calibrated_criterion([result])
+    assert (criterion.name, criterion.threshold, record) == ("fixed", result["threshold"], result)
+    assert calibrated_criterion([{**result, "threshold": None}]) is None and certified_thresholds({}) == []

@@ -51,6 +51,7 @@ def test_generate_prints_the_exit_layers(folders, capsys):
         heads,
         "--exit",
         "fixed:1",
+        "--uncalibrated",
         "--prompt",
         "the whale",
         "--max-new-tokens",
@@ -73,6 +74,7 @@ def test_generate_json_with_shallow_prefill_and_a_batch(folders, capsys, kv):
         heads,
         "--exit",
         "fixed:0",
+        "--uncalibrated",
         "--kv",
         kv,
         "--shallow-prefill",
@@ -101,6 +103,7 @@ def test_generate_without_exit_equals_plain_greedy(folders, capsys):
         heads,
         "--exit",
         "max_prob:1.0",
+        "--uncalibrated",
         "--prompt",
         "the sea",
         "--max-new-tokens",
@@ -116,7 +119,7 @@ def test_generate_without_exit_equals_plain_greedy(folders, capsys):
 
 def test_generate_clear_errors(folders, capsys, tmp_path):
     model, heads, _ = folders
-    base = ["generate", model, "--heads", heads, "--prompt", "the whale"]
+    base = ["generate", model, "--heads", heads, "--prompt", "the whale", "--uncalibrated"]
     for bad, message in [
         ("nope:0.5", "unknown token exit criterion 'nope'"),
         ("max_prob", "give a threshold: 'max_prob:VALUE'"),
@@ -125,18 +128,36 @@ def test_generate_clear_errors(folders, capsys, tmp_path):
     ]:
         rc, _, err = _run(capsys, *base, "--exit", bad)
         assert rc == 2 and message in err, err
-    rc, _, err = _run(capsys, *base)
-    assert rc == 2 and "pass --exit CRITERION:THRESHOLD" in err
+    rc, _, err = _run(capsys, *base[:-1])
+    assert rc == 2 and "pass --exit CRITERION:THRESHOLD --uncalibrated" in err
     # heads of a 3-layer model on the 4-layer one
     config = build("llama").config
     config.num_hidden_layers = 3
     DecoderExitHeads.for_model(transformers.LlamaForCausalLM(config)).save(tmp_path / "other")
     rc, _, err = _run(
-        capsys, "generate", model, "--heads", tmp_path / "other", "--exit", "max_prob:0.9", "--prompt", "x"
+        capsys,
+        "generate",
+        model,
+        "--heads",
+        tmp_path / "other",
+        "--exit",
+        "max_prob:0.9",
+        "--uncalibrated",
+        "--prompt",
+        "x",
     )
     assert rc == 2 and "these exit heads were built for a llama with 3 layers" in err
     rc, _, err = _run(
-        capsys, "generate", model, "--heads", tmp_path / "missing", "--exit", "max_prob:0.9", "--prompt", "x"
+        capsys,
+        "generate",
+        model,
+        "--heads",
+        tmp_path / "missing",
+        "--exit",
+        "max_prob:0.9",
+        "--uncalibrated",
+        "--prompt",
+        "x",
     )
     assert rc == 2 and "has no decoder_exit_heads.json" in err
 
@@ -369,3 +390,207 @@ def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
         main(["train-skipdecode", *base, "--speedup", "9", "--output-dir", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "depthprune train-skipdecode: error: argument --speedup" in err
+
+
+# ---- every decoder on the command line ----------------------------------------------------------------------------
+PROMPTS = ("the white whale", "sea")  # different lengths: a left-padded batch
+
+
+def _plain_greedy(model, prompts, n):
+    """Plain greedy `model.generate` of the prompts as one left-padded batch: the new token ids per row."""
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    tok.padding_side = "left"
+    enc = tok(list(prompts), return_tensors="pt", padding=True, return_token_type_ids=False)
+    ref = lm.generate(**enc, do_sample=False, max_new_tokens=n, eos_token_id=[], pad_token_id=tok.pad_token_id)
+    return ref[:, enc["input_ids"].shape[1] :].tolist(), lm, enc
+
+
+@pytest.mark.parametrize("with_heads", [False, True])
+def test_generate_speculative_equals_plain_greedy(folders, capsys, with_heads):
+    model, heads, _ = folders
+    ref, _, _ = _plain_greedy(model, PROMPTS, 6)
+    extra = ["--heads", heads, "--draft-layers", "2"] if with_heads else []
+    rc, out, err = _run(
+        capsys, "generate", model, "--speculative", "--draft-len", "3", *extra, "--prompt", *PROMPTS,
+        "--max-new-tokens", "6", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["decoder"] == "speculative" and report["draft_len"] == 3
+    assert report["draft_layers"] == (2 if with_heads else 3)  # default without heads: round(0.8 * 4) = 3
+    assert report["head_kind"] == ("lens" if with_heads else "logit_lens")
+    assert [r["tokens"] for r in report["results"]] == ref
+    assert report["rounds"] >= 2 and 0 <= report["acceptance_rate"] <= 1
+
+
+def test_generate_speculative_with_a_truncated_draft_vocabulary(folders, capsys):
+    model, _, _ = folders
+    ref, _, _ = _plain_greedy(model, PROMPTS, 6)
+    rc, out, err = _run(
+        capsys, "generate", model, "--speculative", "--draft-vocab", "0.9", "--prompt", *PROMPTS, "--max-new-tokens",
+        "6", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["head_kind"] == "truncated" and [r["tokens"] for r in report["results"]] == ref
+    rc, out, _ = _run(capsys, "generate", model, "--speculative", "--draft-vocab", "0.9", "--prompt", "sea")
+    assert rc == 0 and "logit_lens on " in out and "of calibration text) exit draft" in out
+
+
+def test_generate_skipdecode_runs_its_schedule_with_a_floor(folders, capsys):
+    from depthprune.generation.skipdecode import default_floor, skipdecode_generate
+
+    model, _, _ = folders
+    rc, out, err = _run(
+        capsys, "generate", model, "--skipdecode", "2", "--prompt", *PROMPTS, "--max-new-tokens", "6", "--json"
+    )
+    assert rc == 0, err
+    report = json.loads(out)
+    floor = default_floor(4)
+    schedule = SkipSchedule.for_speedup(4, 2.0, budget=5, min_layers=floor)
+    assert SkipSchedule.from_dict(report["schedule"]) == schedule and schedule.min_layers == floor
+    _, lm, enc = _plain_greedy(model, PROMPTS, 1)
+    want = skipdecode_generate(lm, enc["input_ids"], enc["attention_mask"], schedule=schedule, max_new_tokens=6,
+                               eos_token_id=[], pad_token_id=0)  # fmt: skip
+    p = enc["input_ids"].shape[1]
+    assert [r["tokens"] for r in report["results"]] == want.sequences[:, p:].tolist()
+    assert [r["layers"] for r in report["results"]] == want.layers.tolist()
+    assert report["results"][0]["layers"][0] == 4 and min(report["results"][0]["layers"]) >= floor
+    # a 30-layer model keeps 8 layers by default: 5x (6 layers a token) is refused with what to do
+    assert default_floor(30) == 8
+    # a floor given explicitly, and the plain-text output
+    rc, out, _ = _run(
+        capsys, "generate", model, "--skipdecode", "2", "--min-layers", "2", "--prompt", "sea", "--max-new-tokens", "4"
+    )
+    assert rc == 0 and "SkipDecode: the top" in out and "-> 2 layers (floor) of 4" in out
+    assert "mean layers per generated token:" in out
+
+
+def test_generate_skipdecode_saved_schedule(folders, capsys, tmp_path):
+    from depthprune.generation.skipdecode_train import SCHEDULE_NAME
+
+    model, _, _ = folders
+    folder = tmp_path / "adapted"
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+    lm.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    saved = SkipSchedule.linear(4, 3, 2, 2.0)
+    (folder / SCHEDULE_NAME).write_text(json.dumps(saved.to_dict()))
+    rc, out, err = _run(capsys, "generate", folder, "--skipdecode", "saved", "--prompt", "sea", "--json")
+    assert rc == 0, err
+    assert SkipSchedule.from_dict(json.loads(out)["schedule"]) == saved
+
+
+@pytest.mark.parametrize("decoder", [["--speculative"], ["--skipdecode", "2"], ["--exit", "fixed:1"]])
+def test_generate_compare_prints_tokens_per_second_beside_plain_generate(folders, capsys, decoder):
+    model, heads, _ = folders
+    extra = ["--heads", heads, "--uncalibrated"] if decoder[0] == "--exit" else []
+    argv = ["generate", model, *decoder, *extra, "--prompt", *PROMPTS, "--max-new-tokens", "4", "--compare"]
+    rc, out, err = _run(capsys, *argv, "--repeats", "2", "--warmup", "0")
+    assert rc == 0, err
+    assert "tokens/s (batch of 2, whole calls with prefill, median of 2 interleaved rounds after 0 warm-up): " in out
+    assert "plain generate " in out and "x)" in out
+    rc, out, _ = _run(capsys, *argv, "--repeats", "2", "--json")
+    compare = json.loads(out)["compare"]
+    assert len(compare["generate"]["seconds"]) == len(compare["decoder"]["seconds"]) == 2
+    assert compare["generate"]["tokens"] == 8 and compare["decoder"]["tokens"] == 8  # no end of sequence
+    assert compare["generate"]["tok_s"] > 0 and compare["decoder"]["ratio"] > 0
+
+
+def test_generate_decoder_options_clear_errors(folders, capsys):
+    model, heads, _ = folders
+    base = ["generate", model, "--prompt", "the whale"]
+    for argv, message in [
+        (["--speculative", "--exit", "max_prob:0.9"], "--exit set token-level early exit, which --speculative does"),
+        (["--skipdecode", "2", "--kv", "recompute"], "--kv set token-level early exit, which --skipdecode does not"),
+        (["--speculative", "--skipdecode", "2"], "--speculative and --skipdecode are two different decoders"),
+        (["--speculative", "--draft-len", "0"], "--draft-len is the number of tokens drafted per round"),
+        (["--speculative", "--draft-layers", "4"], "--draft-layers 4 out of range: the draft runs the first E layers"),
+        (["--speculative", "--draft-layers", "0"], "--draft-layers is how many of the first layers draft"),
+        (["--draft-len", "2"], "--draft-len set the draft of --speculative: add --speculative or drop them"),
+        (["--min-layers", "2"], "--min-layers is the depth floor of a --skipdecode schedule"),
+        (["--skipdecode", "fast"], "--skipdecode takes a target speed-up (e.g. 2) or 'saved'"),
+        (["--skipdecode", "9"], "--skipdecode 9 out of range: a 4-layer model can aim at 1..4x"),
+        (["--skipdecode", "3", "--min-layers", "2"], "below the depth floor of 2 layers; aim lower (at most 2x)"),
+        (["--skipdecode", "saved"], "skip_schedule.json does not exist"),
+        (["--skipdecode", "2", "--heads", str(heads)], "--skipdecode uses no exit heads"),
+        (["--speculative", "--heads", str(heads), "--draft-layers", "4"], "--draft-layers 4 out of range"),
+        (["--speculative", "--compare", "--repeats", "0"], "--repeats must be >= 1"),
+        (["--draft-vocab", "0.9"], "--draft-vocab set the draft of --speculative"),
+        (["--speculative", "--draft-vocab", "1.5"], "--draft-vocab is a share of the calibration tokens, in (0, 1]"),
+        (["--speculative", "--uncalibrated"], "--uncalibrated set token-level early exit, which --speculative"),
+    ]:
+        rc, _, err = _run(capsys, *base, *argv)
+        assert rc == 2 and message in err, (argv, err)
+    # heads without an exit where the draft would end
+    rc, _, err = _run(capsys, *base, "--speculative", "--heads", heads, "--draft-layers", "2")
+    assert rc == 0, err
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model)
+    DecoderExitHeads.logit_lens(lm, [0]).save(folders[0].parent / "exit0")
+    rc, _, err = _run(capsys, *base, "--speculative", "--heads", folders[0].parent / "exit0", "--draft-layers", "2")
+    assert rc == 2 and "--draft-layers 2 needs an exit after layer 1 (0-based)" in err and "one of [1]" in err
+
+
+# ---- no silent garbage: uncalibrated thresholds are refused, or run with a measured warning --------------------------
+def test_generate_refuses_an_uncalibrated_threshold(folders, capsys):
+    model, heads, _ = folders
+    rc, _, err = _run(capsys, "generate", model, "--exit", "max_prob:0.9", "--prompt", "the whale")
+    assert rc == 2
+    assert "max_prob:0.9 is not calibrated for the default logit-lens heads" in err
+    assert "print garbage" in err and "depthprune train-exits" in err and "depthprune calibrate HEADS" in err
+    assert "--uncalibrated" in err
+    rc, _, err = _run(capsys, "generate", model, "--heads", heads, "--exit", "fixed:1", "--prompt", "the whale")
+    assert rc == 2 and f"fixed:1 is not calibrated for {heads} (it holds no generation calibration.json)" in err
+    assert f"depthprune calibrate {heads} --criterion NAME" in err
+    rc, _, err = _run(capsys, "generate", model, "--prompt", "the whale")  # no --exit and nothing calibrated
+    assert rc == 2 and "the default logit-lens heads have no calibrated threshold" in err
+
+
+def test_generate_uncalibrated_warns_with_the_measured_agreement(folders, capsys):
+    model, _, _ = folders
+    argv = ["generate", model, "--exit", "max_prob:0.5", "--uncalibrated", "--prompt", "the white whale", "sea"]
+    rc, out, err = _run(capsys, *argv, "--max-new-tokens", "3", "--json")
+    assert rc == 0, err
+    assert (
+        "warning: max_prob:0.5 is not calibrated for the default logit-lens heads; measured by teacher forcing" in err
+    )
+    assert "on the prompt (8 positions): it exits after " in err  # 5 + 3 real tokens ([CLS] ... [SEP]), no padding
+    assert "on 2 x 64 held-out tokens (128 positions)" in err and "picks the full model's next token at" in err
+    report = json.loads(out)
+    assert report["calibrated"] is False
+    check = report["uncalibrated_check"]
+    assert check["prompt"]["positions"] == 8 and check["heldout"]["positions"] == 128
+    assert set(check["prompt"]["per_layer"]) == {"0", "1", "2"} and 0 <= check["heldout"]["agreement"] <= 1
+
+
+def test_generate_runs_a_calibrated_threshold_and_only_that(folders, capsys, tmp_path):
+    from depthprune.generation.calibrate import calibrate_generation
+
+    model, heads, _ = folders
+    lm = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    work = tmp_path / "heads"
+    loaded = DecoderExitHeads.load(heads, lm)
+    loaded.save(work)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(5, 40, (5, 4), generator=g)
+    result = calibrate_generation(
+        lm, loaded, prompts, "fixed", delta=0.5, max_new_tokens=3, grid=[1024.0, 2.0, 0.0], eos_token_id=()
+    )
+    assert result.threshold is not None
+    (work / "calibration.json").write_text(json.dumps([result.to_dict()]))
+    base = ["generate", model, "--heads", work, "--prompt", "the whale", "--max-new-tokens", "3"]
+    rc, out, err = _run(capsys, *base, "--json")  # the default: the calibrated threshold
+    assert rc == 0 and "warning" not in err
+    report = json.loads(out)
+    assert report["criterion"] == f"fixed:{result.threshold:g}" and report["calibrated"] is True
+    rc, out, err = _run(capsys, *base, "--exit", "fixed:1024")  # a more conservative certified one
+    assert rc == 0 and "warning" not in err and "with probability >= 0.95" in out
+    rc, _, err = _run(capsys, *base, "--exit", "fixed:1")  # never tested
+    assert rc == 2 and "fixed:1 (kv=propagate, deep prefill) is not certified by" in err and "fixed at 1024" in err
+    rc, _, err = _run(capsys, *base, "--exit", "fixed:1024", "--kv", "recompute")  # calibrated with propagate
+    assert rc == 2 and "(kv=recompute, deep prefill) is not certified" in err
+    rc, _, err = _run(capsys, *base, "--exit", "fixed:1024", "--uncalibrated")
+    assert rc == 2 and "is calibrated for" in err and "drop --uncalibrated" in err
+    rc, _, err = _run(capsys, *base, "--exit", "fixed:1", "--uncalibrated")
+    assert rc == 0 and "warning: fixed:1 is not calibrated for" in err

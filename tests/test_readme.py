@@ -13,6 +13,7 @@ pasting the block would see), on tiny random models. What differs from the READM
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 from pathlib import Path
@@ -31,7 +32,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SIZE: dict[str, list[tuple[str, str]]] = {
     # subcommand (and its first argument where two differ): [(README text, what runs instead)]; "" appends
     "eval": [("", "--repeats 1 --batch-sizes 1 --blocks 4")],
-    "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 8 --prompt-len 16 --max-new-tokens 8")],
+    # 40 prompts: enough for Hoeffding to certify delta 0.2 at epsilon 0.05 (n >= 38), so generate has a threshold
+    "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 40 --prompt-len 16 --max-new-tokens 8")],
     "train-skipdecode": [("", "--max-blocks 8")],
 }
 
@@ -135,11 +137,19 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
     elif command == "calibrate":
         results = json.loads((folder / "calibration.json").read_text())
         assert [r["criterion"] for r in results] == option["--criterion"].split(",")
-        assert all(r["delta"] == float(option["--delta"]) for r in results)  # written by this command
+        assert all(r["delta"] == float(option.get("--delta", 0.2)) for r in results)  # written by this command
     elif command == "classify":
         assert "exit after" in out
     elif command == "generate":
-        assert "mean layers per token" in out and out.split("->\n", 1)[1].strip()
+        if "--speculative" in argv:
+            assert "accepted drafts per verification" in out
+        elif "--skipdecode" in argv:
+            assert "mean layers per generated token" in out
+        else:
+            assert "mean layers per token" in out
+        assert out.split("->\n", 1)[1].strip()
+        if "--compare" in argv:
+            assert "tokens/s" in out and "plain generate" in out
     else:
         raise AssertionError(f"no effect to check for README command {command!r}: add one to _effect")
 
@@ -161,3 +171,30 @@ def test_readme_block_runs(section, models, tmp_path, monkeypatch, capsys):
         out, err = capsys.readouterr()
         assert rc == 0, f"README command {command!r} failed (ran as {shlex.join(argv)}):\n{err[-3000:]}"
         _effect(argv, out, work)
+
+
+def help_example(command: str) -> list[str]:
+    """The `depthprune ...` example lines of a command's --help (continuation lines joined)."""
+    from depthprune.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices[command].format_help().replace("\\\n", " ")
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip().startswith("depthprune ")]
+
+
+def test_generate_help_example_runs(models, tmp_path, monkeypatch, capsys):
+    """`depthprune generate --help` shows heads trained, calibrated, then generate with the calibrated threshold (no
+    --exit): it runs as shown, like the README's commands."""
+    example = help_example("generate")
+    assert [shlex.split(c)[1] for c in example] == ["train-exits", "calibrate", "generate"]
+    assert "--exit" not in example[-1]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for command in example:
+        argv = _argv(command, models)
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        assert rc == 0, f"--help example {command!r} failed (ran as {shlex.join(argv)}):\n{err[-3000:]}"
+        _effect(argv, out, work)
+    assert "warning" not in err and "with probability >= " in out

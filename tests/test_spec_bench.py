@@ -107,3 +107,36 @@ def test_outputs_are_written_and_parse(run):
     assert "self-speculative decoding" in text and "SkipDecode" in text
     assert md.count("| name |") == 1 and md.count("| model |") == 1
     assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_truncated_vocabulary_drafts_and_head_costs(tmp_path):
+    """--draft-vocab / --draft-vocab-k add truncated-vocabulary exit drafts (token-identical like every greedy draft),
+    --head-costs times the heads against a layer; --no-skip-draft / --no-hf leave those out."""
+    model = build("llama")
+    model.save_pretrained(tmp_path / "model")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path / "model")
+    DecoderExitHeads.logit_lens(model, [1]).save(tmp_path / "heads")
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, str(SCRIPT), str(tmp_path / "heads"), "--model", str(tmp_path / "model"), "--prompts", "2",
+        "--prompt-len", "4", "--max-new-tokens", str(NEW), "--batch-sizes", *map(str, BATCHES), "--repeats", "1",
+        "--draft-lens", "2", "--draft-vocab", "0.9", "--draft-vocab-k", "3", "--head-costs", "--no-skip-draft",
+        "--no-hf", "--no-skipdecode", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "spec_bench.json").read_text())
+    rows = {r["name"]: r for r in report["speculative"]}
+    assert set(rows) == {"exit 1 k=2", "exit 1 k=2 vocab cov0.9", "exit 1 k=2 vocab k3"}
+    for r in rows.values():
+        assert all(r[f"identical_b{b}"] == 1.0 for b in BATCHES), r["name"]
+    vocab_info = report["draft_vocab"]
+    assert vocab_info["k3"]["k_given"] == 3 and vocab_info["cov0.9"]["coverage"] >= 0.9
+    assert rows["exit 1 k=2 vocab k3"]["vocab_k"] == vocab_info["k3"]["k"]
+    costs = report["head_costs"]
+    assert [c["batch"] for c in costs] == list(BATCHES)
+    for c in costs:
+        assert c["layer_ms"] > 0 and c["full_head_layers"] == pytest.approx(c["full_head_ms"] / c["layer_ms"])
+        assert {"cov0.9_logits_layers", "cov0.9_top_layers", "k3_top_layers"} <= set(c)
+    assert report["skip_draft"]["rule"] == "--no-skip-draft" and "not measured" in report["hf_early_exit"]["note"]

@@ -179,6 +179,10 @@ HEAD_KINDS = Registry("exit head kind", plural="decoder exit-head kinds").add_bu
         "logit_lens": (None, "the model's own final norm + LM head after any layer (nothing trained)"),
         "lens": (None, "tuned lens: a square translator per exit, then the final norm + LM head"),
         "mlp": (None, "EE-Tuning style: a small MLP per exit, then the final norm + LM head"),
+        "truncated": (
+            "depthprune.exits.vocab_heads:TruncatedVocabHeads",
+            "any of the above projecting onto the K most frequent calibration tokens only (cheap drafts/decisions)",
+        ),
     }
 )
 

@@ -8,6 +8,7 @@ Public functions (imported lazily, so `import depthprune.bench` stays fast):
     format_table, write_json, write_csv             bench.report
     interleaved_seconds, speed_ratios, markdown_table   bench.generation
     fluency, repeated_ngram_share                   bench.fluency
+    compare_tokens_per_s, plain_greedy, new_tokens       bench.generation
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ _EXPORTS = {
     "markdown_table": "depthprune.bench.generation",
     "fluency": "depthprune.bench.fluency",
     "repeated_ngram_share": "depthprune.bench.fluency",
+    "compare_tokens_per_s": "depthprune.bench.generation",
+    "plain_greedy": "depthprune.bench.generation",
+    "new_tokens": "depthprune.bench.generation",
 }
 
 __all__ = sorted(_EXPORTS)

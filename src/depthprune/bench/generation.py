@@ -1,15 +1,19 @@
-"""What the generation benchmarks (benchmarks/gen_exits_bench.py, benchmarks/spec_bench.py) share: their timing
-options, interleaved timing against a baseline measured in the same rounds, the speed ratios taken from it, markdown
-tables."""
+"""What the generation benchmarks (benchmarks/gen_exits_bench.py, benchmarks/spec_bench.py) and `depthprune generate
+--compare` share: their timing options, interleaved timing against a baseline measured in the same rounds, the speed
+ratios taken from it, tokens/s of decoders side by side with plain greedy `generate`, markdown tables."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import torch
+from torch import nn
 
 
 def add_timing_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,6 +89,64 @@ def speed_ratios(times: Mapping[str, Sequence[float]], baseline: str, tokens: in
     return out
 
 
+def new_tokens(new: torch.Tensor, eos: Sequence[int]) -> int:
+    """Real tokens of generated continuations new [batch, new]: each row up to and including its first
+    end-of-sequence token (the padding after it does not count)."""
+    if not len(eos):
+        return int(new.numel())
+    hit = torch.isin(new, torch.tensor(list(eos), device=new.device))
+    after = torch.cumsum(hit.long(), 1) - hit.long() > 0
+    return int((~after).sum())
+
+
+def plain_greedy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Plain greedy `model.generate` (the baseline every decoder is compared with): [batch, prompt + new]."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_token_id) or None)
+    config.pad_token_id = pad_token_id
+    config.temperature = config.top_p = config.top_k = None
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+def compare_tokens_per_s(
+    runs: Mapping[str, Callable[[], int]], baseline: str, *, repeats: int = 3, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Tokens/s of decoders side by side: each entry of `runs` generates once and returns how many real new tokens it
+    made; every entry is timed `repeats` times, interleaved (`interleaved_seconds`), after `warmup` untimed rounds.
+
+    Per entry: tok_s (tokens / median seconds), ratio (median over rounds of its tokens/s / the baseline's tokens/s in
+    the same round; > 1: faster), seconds (per round) and tokens. Whole calls, prefill included."""
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not one of the runs {list(runs)}")
+    tokens: dict[str, int] = {}
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        tokens[name] = runs[name]()
+        return time.perf_counter() - start
+
+    times = interleaved_seconds({n: (lambda n=n: timed(n)) for n in runs}, repeats, warmup=warmup)
+    base = times[baseline]
+    out = {}
+    for name, seconds in times.items():
+        rates = [tokens[name] / t / (tokens[baseline] / b) for t, b in zip(seconds, base, strict=True)]
+        out[name] = {
+            "tok_s": tokens[name] / statistics.median(seconds),
+            "ratio": statistics.median(rates),
+            "seconds": list(seconds),
+            "tokens": tokens[name],
+        }
+    return out
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A markdown table of `rows` (one dict per row): floats to 3 significant digits, a missing value as "-"."""
 
@@ -100,4 +162,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return "\n".join(lines)
 
 
-__all__ = ["add_timing_arguments", "check_timing_arguments", "interleaved_seconds", "markdown_table", "speed_ratios"]
+__all__ = [
+    "add_timing_arguments",
+    "check_timing_arguments",
+    "compare_tokens_per_s",
+    "interleaved_seconds",
+    "markdown_table",
+    "new_tokens",
+    "plain_greedy",
+    "speed_ratios",
+]

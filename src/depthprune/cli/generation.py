@@ -130,18 +130,112 @@ def cmd_calibrate_decoder(args: argparse.Namespace) -> int:
 
 
 # ---- generate ---------------------------------------------------------------------------------------------------
-def _criterion(args: argparse.Namespace):
-    from depthprune.exits.token_criteria import make_criterion, parse_criterion
+def _records(heads_dir: str | None) -> list[dict]:
+    """The generation calibrations saved beside the heads (calibration.json, written by `depthprune calibrate`)."""
+    path = Path(heads_dir or ".") / CALIBRATION_FILE
+    if not heads_dir or not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()) if isinstance(r, dict) and "consistency" in r]
 
+
+def _criterion(args: argparse.Namespace):
+    """(criterion, kv, deep prefill, the calibration that certifies them or None): --exit as given, else the threshold
+    calibrated for --heads (with its KV strategy and prefill unless overridden). A criterion no calibration certifies is
+    refused unless --uncalibrated: an untried threshold can exit every token at the first layers and print garbage."""
+    from depthprune.exits.token_criteria import parse_criterion
+    from depthprune.generation.calibrate import calibrated_criterion, certified_thresholds, certifying_record
+
+    records = _records(args.heads)
     if args.exit:
-        return parse_criterion(args.exit)
-    path = Path(args.heads or ".") / CALIBRATION_FILE
-    if not args.heads or not path.is_file():
-        raise ValueError("pass --exit CRITERION:THRESHOLD (e.g. max_prob:0.9), or calibrate the heads folder first")
-    chosen = [r for r in json.loads(path.read_text()) if r.get("threshold") is not None and "consistency" in r]
-    if not chosen:
-        raise ValueError(f"{path} certifies no token criterion; pass --exit CRITERION:THRESHOLD")
-    return make_criterion(chosen[0]["criterion"], chosen[0]["threshold"])
+        criterion, saved = parse_criterion(args.exit), {}
+    else:
+        found = calibrated_criterion(records)
+        if found is None:
+            where = (
+                f"{Path(args.heads) / CALIBRATION_FILE} certifies no token criterion"
+                if args.heads and (Path(args.heads) / CALIBRATION_FILE).is_file()
+                else f"{args.heads} holds no {CALIBRATION_FILE}"
+                if args.heads
+                else "the default logit-lens heads have no calibrated threshold"
+            )
+            raise ValueError(f"{where}; {_how_to_calibrate(args)}, or pass --exit CRITERION:THRESHOLD --uncalibrated")
+        criterion, saved = found
+    kv = args.kv or saved.get("kv", "propagate")
+    deep = bool(saved.get("deep_prefill", True)) and not args.shallow_prefill
+    record = certifying_record(records, criterion, kv=kv, deep_prefill=deep)
+    if record is None and not args.uncalibrated:
+        how = _how_to_calibrate(args)
+        name = f"{criterion.name}:{criterion.threshold:g}"
+        setting = f"kv={kv}, {'deep' if deep else 'shallow'} prefill"
+        if not args.heads:
+            why = f"{name} is not calibrated for the default logit-lens heads"
+        elif not records:
+            why = f"{name} is not calibrated for {args.heads} (it holds no generation {CALIBRATION_FILE})"
+        else:
+            known = "; ".join(
+                f"{r['criterion']} at {', '.join(f'{t:g}' for t in certified_thresholds(r)) or 'none'} "
+                f"(kv={r.get('kv', 'propagate')}, {'deep' if r.get('deep_prefill', True) else 'shallow'} prefill)"
+                for r in records
+            )
+            why = (
+                f"{name} ({setting}) is not certified by {Path(args.heads) / CALIBRATION_FILE}, which certifies {known}"
+            )
+        raise ValueError(
+            f"{why}. A threshold that was not calibrated for the heads in use can exit almost every token after the "
+            f"first layers and print garbage (the logit lens of a tied head predicts the input token with high "
+            f"confidence). {how[0].upper() + how[1:]}; or run it anyway with --uncalibrated (a warning "
+            "then states how often the exits agree with the full model)"
+        )
+    if record is not None and args.uncalibrated:
+        raise ValueError(
+            f"{criterion.name}:{criterion.threshold:g} is calibrated for {args.heads}: drop --uncalibrated"
+        )
+    return criterion, kv, deep, record
+
+
+def _how_to_calibrate(args: argparse.Namespace) -> str:
+    if args.heads:
+        return f"calibrate a threshold with `depthprune calibrate {args.heads} --criterion NAME` (then omit --exit)"
+    model = args.model or "MODEL"
+    return (
+        f"train exit heads and calibrate them: `depthprune train-exits {model} --kind lens --fit --epochs 0 -o HEADS`, "
+        "`depthprune calibrate HEADS --criterion NAME`, then `generate --heads HEADS`"
+    )
+
+
+def _uncalibrated_warning(args, model, tokenizer, heads, ids, mask, criterion) -> dict:
+    """Measure (teacher forcing, one forward pass) how the uncalibrated criterion and the exits do on the prompts and
+    on 2 x 64 tokens of the packaged held-out text; print a warning saying so; return the figures."""
+    import torch
+
+    from depthprune.data import heldout_text
+    from depthprune.generation.calibrate import prompt_blocks, teacher_forced_agreement
+
+    figures = {"prompt": teacher_forced_agreement(model, heads, ids, mask, criterion)}
+    try:
+        held = prompt_blocks(tokenizer, heldout_text(), 2, 64)
+    except ValueError:  # a tokenizer that makes too few tokens of the excerpt: the prompts alone
+        held = None
+    if held is not None:
+        figures["heldout"] = teacher_forced_agreement(model, heads, held, torch.ones_like(held), criterion)
+    heads_name = args.heads or "the default logit-lens heads"
+    lines = [
+        f"warning: {criterion.name}:{criterion.threshold:g} is not calibrated for {heads_name}; measured by "
+        "teacher forcing:"
+    ]
+    for what, f in figures.items():
+        per_layer = f["per_layer"]
+        best = max(per_layer, key=per_layer.get)
+        text = "the prompt" if what == "prompt" else "2 x 64 held-out tokens"
+        lines.append(
+            f"  on {text} ({f['positions']} positions): it exits after {f['mean_layers']:.1f} of {f['num_layers']} "
+            f"layers on average and picks the full model's next token at {f['agreement']:.0%} of positions; the exits "
+            f"alone agree with the full model on {min(per_layer.values()):.0%}-{per_layer[best]:.0%} "
+            f"(best: after layer {best})"
+        )
+    lines.append(f"  {_how_to_calibrate(args)}")
+    print("\n".join(lines), file=sys.stderr)
+    return figures
 
 
 def _encode(tokenizer, prompts: list[str]):
@@ -157,70 +251,369 @@ def _encode(tokenizer, prompts: list[str]):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from depthprune.generation.generate import early_exit_generate
+DEFAULT_DRAFT_LEN = 2  # what choose_speculation picked on SmolLM2 (benchmarks/RESULTS.md 4a)
 
+
+def _decoder(args: argparse.Namespace) -> str:
+    """Which decoder the options ask for ("exit", "speculative" or "skipdecode"), or a clear error for options that do
+    not go together; checked before anything loads."""
     if not args.prompt:
         raise ValueError("give --prompt TEXT (one or more)")
-    criterion = _criterion(args)
-    model, tokenizer, heads = _load(args, _model_name(args.model, args.heads), args.heads)
-    _check_supported(heads, criterion.name)
-    ids, mask = _encode(tokenizer, args.prompt)
-    out = early_exit_generate(
-        model,
-        heads,
-        ids,
-        mask,
-        criterion=criterion,
-        max_new_tokens=args.max_new_tokens,
-        kv=args.kv,
-        deep_prefill=not args.shallow_prefill,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    rows = []
-    for prompt, seq, exits in zip(args.prompt, out.sequences[:, ids.shape[1] :], out.exit_layers, strict=True):
-        keep = exits >= 0  # -1: padding after the end of sequence
-        tokens, layers = seq[keep].tolist(), exits[keep].tolist()
-        rows.append(
-            {
-                "prompt": prompt,
-                "text": tokenizer.decode(tokens, skip_special_tokens=True),
-                "tokens": tokens,
-                "pieces": [tokenizer.decode([t]) for t in tokens],
-                "exit_layers": layers,
-                "mean_layers": sum(e + 1 for e in layers) / len(layers) if layers else None,
-            }
+    if args.speculative and args.skipdecode is not None:
+        raise ValueError("--speculative and --skipdecode are two different decoders; pick one")
+    decoder = "speculative" if args.speculative else "skipdecode" if args.skipdecode is not None else "exit"
+    if decoder != "exit":
+        flag = f"--{decoder}"
+        how = {
+            "speculative": "drafts with the first layers and verifies with the full model",
+            "skipdecode": "runs a fixed schedule of top layers per position",
+        }[decoder]
+        used = [
+            name
+            for name, value in (
+                ("--exit", args.exit),
+                ("--kv", args.kv),
+                ("--shallow-prefill", args.shallow_prefill),
+                ("--uncalibrated", getattr(args, "uncalibrated", False)),
+            )
+            if value
+        ]
+        if used:
+            raise ValueError(
+                f"{', '.join(used)} set token-level early exit, which {flag} does not use ({flag} {how}); "
+                f"drop {' '.join(used)} or {flag}"
+            )
+    if decoder == "skipdecode" and args.heads:
+        raise ValueError(
+            "--skipdecode uses no exit heads (every position runs the top layers of its schedule); drop --heads"
         )
-    if args.json:
-        report = {
-            "criterion": f"{criterion.name}:{criterion.threshold:g}",
-            "kv": args.kv,
-            "deep_prefill": not args.shallow_prefill,
-            "num_layers": out.num_layers,
-            "results": rows,
+    if decoder != "speculative":
+        used = [
+            n
+            for n, v in (
+                ("--draft-layers", args.draft_layers),
+                ("--draft-len", args.draft_len),
+                ("--draft-vocab", args.draft_vocab),
+            )
+            if v is not None
+        ]
+        if used:
+            raise ValueError(f"{' and '.join(used)} set the draft of --speculative: add --speculative or drop them")
+    if decoder != "skipdecode" and args.min_layers is not None:
+        raise ValueError("--min-layers is the depth floor of a --skipdecode schedule: add --skipdecode SPEEDUP")
+    if args.draft_len is not None and args.draft_len < 1:
+        raise ValueError(
+            f"--draft-len is the number of tokens drafted per round and must be >= 1, got {args.draft_len}"
+        )
+    if args.draft_layers is not None and args.draft_layers < 1:
+        raise ValueError(
+            f"--draft-layers is how many of the first layers draft and must be >= 1, got {args.draft_layers}"
+        )
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return decoder
+
+
+def _speculative_heads(args: argparse.Namespace, model, depth: int):
+    """(exit layer the draft ends at, exit heads that have it): --heads' exits, else the logit lens."""
+    from depthprune.exits.lm_heads import DecoderExitHeads
+
+    heads = DecoderExitHeads.load(args.heads, model).eval() if args.heads else None
+    draft_layers = args.draft_layers
+    if draft_layers is None:  # the heads' deepest exit, else about 4/5 of the depth (RESULTS 4a: 24 of 30 was best)
+        draft_layers = max(heads.layers) + 1 if heads is not None else min(depth - 1, max(1, round(0.8 * depth)))
+    if not 1 <= draft_layers <= depth - 1:
+        raise ValueError(
+            f"--draft-layers {draft_layers} out of range: the draft runs the first E layers of this {depth}-layer "
+            f"model and the rest verify, so E must lie in 1..{depth - 1}"
+        )
+    exit_layer = draft_layers - 1
+    if heads is None:
+        return exit_layer, DecoderExitHeads.logit_lens(model, [exit_layer]).eval()
+    if exit_layer not in heads.layers:
+        raise ValueError(
+            f"--draft-layers {draft_layers} needs an exit after layer {exit_layer} (0-based); the heads in "
+            f"{args.heads} have exits after layers {list(heads.layers)}: pass --draft-layers as one of "
+            f"{[i + 1 for i in heads.layers]}, or drop --heads to draft through the logit lens"
+        )
+    return exit_layer, heads
+
+
+def _truncated(args: argparse.Namespace, heads, tokenizer, eos: list[int]):
+    """The draft head projecting onto the tokens that cover --draft-vocab of the packaged calibration text."""
+    import torch
+
+    from depthprune.data import calibration_text
+    from depthprune.exits.vocab_heads import TruncatedVocabHeads
+
+    if not 0 < args.draft_vocab <= 1:
+        raise ValueError(f"--draft-vocab is a share of the calibration tokens, in (0, 1]; got {args.draft_vocab}")
+    tokens = torch.tensor(tokenizer(calibration_text())["input_ids"])
+    return TruncatedVocabHeads.from_tokens(heads, tokens, coverage=args.draft_vocab, always=eos).eval()
+
+
+def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
+    """The SkipDecode schedule: 'saved' reads the model folder's skip_schedule.json (train-skipdecode); a number is
+    SkipSchedule.for_speedup over the decode steps with a depth floor (default: a quarter of the layers)."""
+    from depthprune.generation.skipdecode import SkipSchedule, default_floor
+    from depthprune.generation.skipdecode_train import load_schedule
+
+    if args.skipdecode == "saved":
+        if args.min_layers is not None:
+            raise ValueError("--min-layers shapes a new schedule; --skipdecode saved uses the folder's own")
+        return load_schedule(model_name)
+    try:
+        speedup = float(args.skipdecode)
+    except ValueError:
+        raise ValueError(
+            f"--skipdecode takes a target speed-up (e.g. 2) or 'saved' (the model folder's skip_schedule.json), "
+            f"got {args.skipdecode!r}"
+        ) from None
+    floor = default_floor(depth) if args.min_layers is None else args.min_layers
+    if not 1.0 <= speedup <= depth:
+        raise ValueError(f"--skipdecode {speedup:g} out of range: a {depth}-layer model can aim at 1..{depth}x")
+    if depth / speedup < floor:
+        default = " (the default: a quarter of the depth)" if args.min_layers is None else ""
+        raise ValueError(
+            f"--skipdecode {speedup:g} means {depth / speedup:.3g} layers per generated token on average, below the "
+            f"depth floor of {floor} layers{default}; "
+            f"aim lower (at most {depth / floor:.3g}x) or pass --min-layers {max(1, int(depth // speedup))}"
+        )
+    budget = max(1, args.max_new_tokens - 1)  # the decode steps after the prompt's token
+    return SkipSchedule.for_speedup(depth, speedup, budget=budget, min_layers=floor)
+
+
+def _rows(tokenizer, prompts: list[str], new, layers=None, keep=None) -> list[dict]:
+    """One result per prompt: text, tokens and pieces (up to the end of sequence), and the layers behind each token."""
+    rows = []
+    for r, (prompt, seq) in enumerate(zip(prompts, new.tolist(), strict=True)):
+        n = len(seq) if keep is None else int(keep[r])
+        tokens = seq[:n]
+        row = {
+            "prompt": prompt,
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "tokens": tokens,
+            "pieces": [tokenizer.decode([t]) for t in tokens],
         }
+        if layers is not None:
+            row["layers"] = layers[r][:n]
+        rows.append(row)
+    return rows
+
+
+def _kept(new, eos: list[int]):
+    """Per row: new tokens up to and including its first end-of-sequence token."""
+    import torch
+
+    if not eos:
+        return [new.shape[1]] * new.shape[0]
+    hit = torch.isin(new, torch.tensor(eos))
+    first = torch.where(
+        hit.any(1), hit.float().argmax(1) + 1, torch.full_like(hit[:, 0], new.shape[1], dtype=torch.long)
+    )
+    return first.tolist()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
+    from depthprune.decoding import decoder_parts, special_tokens
+
+    decoder = _decoder(args)
+    if decoder == "exit":
+        criterion, kv, deep, record = _criterion(args)
+    model_name = _model_name(args.model, args.heads)
+    if decoder == "exit":
+        model, tokenizer, heads = _load(args, model_name, args.heads)
+        _check_supported(heads, criterion.name)
+    else:
+        from depthprune.io import load_model
+
+        model, tokenizer = load_model(model_name, task="causal-lm").eval(), tokenizer_for(args, model_name)
+    ids, mask = _encode(tokenizer, args.prompt)
+    eos, pad = special_tokens(model, None, tokenizer.pad_token_id)
+    depth = len(decoder_parts(model, "generate").layers)
+    p, n = ids.shape[1], args.max_new_tokens
+    report: dict = {"decoder": decoder, "num_layers": depth}
+
+    if decoder == "exit":
+        from depthprune.generation.generate import early_exit_generate
+
+        report["calibrated"] = record is not None
+        if record is None:
+            report["uncalibrated_check"] = _uncalibrated_warning(args, model, tokenizer, heads, ids, mask, criterion)
+        settings = {"criterion": criterion, "max_new_tokens": n, "kv": kv, "deep_prefill": deep}
+
+        def run():
+            return early_exit_generate(model, heads, ids, mask, pad_token_id=pad, **settings)
+
+        out = run()
+        exits = out.exit_layers
+        keep = (exits >= 0).sum(1).tolist()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], exits.tolist(), keep)
+        for row in rows:
+            row["exit_layers"] = row.pop("layers")
+            layers = row["exit_layers"]
+            row["mean_layers"] = sum(e + 1 for e in layers) / len(layers) if layers else None
+        report.update(criterion=f"{criterion.name}:{criterion.threshold:g}", kv=kv, deep_prefill=deep)
+        header = (
+            f"{criterion.name}:{criterion.threshold:g}, kv={kv}, {'deep' if deep else 'shallow'} "
+            f"prefill; exit layers are 0-based, {depth - 1} = all {depth} layers"
+        )
+        if record is not None and record.get("guarantee"):
+            header += f"\ncalibrated: {record['guarantee']}"
+        name = f"early exit ({criterion.name}:{criterion.threshold:g})"
+    elif decoder == "speculative":
+        from depthprune.generation.speculative import self_speculative_generate
+
+        exit_layer, heads = _speculative_heads(args, model, depth)
+        if args.draft_vocab is not None:
+            heads = _truncated(args, heads, tokenizer, eos)
+        k = args.draft_len or DEFAULT_DRAFT_LEN
+
+        def run():
+            return self_speculative_generate(
+                model, heads, ids, mask, exit_layer=exit_layer, draft_len=k, max_new_tokens=n, eos_token_id=eos,
+                pad_token_id=pad,
+            )  # fmt: skip
+
+        out = run()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], keep=_kept(out.sequences[:, p:], eos))
+        kind = getattr(heads, "kind", heads.config.kind)
+        if kind == "truncated":
+            kind = f"{heads.config.kind} on {heads.k} tokens ({heads.info['coverage']:.0%} of calibration text)"
+        report.update(
+            draft_layers=exit_layer + 1, exit_layer=exit_layer, draft_len=k, heads=args.heads or "logit_lens",
+            head_kind=getattr(heads, "kind", heads.config.kind),
+            **{key: out.summary()[key] for key in ("rounds", "acceptance_rate", "mean_accepted")},
+        )  # fmt: skip
+        header = (
+            f"self-speculative (LayerSkip exit drafts): layers 0-{exit_layer} + {kind} exit draft {k} token(s) a "
+            f"round, the other {depth - exit_layer - 1} of {depth} layers verify; greedy, token-identical to plain "
+            f"generate\naccepted drafts per verification: {out.mean_accepted():.2f} (acceptance rate "
+            f"{out.acceptance_rate():.2f}, {out.rounds} rounds)"
+        )
+        name = f"self-speculative (E={exit_layer + 1}, k={k})"
+    else:
+        from depthprune.generation.skipdecode import skipdecode_generate
+
+        schedule = _skip_schedule(args, model_name, depth)
+
+        def run():
+            return skipdecode_generate(
+                model, ids, mask, schedule=schedule, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad
+            )
+
+        out = run()
+        used = out.layers.tolist()
+        keep = (out.layers > 0).sum(1).tolist()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], used, keep)
+        s = schedule
+        report.update(schedule=s.to_dict(), mean_layers=out.mean_layers(), ideal_speedup=out.speedup())
+        header = (
+            f"SkipDecode: the top {s.max_layers} -> {s.min_layers} layers (floor) of {depth} per generated token, "
+            f"decaying over {s.decay_tokens:.3g} tokens; the first token comes from the full prompt\n"
+            f"mean layers per generated token: {out.mean_layers():.2f} of {depth} (ideal {out.speedup():.2f}x)"
+        )
+        name = f"skipdecode ({s.max_layers}->{s.min_layers})"
+
+    if args.compare:
+
+        def ours() -> int:
+            return new_tokens(run().sequences[:, p:], eos)
+
+        def base() -> int:
+            return new_tokens(plain_greedy(model, ids, mask, n, eos, pad)[:, p:], eos)
+
+        timing = compare_tokens_per_s(
+            {"generate": base, name: ours}, "generate", repeats=args.repeats, warmup=args.warmup
+        )
+        report["compare"] = {
+            "batch": ids.shape[0], "repeats": args.repeats, "warmup": args.warmup, "generate": timing["generate"],
+            "decoder": {"name": name, **timing[name]},
+        }  # fmt: skip
+    report["results"] = rows
+    if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(
-        f"{criterion.name}:{criterion.threshold:g}, kv={args.kv}, {'shallow' if args.shallow_prefill else 'deep'} "
-        f"prefill; exit layers are 0-based, {out.num_layers - 1} = all {out.num_layers} layers"
-    )
+    print(header)
     for row in rows:
         print(f"\n{row['prompt']!r} ->")
         print(row["text"])
-        print(" ".join(f"{piece!r}@{layer}" for piece, layer in zip(row["pieces"], row["exit_layers"], strict=True)))
-        if row["mean_layers"] is not None:
-            print(f"mean layers per token: {row['mean_layers']:.2f} of {out.num_layers}")
+        if decoder == "exit":
+            print(
+                " ".join(f"{piece!r}@{layer}" for piece, layer in zip(row["pieces"], row["exit_layers"], strict=True))
+            )
+            if row["mean_layers"] is not None:
+                print(f"mean layers per token: {row['mean_layers']:.2f} of {depth}")
+    if args.compare:
+        c = report["compare"]
+        print(
+            f"\ntokens/s (batch of {c['batch']}, whole calls with prefill, median of {c['repeats']} interleaved rounds "
+            f"after {c['warmup']} warm-up): plain generate {c['generate']['tok_s']:.1f}, {name} "
+            f"{c['decoder']['tok_s']:.1f} ({c['decoder']['ratio']:.2f}x)"
+        )
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="greedy text generation with token-level early exit; prints the exit layers")
+    p = sub.add_parser(
+        "generate",
+        help="greedy generation by early exit (default), self-speculative decoding or SkipDecode",
+        description="Greedy text generation with one of three decoders: token-level early exit (--exit, or the\n"
+        "threshold calibrated for --heads; prints the exit layers), LayerSkip-style self-speculative decoding\n"
+        "(--speculative: token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it\n"
+        "against plain greedy generate on the same prompts. Early exit runs thresholds calibrated for the heads:\n\n"
+        "  depthprune train-exits smollm2 --kind lens --layers 7 11 15 19 23 --fit --epochs 0 --fit-blocks 64 \\\n"
+        "      -o out/smollm2-lens\n"
+        "  depthprune calibrate out/smollm2-lens --criterion max_prob\n"
+        "  depthprune generate smollm2 --heads out/smollm2-lens --prompt 'Call me Ishmael.'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", nargs="?", default=None, help="the causal LM (default: the heads folder's, else smollm2)")
     p.add_argument("--heads", help="folder of decoder exit heads (train-exits on a causal LM); default: logit lens")
-    p.add_argument("--exit", help="CRITERION:THRESHOLD, e.g. max_prob:0.9 (default: the calibrated one in --heads)")
-    p.add_argument("--kv", default="propagate", choices=KV_STRATEGIES.names(), help="skipped layers' KV cache")
+    p.add_argument(
+        "--exit",
+        metavar="CRITERION:THRESHOLD",
+        help="a threshold `depthprune calibrate HEADS` certified for --heads (default: the calibrated one there); "
+        "any other needs --uncalibrated",
+    )
+    p.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="run an --exit threshold no calibration certified, with a warning stating the exits' measured agreement",
+    )
+    p.add_argument("--kv", default=None, choices=KV_STRATEGIES.names(), help="skipped layers' KV cache (propagate)")
     p.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
+    g = p.add_argument_group("self-speculative decoding (LayerSkip exit drafts, verified by the full model)")
+    g.add_argument("--speculative", action="store_true", help="draft with the first layers + an exit head, verify")
+    g.add_argument(
+        "--draft-layers",
+        type=int,
+        metavar="E",
+        help="the draft runs the first E layers (default: the heads' deepest exit + 1, else 4/5 of the depth)",
+    )
+    g.add_argument("--draft-len", type=int, metavar="K", help=f"tokens drafted per round (default {DEFAULT_DRAFT_LEN})")
+    g.add_argument(
+        "--draft-vocab",
+        type=float,
+        metavar="COVERAGE",
+        help="draft over the fewest tokens covering this share of the calibration text (e.g. 0.95; verification "
+        "stays on the full vocabulary)",
+    )
+    g = p.add_argument_group("SkipDecode (every generated position runs the top layers of a decaying schedule)")
+    g.add_argument(
+        "--skipdecode",
+        metavar="SPEEDUP",
+        help="target mean layer speed-up (e.g. 2), or 'saved': the model folder's skip_schedule.json "
+        "(train-skipdecode)",
+    )
+    g.add_argument("--min-layers", type=int, help="depth floor of the schedule (default: a quarter of the layers)")
+    g = p.add_argument_group("timing")
+    g.add_argument("--compare", action="store_true", help="print tokens/s beside plain greedy generate (same prompts)")
+    g.add_argument("--repeats", type=int, default=3, help="timed rounds of each, interleaved (default 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s), generated as one batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")

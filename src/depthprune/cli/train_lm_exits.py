@@ -10,7 +10,7 @@ import argparse
 
 from depthprune.cli.common import add_tokenizer_option, tokenizer_for
 from depthprune.cli.train_exits import add_model_arguments, parse
-from depthprune.exits.lm_heads import KINDS, DecoderExitHeads
+from depthprune.exits.lm_heads import TRANSLATOR_KINDS, DecoderExitHeads
 from depthprune.exits.train.lm_exits import fit_confidence, fit_lens, train_decoder_exits
 
 
@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
         help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
         "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
     )
-    p.add_argument("--kind", default="lens", choices=[k for k in KINDS if k != "logit_lens"])
+    p.add_argument("--kind", default="lens", choices=[k for k in TRANSLATOR_KINDS if k != "logit_lens"])
     p.add_argument(
         "--layers", type=int, nargs="*", default=None, help="exit after these layers (default: all but last)"
     )

@@ -30,6 +30,7 @@ CONFIG_NAME = "decoder_exit_heads.json"
 WEIGHTS_NAME = "decoder_exit_heads.safetensors"
 FILES = (CONFIG_NAME, WEIGHTS_NAME)
 KINDS = tuple(HEAD_KINDS)  # names and descriptions: depthprune.registry
+TRANSLATOR_KINDS = ("logit_lens", "lens", "mlp")  # the kinds DecoderExitHeads builds; "truncated" wraps any of them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,9 @@ class DecoderExitConfig:
     confidence_dim: int = 64
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown exit head kind {self.kind!r}; choose one of {KINDS}")
+        if self.kind not in TRANSLATOR_KINDS:
+            extra = " (truncated-vocabulary heads wrap one: depthprune.exits.vocab_heads)" if self.kind in KINDS else ""
+            raise ValueError(f"unknown exit head kind {self.kind!r}{extra}; choose one of {TRANSLATOR_KINDS}")
         if self.num_layers < 2:
             raise ValueError(f"a decoder needs at least 2 layers to have an early exit, this one has {self.num_layers}")
         layers = tuple(sorted({int(i) for i in self.layers}))
@@ -258,6 +260,12 @@ class DecoderExitHeads(nn.Module):
         """hidden [batch, seq, hidden_size] leaving layer `layer` -> next-token logits [batch, seq, vocab]."""
         return self.logits_from_state(self.state(layer, hidden))
 
+    def head_parts(self) -> tuple[nn.Module, nn.Module | None, float | None]:
+        """The model's own LM head, the projection before it (OPT's project_out) or None, and the logit soft-cap or
+        None: what `logits_from_state` applies after the final norm (truncated-vocabulary heads reuse it)."""
+        shared = self._shared
+        return shared.head, shared.adapter.final_projection(shared.model), shared.softcap
+
     def confidence_logits(self, layer: int, state: torch.Tensor) -> torch.Tensor | None:
         """CALM classifier logits [batch, seq] from an exit's normalized `state` (see `state`); None without one."""
         if not self.config.confidence or layer not in self.layers:
@@ -296,6 +304,14 @@ class DecoderExitHeads(nn.Module):
         heads = cls(config, model, dtype)
         heads.load_state_dict(saved)  # copies into the heads' own device and dtype
         return heads
+
+
+def top_tokens(heads: ExitHeadsLike, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Greedy next-token ids [batch, seq] of exit `layer`: the heads' own `top_tokens` where they have one (a
+    truncated-vocabulary head takes the argmax over its K tokens without building full rows), else the argmax of
+    `heads.logits`."""
+    fast = getattr(heads, "top_tokens", None)
+    return fast(layer, hidden) if fast is not None else heads.logits(layer, hidden).argmax(-1)
 
 
 @runtime_checkable

@@ -13,6 +13,11 @@ to the most aggressive with `depthprune.exits.calibrate.ltt_select` (fixed-seque
 threshold whose risk cannot be shown <= delta; exact binomial p-values when every loss is 0 or 1, Hoeffding's bound
 otherwise). The full model's continuations are generated once; each tested threshold generates the calibration
 prompts once more, in batches, with `early_exit_generate`.
+
+What a run may use without a guarantee is decided here too: `certifying_record` finds the saved calibration that
+certifies a criterion at its threshold (the command line refuses any other unless asked), and
+`teacher_forced_agreement` measures in one forward pass how often exits (and a criterion's choice among them) agree
+with the full model on given text, for the warning an uncalibrated run prints.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from torch import nn
 
 from depthprune.decoding import special_tokens
 from depthprune.exits.lm_heads import ExitHeadsLike
-from depthprune.exits.token_criteria import TokenCriterion, criterion_class, list_criteria
+from depthprune.exits.token_criteria import (
+    TokenCriterion,
+    TokenState,
+    criterion_class,
+    list_criteria,
+    make_criterion,
+)
 from depthprune.generation.generate import early_exit_generate
 from depthprune.ltt import ltt_select
 from depthprune.registry import KV_STRATEGIES
@@ -376,11 +387,106 @@ def check(
     }
 
 
+# ---- what a saved calibration certifies, and what an uncalibrated criterion does -------------------------------------
+def certified_thresholds(record: dict[str, Any]) -> list[float]:
+    """The thresholds one saved calibration result (an entry of calibration.json, `GenerationCalibration.to_dict`)
+    certifies: every tested threshold whose null hypothesis was rejected (fixed-sequence testing: the chosen one and
+    every more conservative one before it)."""
+    if record.get("threshold") is None:
+        return []
+    return [float(row["threshold"]) for row in record.get("table", []) if row.get("rejected")]
+
+
+def certifying_record(
+    records: Sequence[dict[str, Any]],
+    criterion: TokenCriterion,
+    *,
+    kv: str | None = None,
+    deep_prefill: bool | None = None,
+) -> dict[str, Any] | None:
+    """The saved generation calibration (an entry of calibration.json) that certifies `criterion` at its threshold,
+    with the same KV strategy and prefill when given, or None."""
+    for record in records:
+        if record.get("criterion") != criterion.name or "consistency" not in record:
+            continue
+        if kv is not None and record.get("kv", "propagate") != kv:
+            continue
+        if deep_prefill is not None and bool(record.get("deep_prefill", True)) != deep_prefill:
+            continue
+        if any(abs(t - float(criterion.threshold)) <= 1e-12 for t in certified_thresholds(record)):
+            return record
+    return None
+
+
+def calibrated_criterion(records: Sequence[dict[str, Any]]) -> tuple[TokenCriterion, dict[str, Any]] | None:
+    """The first token criterion a saved calibration certified, at its chosen threshold, and its record; or None."""
+    for record in records:
+        if record.get("threshold") is not None and "consistency" in record:
+            return make_criterion(record["criterion"], record["threshold"]), record
+    return None
+
+
+@torch.no_grad()
+def teacher_forced_agreement(
+    model: nn.Module,
+    heads: ExitHeadsLike,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    criterion: TokenCriterion | None = None,
+) -> dict[str, Any]:
+    """How closely exits follow the full model on given text, by teacher forcing (one forward pass, every position
+    sees the true prefix): an optimistic estimate of what generation with them gives (there one early mistake
+    changes every later prefix).
+
+    input_ids / attention_mask: [batch, seq]; only real positions count. Returns positions; per_layer: {exit layer:
+    share of positions where the exit's top token equals the full model's}; with a criterion, also agreement (share of
+    positions where the token of the exit the criterion picks, the first one it fires at, else the full model's,
+    equals the full model's) and mean_layers (decoder layers run per position under the criterion).
+    """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    real = mask.bool()  # [batch, seq]
+    full = out.logits.argmax(-1)[real]  # [n] the full model's next token at each real position
+    n = int(full.numel())
+    depth = heads.num_layers
+    per_layer: dict[int, float] = {}
+    chosen = full.clone()
+    layer_of = torch.full_like(full, depth - 1)
+    open_ = torch.ones_like(full, dtype=torch.bool)  # positions the criterion has not exited yet
+    for layer in heads.layers:
+        hidden = out.hidden_states[layer + 1]  # [batch, seq, hidden] leaving `layer` (never the last: no final norm)
+        logits = heads.logits(layer, hidden)[real]  # [n, vocab]
+        top = logits.argmax(-1)
+        per_layer[int(layer)] = float((top == full).float().mean()) if n else float("nan")
+        if criterion is None:
+            continue
+        conf = heads.confidence(layer, hidden)
+        state = TokenState(
+            layer,
+            depth,
+            hidden[real],
+            out.hidden_states[layer][real],
+            logits=logits,
+            confidence=None if conf is None else conf[real],
+        )
+        go = criterion.decide(state).to(torch.bool).reshape(-1) & open_
+        chosen[go], layer_of[go] = top[go], layer
+        open_ &= ~go
+    result: dict[str, Any] = {"positions": n, "num_layers": depth, "per_layer": per_layer}
+    if criterion is not None:
+        result["agreement"] = float((chosen == full).float().mean()) if n else float("nan")
+        result["mean_layers"] = float((layer_of + 1).float().mean()) if n else float("nan")
+    return result
+
+
 __all__ = [
     "CONSISTENCY",
     "Continuations",
     "GenerationCalibration",
     "calibrate_generation",
+    "calibrated_criterion",
+    "certified_thresholds",
+    "certifying_record",
     "check",
     "consistency_fn",
     "early_exit_continuations",
@@ -389,5 +495,6 @@ __all__ = [
     "prompt_blocks",
     "rouge_l",
     "supported_criteria",
+    "teacher_forced_agreement",
     "token_consistency",
 ]

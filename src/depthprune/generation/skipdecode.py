@@ -14,6 +14,7 @@ logit soft-capping).
 
 - `SkipSchedule`: SkipDecode's linear decay of the layer count from max_layers to min_layers over decay_tokens
   generated positions (then min_layers), or a constant count; `SkipSchedule.for_speedup` aims at a mean speed-up.
+- `default_floor`: the depth floor the command line keeps by default (a quarter of the layers).
 - `skipdecode_generate`: decoding (prompt at full depth).
 - `skipdecode_logits`: the same computation over a whole sequence in one pass (teacher forcing), for perplexity and
   training (`depthprune.generation.skipdecode_train`); equal to the decoding path.
@@ -41,6 +42,12 @@ from depthprune.decoding import (
 )
 from depthprune.kv import append_holes, check_cache, check_decoder, decoder_cache
 from depthprune.runner import capture_stack
+
+
+def default_floor(num_layers: int) -> int:
+    """The depth floor a SkipDecode schedule keeps by default on the command line: a quarter of the layers (8 of
+    SmolLM2's 30, which halved the adapted perplexity against schedules ending at one layer: RESULTS.md 4c)."""
+    return max(1, math.ceil(num_layers / 4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,6 +436,7 @@ def skipdecode_perplexity(
 __all__ = [
     "SkipDecodeOutput",
     "SkipSchedule",
+    "default_floor",
     "skipdecode_generate",
     "skipdecode_logits",
     "skipdecode_parts",

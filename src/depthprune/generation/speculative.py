@@ -55,7 +55,7 @@ from depthprune.decoding import (
     step_inputs,
     wall_time,
 )
-from depthprune.exits.lm_heads import ExitHeadsLike
+from depthprune.exits.lm_heads import ExitHeadsLike, top_tokens
 from depthprune.generation.acceptance import greedy_accept, sampling_probs, speculative_accept
 from depthprune.kv import (
     check_cache,
@@ -231,6 +231,10 @@ def self_speculative_generate(
                 shared.append(h)
                 if j == k:
                     break
+                if plan.kind == "exit" and not do_sample:  # greedy: only the token (a truncated head skips full rows)
+                    drafts.append(top_tokens(heads, plan.exit_layer, h)[:, -1].to(last.dtype))
+                    token = drafts[-1]
+                    continue
                 if plan.kind == "exit":
                     logits = heads.logits(plan.exit_layer, h)[:, -1]  # [n, vocab]
                 else:
