@@ -180,3 +180,19 @@ def test_distill_is_registered_as_a_healer():
     from depthprune.static.heal import distill, list_healers
 
     assert HEALERS.get("distill") is distill.HEALER and "distill" in list_healers()
+
+
+def test_cli_heal_with_a_chain_and_stage_options(folder, tmp_path, capsys):
+    out = tmp_path / "chained"
+    args = ["heal", str(folder), "--plan", "0,1,4,5", "--method", "fold+distill", "--json", "-o", str(out)]
+    args += ["--blocks", "2", "--seq-len", "8", "--option", "distill.max_tokens=8", "--option", "distill.lr=0.001"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "fold+distill"
+    assert [s["method"] for s in summary["stages"]] == ["fold", "distill"] and summary["stages"][1]["tokens"] == 8
+    # an option that names no stage in a chain: a clear error, nothing written
+    bad = tmp_path / "bad"
+    assert main([*args[:8], str(bad), "--option", "lr=0.1"]) == 2
+    assert "names its stage" in capsys.readouterr().err and not bad.exists()

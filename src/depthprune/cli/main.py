@@ -109,11 +109,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
+    options = parse_options(args.option)
     if args.heal:
         from depthprune.static.heal import stage_options
 
-        stage_options(args.heal, {})  # an unknown healing method fails before the model loads
-    options = parse_options(args.option)
+        stage_options(args.heal, options)  # an unknown method or a chain's unnamed option fails before loading
     if options and not args.heal:
         raise ValueError("--option sets a healer's options; it needs --heal METHOD")
     model = load_model(args.model)
@@ -156,10 +156,10 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from depthprune.static.prune import prune
 
     check_output_folder(args.output, args.overwrite, source=args.model)
-    stage_options(args.method, {})
+    options = parse_options(args.option)
+    stage_options(args.method, options)
     if args.plan is not None:
         LayerPlan.parse(args.plan)
-    options = parse_options(args.option)
     model = load_model(args.model)
     tokenizer = tokenizer_for(args, args.model)
     batches = calibration_from_args(args, tokenizer)
