@@ -142,6 +142,17 @@ class Adapter:
             )
         return found
 
+    def find_stack(self, model: nn.Module, stack: str | None, who: str) -> StackSpec:
+        """The stack named `stack` (default: the model's last one, the decoder of an encoder-decoder); a clear error
+        naming `who` (the calling method) and the model's stacks when it has no such stack."""
+        present = self.present_stacks(model)
+        names = [s.name for s in present]
+        if stack is None:
+            return present[-1]
+        if stack not in names:
+            raise ValueError(f"{who}: the model has no stack {stack!r}; its stacks are {names}")
+        return present[names.index(stack)]
+
     def num_layers(self, model: nn.Module) -> dict[str, int]:
         """Number of source layers of every present stack (what plan indices refer to)."""
         if self.stack_sizes is not None:

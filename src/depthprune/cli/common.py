@@ -27,6 +27,9 @@ def check_output_folder(
     )
 
 
+MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
+
+
 def add_tokenizer_option(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument(
         "--tokenizer",

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from depthprune.cli.common import (
+    MODEL_HELP,
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
@@ -15,7 +16,6 @@ from depthprune.cli.common import (
     tokenizer_for,
 )
 
-MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
 RUNS_HELP = "first-last positions, both included, comma-separated, e.g. 10-13,20-22"
 
 

@@ -10,14 +10,13 @@ import types
 from collections.abc import Callable, Sequence
 
 from depthprune.cli.common import (
+    MODEL_HELP,
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
     check_output_folder,
     tokenizer_for,
 )
-
-MODEL_HELP = "Hugging Face model id, local folder, .gguf file, or an embedded alias (smollm2, minilm); default smollm2"
 
 
 def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:

@@ -6,13 +6,13 @@ import argparse
 import json
 
 from depthprune.cli.common import (
+    MODEL_HELP,
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
     check_output_folder,
     tokenizer_for,
 )
-from depthprune.cli.main import MODEL_HELP
 
 
 def cmd_search_order(args: argparse.Namespace) -> int:

@@ -71,14 +71,7 @@ class Target:
 def resolve_stack(model: nn.Module, stack: str | None, method: str) -> Target:
     """The stack to fuse (default: the model's last one); refuses families whose layers are not one module each."""
     adapter = get_adapter(model)
-    present = adapter.present_stacks(model)
-    names = [s.name for s in present]
-    if stack is None:
-        spec = present[-1]
-    elif stack in names:
-        spec = present[names.index(stack)]
-    else:
-        raise ValueError(f"{method}: the model has no stack {stack!r}; its stacks are {names}")
+    spec = adapter.find_stack(model, stack, method)
     if adapter.apply_stack is not None or adapter.layer_sequence is not None or adapter.stack_sizes is not None:
         raise ValueError(
             f"{method}: the {adapter.family} family runs shared layer groups (its layers are not one module each), "

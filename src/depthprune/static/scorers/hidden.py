@@ -42,14 +42,7 @@ class Target:
 def resolve_target(model: nn.Module, stack: str | None, n_remove: int, scorer: str) -> Target:
     """Check `stack` (default: the model's last stack, the decoder of an encoder-decoder) and `n_remove`."""
     adapter = get_adapter(model)
-    present = adapter.present_stacks(model)
-    names = [s.name for s in present]
-    if stack is None:
-        spec = present[-1]
-    elif stack in names:
-        spec = present[names.index(stack)]
-    else:
-        raise ValueError(f"{scorer}: the model has no stack {stack!r}; its stacks are {names}")
+    spec = adapter.find_stack(model, stack, scorer)
     n_layers = adapter.num_layers(model)[spec.name]
     if isinstance(n_remove, bool) or not isinstance(n_remove, int) or not 0 <= n_remove < n_layers:
         raise ValueError(
