@@ -23,16 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from heal_bench import book_data
 
 import depthprune
 from depthprune.bench.fluency import fluency, prompt_ids
 from depthprune.bench.perplexity import perplexity
 from depthprune.bench.speed import compare_speed, machine_info
-from depthprune.data import heldout_text, token_blocks
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.heal import get_healer, stage_options
-from depthprune.static.prune import calibration_batches
 from depthprune.static.scorers import list_scorers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         stage_options(method, {})
     torch.set_num_threads(args.threads)
     model, tokenizer = depthprune.load_model("smollm2").eval(), depthprune.load_tokenizer("smollm2")
-    batches = calibration_batches(tokenizer, path=args.text, seq_len=args.seq_len, n_blocks=args.calib_blocks)
-    held = token_blocks(tokenizer, heldout_text(args.text), args.seq_len, args.heldout_blocks + args.prompts)
+    batches, held = book_data(tokenizer, args.text, args.seq_len, args.calib_blocks, args.heldout_blocks + args.prompts)
     heldout, prompts = held[: args.heldout_blocks], prompt_ids(tokenizer, held[args.heldout_blocks :])
     sizes = layer_sizes(model)
     stack = list(sizes)[-1]
