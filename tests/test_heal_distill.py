@@ -106,7 +106,7 @@ def test_fold_then_distill_starts_from_the_fold():
 
 
 def test_a_chain_names_each_option_and_every_stage_must_exist():
-    from depthprune.static.heal import heal, stage_options
+    from depthprune.static.heal import stage_options
 
     assert stage_options("fold+distill", {"distill.lr": 1e-3}) == [("fold", {}), ("distill", {"lr": 1e-3})]
     with pytest.raises(ValueError, match="names its stage"):
@@ -114,6 +114,8 @@ def test_a_chain_names_each_option_and_every_stage_must_exist():
     with pytest.raises(ValueError, match="unknown healing method 'nope'"):
         stage_options("fold+nope", {})
     with pytest.raises(ValueError, match="cannot follow another stage"):
-        heal(build("llama"), PLAN, batches(), "distill+fold", **{"distill.epochs": 0})
+        stage_options("distill+fold", {})  # refused before any work
+    with pytest.raises(ValueError, match="'replace' cannot follow another stage"):
+        stage_options("fold+replace", {})
     with pytest.raises(ValueError, match="start must be a"):
         distill_heal(build("llama"), PLAN, batches(), start=build("llama"))

@@ -4,7 +4,8 @@ a new model of the same class running the plan, repaired. One file per method, r
 `distill`: LoRA distillation); third parties add theirs with `register_healer`.
 
 Methods chain with `+`: `heal(model, plan, batches, "fold+distill")` folds, then distils starting from the folded
-model (a later stage must accept `start=`, the model the earlier stages made; the teacher stays the untouched model).
+model (a later stage names `start=` in its signature: the model the earlier stages made; the teacher stays the
+untouched model).
 In a chain every option names its stage: `**{"distill.max_tokens": 65536, "fold.loss": "cosine"}`.
 """
 
@@ -48,6 +49,12 @@ def check_options(
 RECORD_KEY = "depthprune_healing"
 
 
+def _takes_start(healer: Callable[..., Any]) -> bool:
+    """Whether `healer` names `start=` (a model an earlier stage made) in its signature (or in the signature of the
+    function it forwards to, `healer.__wrapped__`): the contract for a healer that can follow another stage."""
+    return "start" in inspect.signature(healer).parameters
+
+
 def stage_options(method: str, options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """[(healer name, its options)] of `method` ("fold" or a chain "fold+distill"); in a chain each option key is
     "stage.key". Checks the names against the registry and the keys against the stages, with clear errors."""
@@ -58,6 +65,12 @@ def stage_options(method: str, options: dict[str, Any]) -> list[tuple[str, dict[
         raise ValueError(f"healing method {method!r} names a stage twice")
     for name in names:
         HEALERS.check(name)
+    for name in names[1:]:
+        if not _takes_start(get_healer(name)):
+            raise ValueError(
+                f"healing method {name!r} cannot follow another stage in {method!r} (it takes no start= model); "
+                "put it first"
+            )
     if len(names) == 1:
         return [(names[0], dict(options))]
     per_stage: dict[str, dict[str, Any]] = {name: {} for name in names}
@@ -90,14 +103,7 @@ def heal(
         healer = get_healer(name)
         if healed is not None:
             opts = {**opts, "start": healed}
-        try:
-            healed = healer(model, plan, batches, progress=progress, **opts)
-        except (TypeError, ValueError) as err:  # check_options (or Python) refusing start=
-            if healed is not None and ("'start'" in str(err)):
-                raise ValueError(
-                    f"healing method {name!r} cannot follow another stage (it takes no start= model); put it first"
-                ) from err
-            raise
+        healed = healer(model, plan, batches, progress=progress, **opts)
         records.append(getattr(healed.config, RECORD_KEY, None) or {"method": name})
     if len(stages) > 1:
         setattr(healed.config, RECORD_KEY, {"method": method, "stages": records})

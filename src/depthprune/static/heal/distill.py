@@ -250,6 +250,8 @@ def heal(
     return distill_heal(model, plan, batches, progress=progress, **options).model
 
 
+# inspect.signature(heal) reads distill_heal's options (a chain checks a later stage takes start= first)
+heal.__wrapped__ = distill_heal
 HEALER = heal
 
 __all__ = ["HEALER", "DistillResult", "distill_heal", "distill_kl", "distill_loss", "heal"]

@@ -262,4 +262,6 @@ def heal(
     return fold(model, plan, batches, progress=progress, **options).model
 
 
+# inspect.signature(heal) reads fold's options (a chain checks a later stage takes start= first)
+heal.__wrapped__ = fold
 HEALER = heal

@@ -516,6 +516,8 @@ def heal(
     return replace_heal(model, plan, batches, progress=progress, **options).model
 
 
+# inspect.signature(heal) reads replace_heal's options (a chain checks a later stage takes start= first)
+heal.__wrapped__ = replace_heal
 HEALER = heal
 
 __all__ = ["HEALER", "Replacement", "ReplaceResult", "heal", "replace_heal", "replacement_plan"]
