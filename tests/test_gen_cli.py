@@ -17,7 +17,7 @@ from depthprune.cli.main import main
 from depthprune.cli.train_skipdecode import describe
 from depthprune.cli.train_skipdecode import main as skipdecode_main
 from depthprune.exits.lm_heads import CONFIG_NAME, DecoderExitHeads
-from depthprune.generation.skipdecode import SkipSchedule
+from depthprune.generation.skipdecode import SkipSchedule, floored_schedule
 from depthprune.generation.skipdecode_train import load_schedule
 
 
@@ -357,7 +357,7 @@ def test_train_skipdecode_writes_a_plain_adapted_model(folders, capsys, tmp_path
         "--no-progress",
     )
     assert rc == 0
-    schedule = SkipSchedule.for_speedup(4, 2, budget=7)
+    schedule = floored_schedule(4, 2, budget=7)  # the command's schedule: a depth floor of a quarter of the layers
     assert schedule.speedup(7) == pytest.approx(2, abs=0.1)
     assert f"SkipDecode schedule {describe(schedule, 7)}: LoRA rank 2 trained on 8 blocks of 12 tokens" in stdout
     assert "loss first epoch" in stdout and f"wrote {out.resolve()}" in stdout
@@ -377,8 +377,11 @@ def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
     base = ["--model", str(model), "--data", str(book), "--seq-len", "12", "--no-progress"]
     for argv, message in [
         (["--output-dir", str(full)], "already exists and is not empty; choose a new folder or pass --overwrite"),
-        (["--speedup", "9", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
-        (["--speedup", "0.5", "--output-dir", str(tmp_path / "a")], "target_speedup must lie in [1, 4]"),
+        (
+            ["--speedup", "9", "--output-dir", str(tmp_path / "a")],
+            "speed-up 9 out of range: a 4-layer model can aim at 1..4x",
+        ),
+        (["--speedup", "0.5", "--output-dir", str(tmp_path / "a")], "speed-up 0.5 out of range"),
         (["--min-prompt", "12", "--output-dir", str(tmp_path / "a")], "need 1 <= --min-prompt < --seq-len"),
     ]:
         with pytest.raises(SystemExit) as exc:
@@ -511,7 +514,7 @@ def test_generate_decoder_options_clear_errors(folders, capsys):
         (["--draft-len", "2"], "--draft-len set the draft of --speculative: add --speculative or drop them"),
         (["--min-layers", "2"], "--min-layers is the depth floor of a --skipdecode schedule"),
         (["--skipdecode", "fast"], "--skipdecode takes a target speed-up (e.g. 2) or 'saved'"),
-        (["--skipdecode", "9"], "--skipdecode 9 out of range: a 4-layer model can aim at 1..4x"),
+        (["--skipdecode", "9"], "--skipdecode: speed-up 9 out of range: a 4-layer model can aim at 1..4x"),
         (["--skipdecode", "3", "--min-layers", "2"], "below the depth floor of 2 layers; aim lower (at most 2x)"),
         (["--skipdecode", "saved"], "skip_schedule.json does not exist"),
         (["--skipdecode", "2", "--heads", str(heads)], "--skipdecode uses no exit heads"),

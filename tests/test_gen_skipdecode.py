@@ -431,3 +431,20 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], state(model_of("llama6"))[
         "model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+def test_floored_schedule_keeps_a_quarter_of_the_layers_by_default():
+    """What both commands build: for_speedup with min_layers = default_floor (8 of 30) unless given, and a target
+    whose mean depth lies under the floor refused with the largest speed-up the floor allows."""
+    from depthprune.generation.skipdecode import default_floor, floored_schedule
+
+    assert default_floor(30) == 8 and default_floor(4) == 1
+    schedule = floored_schedule(30, 2, budget=63)
+    assert schedule == SkipSchedule.for_speedup(30, 2, budget=63, min_layers=8)
+    assert schedule.min_layers == 8 and schedule.speedup(63) == pytest.approx(2, abs=0.1)
+    assert SkipSchedule.for_speedup(30, 2, budget=63).min_layers < 8  # the unfloored ramp goes lower
+    assert floored_schedule(30, 2, budget=63, min_layers=4).min_layers == 4
+    with pytest.raises(ValueError, match=r"below the depth floor of 8 layers \(the default.*at most 3.75x"):
+        floored_schedule(30, 5, budget=63)
+    with pytest.raises(ValueError, match="out of range"):
+        floored_schedule(30, 31, budget=63)

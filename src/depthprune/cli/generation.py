@@ -356,8 +356,8 @@ def _truncated(args: argparse.Namespace, heads, tokenizer, eos: list[int]):
 
 def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
     """The SkipDecode schedule: 'saved' reads the model folder's skip_schedule.json (train-skipdecode); a number is
-    SkipSchedule.for_speedup over the decode steps with a depth floor (default: a quarter of the layers)."""
-    from depthprune.generation.skipdecode import SkipSchedule, default_floor
+    floored_schedule over the decode steps (a depth floor, by default a quarter of the layers)."""
+    from depthprune.generation.skipdecode import floored_schedule
     from depthprune.generation.skipdecode_train import load_schedule
 
     if args.skipdecode == "saved":
@@ -371,18 +371,11 @@ def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
             f"--skipdecode takes a target speed-up (e.g. 2) or 'saved' (the model folder's skip_schedule.json), "
             f"got {args.skipdecode!r}"
         ) from None
-    floor = default_floor(depth) if args.min_layers is None else args.min_layers
-    if not 1.0 <= speedup <= depth:
-        raise ValueError(f"--skipdecode {speedup:g} out of range: a {depth}-layer model can aim at 1..{depth}x")
-    if depth / speedup < floor:
-        default = " (the default: a quarter of the depth)" if args.min_layers is None else ""
-        raise ValueError(
-            f"--skipdecode {speedup:g} means {depth / speedup:.3g} layers per generated token on average, below the "
-            f"depth floor of {floor} layers{default}; "
-            f"aim lower (at most {depth / floor:.3g}x) or pass --min-layers {max(1, int(depth // speedup))}"
-        )
     budget = max(1, args.max_new_tokens - 1)  # the decode steps after the prompt's token
-    return SkipSchedule.for_speedup(depth, speedup, budget=budget, min_layers=floor)
+    try:
+        return floored_schedule(depth, speedup, budget=budget, min_layers=args.min_layers)
+    except ValueError as err:
+        raise ValueError(f"--skipdecode: {str(err).replace('min_layers=', '--min-layers ')}") from None
 
 
 def _rows(tokenizer, prompts: list[str], new, layers=None, keep=None) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
-from depthprune.generation.skipdecode import SkipSchedule, skipdecode_parts
+from depthprune.generation.skipdecode import SkipSchedule, floored_schedule, skipdecode_parts
 from depthprune.generation.skipdecode_train import train_skipdecode
 
 DESCRIPTION = "Adapt a decoder-only causal LM to a SkipDecode schedule with LoRA; writes the merged model."
@@ -33,8 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--speedup",
         type=float,
         default=2.0,
-        help="target mean decoder-layer speed-up S over --budget generated tokens: SkipSchedule.for_speedup(L, S) "
-        "(default 2)",
+        help="target mean decoder-layer speed-up S over --budget generated tokens: floored_schedule(L, S) (default 2)",
     )
     p.add_argument(
         "--budget",
@@ -43,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generated tokens after the first one that the speed-up is averaged over (default 31: 32 new tokens)",
     )
     p.add_argument("--max-layers", type=int, default=None, help="layers of the first generated token (default: auto)")
-    p.add_argument("--min-layers", type=int, default=None, help="layers at the end of the decay (default: auto)")
+    p.add_argument(
+        "--min-layers",
+        type=int,
+        default=None,
+        help="layers at the end of the decay: the depth floor (default: a quarter of the layers)",
+    )
     p.add_argument(
         "--seq-len", type=int, default=96, help="tokens per training block (default 96: a 64-token prompt + 32 new)"
     )
@@ -109,11 +113,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     tokenizer = tokenizer_for(args, args.model)
     num_layers = len(skipdecode_parts(model)[1])
     try:
-        schedule = SkipSchedule.for_speedup(
+        schedule = floored_schedule(
             num_layers, args.speedup, budget=args.budget, max_layers=args.max_layers, min_layers=args.min_layers
         )
     except (TypeError, ValueError) as err:
-        p.error(f"argument --speedup/--max-layers/--min-layers: {err}")
+        p.error(f"argument --speedup/--max-layers/--min-layers: {str(err).replace('min_layers=', '--min-layers ')}")
     try:
         blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len)
     except ValueError as err:

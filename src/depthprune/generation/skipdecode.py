@@ -50,6 +50,32 @@ def default_floor(num_layers: int) -> int:
     return max(1, math.ceil(num_layers / 4))
 
 
+def floored_schedule(
+    num_layers: int,
+    target_speedup: float,
+    *,
+    budget: int,
+    min_layers: int | None = None,
+    max_layers: int | None = None,
+) -> SkipSchedule:
+    """`SkipSchedule.for_speedup` with a depth floor: `min_layers`, by default `default_floor` (a quarter of the
+    layers). A target whose mean depth lies under the floor is refused with the largest speed-up the floor allows and
+    the `min_layers` that would reach it. What `generate --skipdecode` and `train-skipdecode` build."""
+    if not 1.0 <= target_speedup <= num_layers:
+        raise ValueError(
+            f"speed-up {target_speedup:g} out of range: a {num_layers}-layer model can aim at 1..{num_layers}x"
+        )
+    floor = default_floor(num_layers) if min_layers is None else min_layers
+    if num_layers / target_speedup < floor:
+        default = " (the default: a quarter of the depth)" if min_layers is None else ""
+        raise ValueError(
+            f"speed-up {target_speedup:g} means {num_layers / target_speedup:.3g} layers per generated token on "
+            f"average, below the depth floor of {floor} layers{default}; aim lower (at most "
+            f"{num_layers / floor:.3g}x) or pass min_layers={max(1, int(num_layers // target_speedup))}"
+        )
+    return SkipSchedule.for_speedup(num_layers, target_speedup, budget=budget, min_layers=floor, max_layers=max_layers)
+
+
 @dataclasses.dataclass(frozen=True)
 class SkipSchedule:
     """How many decoder layers the generated token at index k (0-based, its position is prompt_len + k) runs.
@@ -437,6 +463,7 @@ __all__ = [
     "SkipDecodeOutput",
     "SkipSchedule",
     "default_floor",
+    "floored_schedule",
     "skipdecode_generate",
     "skipdecode_logits",
     "skipdecode_parts",
