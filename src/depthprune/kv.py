@@ -222,8 +222,13 @@ class RowView:
         if key_states.shape[-2] != 1:
             raise RuntimeError(f"a row view takes one position at a time, got {key_states.shape[-2]}")
         layer = self.cache.layers[layer_idx]
-        grow_layer(layer, self.position + 1, key_states, self.batch_size)
         p = self.position
+        if self.rows is None and layer.is_initialized and layer.keys.dim() == 4 and layer.keys.shape[-2] == p:
+            # every row, next column: append as DynamicCache does (no hole to write into first)
+            layer.keys = torch.cat([layer.keys, key_states], dim=-2)
+            layer.values = torch.cat([layer.values, value_states], dim=-2)
+            return layer.keys, layer.values
+        grow_layer(layer, p + 1, key_states, self.batch_size)
         if self.rows is None:
             layer.keys[:, :, p] = key_states[:, :, 0]
             layer.values[:, :, p] = value_states[:, :, 0]

@@ -214,17 +214,21 @@ def capture_stack(
     stop_after = max(first_of)  # the forward's call index after which nothing new can be learnt
     module_list = adapter.layers(model, spec)
     originals = list(module_list)
+    # Where the forward calls the list in order (position i runs module i), only the positions up to the stop need a
+    # recorder: the forward never reaches the others (a decoding loop captures once per token, so this is per step).
+    in_order = len(originals) == len(sequence) and all(a is b for a, b in zip(originals, sequence, strict=True))
+    replaced = originals[: stop_after + 1] if in_order else originals
     seen: list[tuple[torch.Tensor, tuple, dict]] = []
     with _CAPTURE_LOCK:
         try:
-            for i, layer in enumerate(originals):
+            for i, layer in enumerate(replaced):
                 module_list[i] = _Recorder(layer, seen, stop_after)
             try:
                 model(**inputs)
             except _Captured:
                 pass
         finally:
-            for i, layer in enumerate(originals):
+            for i, layer in enumerate(replaced):
                 module_list[i] = layer
     if len(seen) <= stop_after:
         raise RuntimeError(

@@ -193,15 +193,17 @@ class _Loop:
 
         running = active.nonzero().flatten()  # [n] rows still going up
         h = hidden.index_select(0, running)  # [n, 1, hidden]
+        rows_call = None  # the stack's calls for `running` with its cache view: rebuilt only when rows leave
         for idx in range(num_layers):
             kv.before_layer(idx, running)  # the strategy's work at this layer (propagate the rows gone, fill holes)
             if not running.numel():
                 if kv.pending():
                     continue
                 break
-            rows_arg = None if running.numel() == batch else running
-            view = RowView(cache, rows_arg, position, batch)
-            prev, h = h, call.run(h, idx, idx + 1, rows=running, cache=view)
+            if rows_call is None:
+                rows_arg = None if running.numel() == batch else running
+                rows_call = call.select(rows_arg).with_cache(RowView(cache, rows_arg, position, batch))
+            prev, h = h, rows_call.run(h, idx, idx + 1)
             if idx == num_layers - 1:
                 logits = self.final_logits(h)[:, -1]
                 go = torch.ones(running.numel(), dtype=torch.bool, device=h.device)
@@ -222,6 +224,7 @@ class _Loop:
             exit_layer[out_rows] = idx
             kv.left(out_rows, idx, h[go])
             running, h = running[~go], h[~go]
+            rows_call = None
 
         grow_cache(cache, position + 1, batch)  # layers no row reached keep holes at this position
         kv.end_step(active)
