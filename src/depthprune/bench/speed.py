@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import os
 import platform
 import statistics
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from depthprune.decoding import last_logits_only
 
 METHODS = ("loop", "generate")
 
@@ -298,11 +299,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return name in params
-
-
 @torch.inference_mode()
 def _measure_round(
     models: Mapping[str, nn.Module], prompt: torch.Tensor, new_tokens: int, method: str
@@ -324,7 +320,7 @@ def _measure_round(
         for name in names:
             model = models[name]
             ids = prompt.to(_device(model))  # [batch, prompt_len]
-            extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+            extra = last_logits_only(model)
             out, prefill[name] = _timed(_device(model), model, input_ids=ids, use_cache=True, **extra)
             if method == "generate":
                 del out

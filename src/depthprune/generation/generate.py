@@ -115,7 +115,12 @@ def early_exit_generate(
         if n_prefill > 0:
             out = model(
                 **decoding.step_inputs(
-                    model, input_ids[:, :n_prefill], mask[:, :n_prefill], positions[:, :n_prefill], cache
+                    model,
+                    input_ids[:, :n_prefill],
+                    mask[:, :n_prefill],
+                    positions[:, :n_prefill],
+                    cache,
+                    last_logits=True,  # only the last position's logits are read
                 )
             )
         check_cache(cache, num_layers)

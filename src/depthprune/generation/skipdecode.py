@@ -340,7 +340,7 @@ def skipdecode_generate(
     deepest = num_layers  # fewest layers any earlier position ran: no later position may run more
 
     with torch.no_grad():
-        out = model(**step_inputs(model, input_ids, mask, positions, cache))
+        out = model(**step_inputs(model, input_ids, mask, positions, cache, last_logits=True))
         check_cache(cache, num_layers)
         logits = out.logits[:, -1]  # [batch, vocab]
         ran = num_layers

@@ -209,7 +209,7 @@ def self_speculative_generate(
         # the first new token is drafted and verified.
         if prompt_len > 1:
             positions = positions_from_mask(mask)
-            model(**step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache))
+            model(**step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache, last_logits=True))
             check_cache(cache, num_layers)
         rows = torch.arange(batch, device=device)  # input row of each running row
         last = input_ids[:, -1]  # [n] d_0: committed, not yet in the cache
