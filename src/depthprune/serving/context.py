@@ -189,6 +189,7 @@ class ContextManager:
     def append(self, session: Session, start: int, inputs: torch.Tensor) -> None:
         """Store new positions without computing them (they are filled when the session next wants a token)."""
         self.check_append(session, start, inputs)
+        session.last_used = time.monotonic()
         if inputs.shape[0]:
             param = next(self.model.parameters())
             session.pending.append(inputs.to(param.dtype) if session.first > 0 else inputs.to(torch.long))

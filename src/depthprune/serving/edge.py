@@ -138,12 +138,14 @@ def _detail(response: Any) -> str:
 class EdgeOutput:
     """tokens: the new tokens; sources[i]: "edge" (a confident exit), "cloud", or "fallback" (decided on the edge
     because the cloud was unreachable: flagged); exit_layers[i]: the edge exit that decided (None for the cloud);
+    confident[i]: an edge exit's criterion fired (in standalone mode the others come from the deepest edge exit);
     step_times: seconds per token (the first includes the prompt); rebuilds: sessions rebuilt by resending."""
 
     tokens: list[int]
     sources: list[str]
     exit_layers: list[int | None]
     step_times: list[float]
+    confident: list[bool] = dataclasses.field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
     requests: int = 0
@@ -255,7 +257,9 @@ class EdgeClient:
                     run["history"].append(feed)
                 total += feed.numel()
                 if self.mode == "standalone":
-                    token, source, layer = step.standalone_token, "edge", step.exit_layer
+                    deepest = edge.exits[-1]
+                    token, source = step.standalone_token, "edge"
+                    layer = step.exit_layer if step.exit_layer is not None else deepest
                 elif self.mode == "collaborative" and step.token is not None:
                     token, source, layer = step.token, "edge", step.exit_layer
                     if self.async_upload:
@@ -271,12 +275,13 @@ class EdgeClient:
                     if token is None:
                         if edge is None:
                             raise CloudUnavailable("the cloud is unreachable and cloud mode has no edge exits")
-                        token, source, layer = step.standalone_token, "fallback", step.exit_layer
+                        token, source, layer = step.standalone_token, "fallback", edge.exits[-1] if edge.exits else None
                         if token is None:
                             raise CloudUnavailable("the cloud is unreachable and the edge has no exit heads")
                 out.tokens.append(int(token))
                 out.sources.append(source)
                 out.exit_layers.append(layer)
+                out.confident.append(edge is not None and step.token is not None)
                 out.step_times.append(time.perf_counter() - start)
                 if int(token) in eos:
                     break

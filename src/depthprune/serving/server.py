@@ -33,7 +33,7 @@ from torch import nn
 
 from depthprune.errors import DepthpruneError
 from depthprune.serving.context import ContextError, ContextManager, Session
-from depthprune.serving.transfer import FrameError, decode
+from depthprune.serving.transfer import FrameError, FrameTooLarge, decode
 
 LOG = logging.getLogger("depthprune.serving")
 TOKENS_ENV = "DEPTHPRUNE_CLOUD_TOKENS"
@@ -195,7 +195,7 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
 
     @app.exception_handler(FrameError)
     async def _frame_error(request: Request, err: FrameError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=400)
+        return JSONResponse({"detail": str(err)}, status_code=413 if isinstance(err, FrameTooLarge) else 400)
 
     def owner_of(request: Request) -> str:
         header = request.headers.get("authorization", "")

@@ -33,6 +33,10 @@ class FrameError(DepthpruneError, ValueError):
     """A frame is malformed (the server answers 400 with this message)."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame holds more elements than allowed (the server answers 413)."""
+
+
 def encode(tensor: torch.Tensor, codec: str, meta: dict[str, Any] | None = None) -> bytes:
     """One frame holding `tensor` (states [rows, hidden] in a float codec, or ids [n] with "ids") and `meta`."""
     if codec not in CODECS:
@@ -91,7 +95,7 @@ def decode(frame: bytes, *, max_elements: int | None = None) -> tuple[torch.Tens
         raise FrameError("meta must be a JSON object")
     n = math.prod(shape)
     if max_elements is not None and n > max_elements:
-        raise FrameError(f"the tensor holds {n} elements, more than the {max_elements} allowed")
+        raise FrameTooLarge(f"the tensor holds {n} elements, more than the {max_elements} allowed")
     data = frame[8 + size :]
     want = payload_bytes(shape, codec)
     if len(data) != want:
@@ -116,4 +120,4 @@ def decode(frame: bytes, *, max_elements: int | None = None) -> tuple[torch.Tens
     return tensor, codec, meta
 
 
-__all__ = ["CODECS", "MAGIC", "STATE_CODECS", "FrameError", "decode", "encode", "payload_bytes"]
+__all__ = ["CODECS", "MAGIC", "STATE_CODECS", "FrameError", "FrameTooLarge", "decode", "encode", "payload_bytes"]
