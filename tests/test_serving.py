@@ -348,3 +348,54 @@ def test_tokens_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
     path.write_text("short\n")
     with pytest.raises(ServerConfigError, match="16 characters"):
         load_tokens(path)
+
+
+# ---- the command line: a real serve-cloud process and the edge command -----------------------------------------------
+def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tiny_models import tokenizer
+
+    from depthprune.cli.main import main
+
+    model = build("llama")
+    model.generation_config.eos_token_id = []
+    model.save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    DecoderExitHeads.for_model(model, [0], kind="lens").save(tmp_path / "heads")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DEPTHPRUNE_CLOUD_TOKENS="edge1:" + ALICE, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "2"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/v1/health", timeout=2).json()["split"] == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        monkeypatch.setenv("DEPTHPRUNE_EDGE_TOKEN", ALICE)
+        base = ["edge", str(tmp_path / "model"), "--cloud", url, "--split", "2", "--prompt", "the white whale"]
+        texts = {}
+        for mode in ("collaborative", "cloud", "standalone"):
+            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "1.0", "--mode", mode]
+            assert main([*args, "--max-new-tokens", "4", "--codec", "fp32", "--json"]) == 0
+            report = json.loads(capsys.readouterr().out)
+            texts[mode] = report["text"]
+            assert report["tokens"] == 4 and report["flagged_fallback"] == 0
+        assert texts["collaborative"] == texts["cloud"]  # a threshold that never fires: the full model's text
+        monkeypatch.setenv("DEPTHPRUNE_EDGE_TOKEN", BOB)
+        assert main([*base, "--max-new-tokens", "2"]) != 0
+        assert "refused the request (401): missing or wrong API token" in capsys.readouterr().err
+    finally:
+        proc.terminate()
+        proc.wait(30)
