@@ -92,7 +92,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--split", type=int, required=True, metavar="K", help="the edge runs layers [0, K), the cloud the rest")
+    p.add_argument("--split", type=int, required=True, metavar="K", help="edge: layers [0, K); cloud: the rest")
     p.add_argument("--tokens-file", metavar="FILE", help="API tokens, one per line as name:token")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
