@@ -325,6 +325,38 @@ def test_server_restart_edge_resends_with_identical_output(edge_model):
     assert got.rebuilds >= 1 and got.tokens == want.tokens and got.sources == want.sources
 
 
+def test_two_replicas_an_edge_moved_to_the_other_rebuilds_there(server, edge_model):
+    """What a load balancer with session affinity does when a replica dies: the edge lands on another one."""
+    ids = prompt(5)
+    other = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start()
+    try:
+        c = client(server.url, edge_model, codec="fp32", async_upload=False)
+        want = c.generate(ids, NEW)
+        calls = {"n": 0}
+
+        def route(sid, frame):
+            calls["n"] += 1
+            c.transport.url = server.url if calls["n"] < 3 else other.url  # replica A fails over to replica B
+            return send(sid, frame)
+
+        send, c.transport.positions = c.transport.positions, route
+        got = c.generate(ids, NEW)
+        c.close()
+    finally:
+        other.stop()
+    assert got.rebuilds == 1 and got.tokens == want.tokens and got.sources == want.sources
+
+
+def test_rate_limit_answers_429():
+    srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, Limits(rate=0.5, burst=2))).start()
+    try:
+        codes = [raw(srv.url, "GET", "/v1/stats").status_code for _ in range(3)]
+        other = raw(srv.url, "GET", "/v1/stats", token=BOB).status_code  # each token has its own bucket
+    finally:
+        srv.stop()
+    assert codes == [200, 200, 429] and other == 200
+
+
 def test_unreachable_cloud_falls_back_and_flags(server, edge_model):
     ids = prompt(3)
     heads = DecoderExitHeads.logit_lens(edge_model, [0, 1])

@@ -150,6 +150,7 @@ class EdgeOutput:
     bytes_down: int = 0
     requests: int = 0
     rebuilds: int = 0
+    bytes_up_prompt: int = 0  # of bytes_up: sent before the first token (session + the prompt's states)
 
     @property
     def flagged(self) -> list[bool]:
@@ -283,6 +284,10 @@ class EdgeClient:
                 out.exit_layers.append(layer)
                 out.confident.append(edge is not None and step.token is not None)
                 out.step_times.append(time.perf_counter() - start)
+                if t is not None and len(out.tokens) == 1:
+                    for fut in pending:
+                        fut.result()
+                    out.bytes_up_prompt = t.bytes_up - before[0]
                 if int(token) in eos:
                     break
                 feed = torch.tensor([int(token)])
