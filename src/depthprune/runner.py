@@ -209,17 +209,18 @@ def capture_stack(
     adapter = adapter or get_adapter(model)
     spec = adapter.present_stacks(model)[-1] if stack is None else stack
     spec = adapter.stack(spec) if isinstance(spec, str) else spec
-    sequence = adapter.run_sequence(model, spec)
-    first_of = _argument_sets(adapter.layer_types(model, spec), len(sequence))
-    stop_after = max(first_of)  # the forward's call index after which nothing new can be learnt
-    module_list = adapter.layers(model, spec)
-    originals = list(module_list)
-    # Where the forward calls the list in order (position i runs module i), only the positions up to the stop need a
-    # recorder: the forward never reaches the others (a decoding loop captures once per token, so this is per step).
-    in_order = len(originals) == len(sequence) and all(a is b for a, b in zip(originals, sequence, strict=True))
-    replaced = originals[: stop_after + 1] if in_order else originals
     seen: list[tuple[torch.Tensor, tuple, dict]] = []
-    with _CAPTURE_LOCK:
+    with _CAPTURE_LOCK:  # also around reading the layers: another thread's capture may have stand-ins in place
+        sequence = adapter.run_sequence(model, spec)
+        first_of = _argument_sets(adapter.layer_types(model, spec), len(sequence))
+        stop_after = max(first_of)  # the forward's call index after which nothing new can be learnt
+        module_list = adapter.layers(model, spec)
+        originals = list(module_list)
+        # Where the forward calls the list in order (position i runs module i), only the positions up to the stop need
+        # a recorder: the forward never reaches the others (a decoding loop captures once per token, so this is per
+        # step).
+        in_order = len(originals) == len(sequence) and all(a is b for a, b in zip(originals, sequence, strict=True))
+        replaced = originals[: stop_after + 1] if in_order else originals
         try:
             for i, layer in enumerate(replaced):
                 module_list[i] = _Recorder(layer, seen, stop_after)

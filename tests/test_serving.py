@@ -1,0 +1,433 @@
+"""Cloud-edge split inference (depthprune.serving) on tiny random decoders: the split equals the full model, the
+context manager's lazy fill equals a hand computation, frames round-trip, and a real server on loopback answers
+concurrent sessions, wrong tokens, foreign sessions, oversized and malformed payloads, killed clients, restarts and
+an unreachable cloud as a user expects, without changing any other session's output."""
+
+import dataclasses
+import json
+import struct
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from tiny_models import build
+
+from depthprune.exits.lm_heads import DecoderExitHeads
+from depthprune.serving.context import ContextError, ContextManager
+from depthprune.serving.edge import CloudRejected, CloudTransport, EdgeClient, Shaper
+from depthprune.serving.server import Limits, ServerConfigError, ServerThread, create_app, load_tokens
+from depthprune.serving.split import CloudItem, EdgeState, SplitError, cloud_forward
+from depthprune.serving.transfer import FrameError, decode, encode
+
+SPLIT = 2
+NEW = 6
+NEVER = "max_prob:1.0"
+ALICE, BOB, CAROL = "alice-" + "a" * 26, "bob-" + "b" * 28, "carol-" + "c" * 26
+TOKENS = {"alice": ALICE, "bob": BOB, "carol": CAROL}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sign:
+    """Exits when the first hidden feature is positive: deterministic, fires on some tokens and not on others."""
+
+    threshold: float = 0.0
+    name = "sign"
+    needs = ("hidden",)
+
+    def decide(self, state):
+        return state.hidden[:, 0] > self.threshold
+
+
+def prompt(seed, length=5):
+    return torch.randint(3, 99, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, new=NEW):
+    out = model.generate(ids[None], max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.numel() :].tolist()
+
+
+# ---- transfer ------------------------------------------------------------------------------------------------------
+def test_frames_round_trip_and_bounds():
+    x = torch.randn(5, 32) * 3
+    for codec, cast in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        exact = x.to(cast).float()  # representable values come back exactly
+        y, got, meta = decode(encode(exact, codec, {"start": 3}))
+        assert got == codec and meta == {"start": 3} and torch.equal(y, exact)
+    y, _, _ = decode(encode(x, "fp32"))
+    assert torch.equal(y, x)
+    y, _, _ = decode(encode(x, "int8"))
+    bound = x.abs().amax(-1, keepdim=True) / 254 + 1e-6
+    assert bool(((y - x).abs() <= bound).all())
+    assert len(encode(x, "int8")) < len(encode(x, "fp16")) < len(encode(x, "fp32"))
+    ids, codec, _ = decode(encode(torch.tensor([5, 7, 98]), "ids"))
+    assert codec == "ids" and ids.tolist() == [5, 7, 98]
+
+
+def test_malformed_frames_say_what_is_wrong():
+    good = encode(torch.randn(2, 4), "fp16")
+    head = json.dumps({"codec": "fp16", "shape": [2, 4, 1], "meta": {}}).encode()
+    cases = {
+        b"not a frame at all": "DPF1",
+        good[:-2]: "payload bytes",
+        b"DPF1" + struct.pack("<I", 3) + b"{x}": "not JSON",
+        b"DPF1" + struct.pack("<I", len(head)) + head + bytes(16): "positions, hidden",
+        encode(torch.tensor([[float("nan"), 1.0]]), "fp32"): "NaN",
+    }
+    for frame, words in cases.items():
+        with pytest.raises(FrameError, match=words):
+            decode(frame)
+    with pytest.raises(FrameError, match="elements"):
+        decode(good, max_elements=4)
+
+
+# ---- the split and the context manager -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3_text"])
+def test_split_then_cloud_equals_full_model(name):
+    model = build(name)
+    ids = prompt(0)
+    edge, kv, length, tokens, feed = EdgeState(model, SPLIT), [], 0, [], ids
+    for _ in range(NEW):
+        step = edge.run(feed)
+        [(kv, token)] = cloud_forward(model, SPLIT, [CloudItem(kv, length, step.states, True)])
+        length += feed.numel()
+        tokens.append(token)
+        feed = torch.tensor([token])
+    assert tokens == greedy(model, ids)
+
+
+def test_batched_cloud_forward_equals_each_session_alone():
+    model = build("llama")
+    items = []
+    for seed, length in ((1, 7), (2, 3), (3, 5)):
+        ids = prompt(seed, length)
+        edge = EdgeState(model, SPLIT)
+        states = edge.run(ids).states
+        [(kv, _)] = cloud_forward(model, SPLIT, [CloudItem([], 0, states[:-1], True)])
+        items.append(CloudItem(kv, length - 1, states[-1:], True))
+    together = cloud_forward(model, SPLIT, items)
+    for item, (kv, token) in zip(items, together, strict=True):
+        [(kv_alone, token_alone)] = cloud_forward(model, SPLIT, [item])
+        assert token == token_alone
+        for (k, v), (ka, va) in zip(kv, kv_alone, strict=True):
+            torch.testing.assert_close(k, ka)
+            torch.testing.assert_close(v, va)
+
+
+def test_lazy_fill_equals_hand_computation():
+    model = build("llama")
+    ids = prompt(4, 7)
+    with torch.no_grad():
+        full = model(ids[None], use_cache=True, output_hidden_states=True)
+    states = full.hidden_states[SPLIT][0]  # [7, hidden]: the state entering layer SPLIT
+    manager = ContextManager(model, SPLIT)
+    session = manager.create("alice")
+    manager.append(session, 0, states[:4])
+    manager.append(session, 4, states[4:])
+    assert session.length == 0 and session.pending_len == 7  # stored, nothing computed yet
+    [token] = manager.compute([session])
+    assert token == int(full.logits[0, -1].argmax())
+    assert session.length == 7 and manager.stats.layer_tokens == 7 * (model.config.num_hidden_layers - SPLIT)
+    for j, (k, v) in enumerate(session.kv):
+        layer = full.past_key_values.layers[SPLIT + j]
+        torch.testing.assert_close(k, layer.keys[0])
+        torch.testing.assert_close(v, layer.values[0])
+    with pytest.raises(ContextError, match="position gap") as err:
+        manager.append(session, 3, states[:1])
+    assert err.value.status == 409
+    with pytest.raises(ContextError, match="hidden size"):
+        manager.append(session, 7, torch.zeros(1, 5))
+    with pytest.raises(ContextError, match="unknown session"):
+        manager.get(session.id, "bob")
+
+
+def test_context_manager_ttl_and_memory_cap():
+    model = build("llama")
+    manager = ContextManager(model, SPLIT, ttl=10.0, max_bytes=2 * 4 * 32 * 4)  # room for 2 x 4 float32 states
+    a, b = manager.create("alice"), manager.create("alice")
+    manager.append(a, 0, torch.randn(4, 32))
+    manager.append(b, 0, torch.randn(4, 32))
+    manager.append(b, 4, torch.randn(4, 32))  # over the cap: the least recently used other session goes
+    assert set(manager.sessions) == {b.id} and manager.stats.evicted == 1
+    assert manager.reap(now=time.monotonic() + 11) == 1 and not manager.sessions
+
+
+def test_bad_split_and_exit_layout():
+    model = build("llama")
+    with pytest.raises(SplitError, match="1..3"):
+        EdgeState(model, 4)
+    with pytest.raises(SplitError, match="does not run"):
+        EdgeState(model, 1, DecoderExitHeads.logit_lens(model, [2]))
+
+
+# ---- the server on loopback ----------------------------------------------------------------------------------------
+LIMITS = Limits(max_body=64 << 10, max_positions=64, ttl=1.0, sessions_per_token=6, batch_window=0.005)
+
+
+@pytest.fixture(scope="module")
+def edge_model():
+    return build("llama")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start()
+    yield srv
+    srv.stop()
+
+
+def client(url, model, token=ALICE, mode="collaborative", criterion=None, **kw):
+    heads = DecoderExitHeads.logit_lens(model, [0, 1])
+    transport = CloudTransport(url, token, shaper=Shaper(rtt=0.002), timeout=20)
+    return EdgeClient(model, SPLIT, heads, criterion or Sign(), transport=transport, mode=mode, **kw)
+
+
+def raw(url, method, path, token=ALICE, **kw):
+    return httpx.request(method, url + path, headers={"Authorization": f"Bearer {token}"}, timeout=20, **kw)
+
+
+def test_never_firing_collaborative_and_cloud_only_equal_greedy(server, edge_model):
+    ids = prompt(0)
+    want = greedy(edge_model, ids)
+    for mode, crit in (("collaborative", NEVER), ("cloud", None)):
+        c = client(server.url, edge_model, mode=mode, criterion=crit, codec="fp32")
+        out = c.generate(ids, NEW)
+        c.close()
+        assert out.tokens == want and out.sources == ["cloud"] * NEW
+
+
+def test_concurrent_sessions_match_their_solo_runs(server, edge_model):
+    prompts = [prompt(s, 4 + s) for s in range(4)]
+    solo = []
+    for ids in prompts:
+        c = client(server.url, edge_model, codec="fp32")
+        solo.append(c.generate(ids, NEW))
+        c.close()
+    assert any("edge" in o.sources for o in solo) and any("cloud" in o.sources for o in solo)
+    results = [None] * len(prompts)
+
+    def work(i):
+        c = client(server.url, edge_model, codec="fp32")
+        results[i] = c.generate(prompts[i], NEW)
+        c.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for alone, together in zip(solo, results, strict=True):
+        assert together.tokens == alone.tokens and together.sources == alone.sources
+
+
+def test_wrong_token_and_foreign_session(server, edge_model):
+    assert raw(server.url, "GET", "/v1/stats", token="x" * 30).status_code == 401
+    assert httpx.get(server.url + "/v1/stats").status_code == 401
+    bad = client(server.url, edge_model, token="wrong-" + "z" * 26)
+    with pytest.raises(CloudRejected, match="401"):
+        bad.generate(prompt(0), 2)
+    bad.close()
+    # alice's session, half-way; bob may neither read nor extend it; alice then goes on unharmed
+    sid = raw(server.url, "POST", "/v1/sessions", json={"mode": "ids"}).json()["session"]
+    ids = prompt(0)
+    first = raw(server.url, "POST", f"/v1/sessions/{sid}/positions", content=encode(ids, "ids", {"start": 0}))
+    assert first.status_code == 200
+    frame = encode(torch.tensor([5]), "ids", {"start": ids.numel(), "want_token": True})
+    foreign = raw(server.url, "POST", f"/v1/sessions/{sid}/positions", token=BOB, content=frame)
+    assert foreign.status_code == 404 and "unknown session" in foreign.json()["detail"]
+    assert raw(server.url, "DELETE", f"/v1/sessions/{sid}", token=BOB).status_code == 404
+    frame = encode(torch.tensor([], dtype=torch.long), "ids", {"start": ids.numel(), "want_token": False})
+    assert raw(server.url, "POST", f"/v1/sessions/{sid}/positions", content=frame).json()["length"] == ids.numel()
+    assert raw(server.url, "DELETE", f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_oversized_and_malformed_payloads_get_4xx(server, edge_model):
+    sid = raw(server.url, "POST", "/v1/sessions").json()["session"]
+    path = f"/v1/sessions/{sid}/positions"
+
+    def post(content):
+        return raw(server.url, "POST", path, content=content)
+
+    big = post(encode(torch.randn(600, 32), "fp32", {"start": 0}))
+    assert big.status_code == 413 and "payload too large" in big.json()["detail"]
+    cases = [
+        (b"garbage", 400, "DPF1"),
+        (encode(torch.tensor([1, 2]), "ids", {"start": 0}), 422, "codec 'ids'"),
+        (encode(torch.randn(2, 16), "fp16", {"start": 0}), 422, "hidden size"),
+        (encode(torch.randn(2, 32), "fp16", {"start": 5}), 409, "position gap"),
+        (encode(torch.randn(2, 32), "fp16", {"start": "0"}), 422, "meta.start"),
+        (encode(torch.randn(2, 32), "fp16", {"start": 0, "want_token": 1}), 422, "want_token"),
+        (encode(torch.randn(65, 32), "int8", {"start": 0}), 413, "elements"),
+        (encode(torch.randn(65, 1), "int8", {"start": 0}), 413, "limit is 64"),
+    ]
+    for content, status, words in cases:
+        answer = post(content)
+        assert answer.status_code == status and words in answer.json()["detail"], (status, answer.text)
+    assert raw(server.url, "POST", "/v1/sessions", json={"mode": "soup"}).status_code == 400
+    assert raw(server.url, "POST", "/v1/sessions/short/positions", content=b"").status_code == 404
+    ok = post(encode(torch.randn(2, 32), "fp16", {"start": 0, "want_token": True}))  # the session still works
+    assert ok.status_code == 200 and isinstance(ok.json()["token"], int)
+    raw(server.url, "DELETE", path.rsplit("/", 1)[0])
+
+
+def test_killed_client_is_reaped_after_ttl(server):
+    sid = raw(server.url, "POST", "/v1/sessions", token=CAROL).json()["session"]
+    frame = encode(torch.randn(3, 32), "fp16", {"start": 0, "want_token": True})
+    assert raw(server.url, "POST", f"/v1/sessions/{sid}/positions", token=CAROL, content=frame).status_code == 200
+    manager = server.server.config.app.state.manager
+    assert sid in manager.sessions
+    deadline = time.monotonic() + 10
+    while sid in manager.sessions and time.monotonic() < deadline:  # the client "died": it never comes back
+        time.sleep(0.1)
+    assert sid not in manager.sessions
+    frame = encode(torch.randn(1, 32), "fp16", {"start": 3})
+    assert raw(server.url, "POST", f"/v1/sessions/{sid}/positions", token=CAROL, content=frame).status_code == 404
+
+
+def test_sessions_per_token_limit(server):
+    sids = []
+    for _ in range(LIMITS.sessions_per_token):
+        answer = raw(server.url, "POST", "/v1/sessions", token=BOB)
+        assert answer.status_code == 201
+        sids.append(answer.json()["session"])
+    over = raw(server.url, "POST", "/v1/sessions", token=BOB)
+    assert over.status_code == 429 and "limit is" in over.json()["detail"]
+    for sid in sids:
+        raw(server.url, "DELETE", f"/v1/sessions/{sid}", token=BOB)
+
+
+def test_server_restart_edge_resends_with_identical_output(edge_model):
+    ids = prompt(2)
+    srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start()
+    port = srv.port
+    try:
+        c = client(srv.url, edge_model, codec="fp32", async_upload=False)
+        want = c.generate(ids, NEW)
+        assert want.rebuilds == 0
+        calls = {"n": 0}
+        send = c.transport.positions
+
+        def restart_then_send(sid, frame):
+            nonlocal srv
+            calls["n"] += 1
+            if calls["n"] == 3:  # mid-generation: the cloud restarts and forgets every session
+                srv.stop()
+                srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS), port=port).start()
+            return send(sid, frame)
+
+        c.transport.positions = restart_then_send
+        got = c.generate(ids, NEW)
+        c.close()
+    finally:
+        srv.stop()
+    assert got.rebuilds >= 1 and got.tokens == want.tokens and got.sources == want.sources
+
+
+def test_two_replicas_an_edge_moved_to_the_other_rebuilds_there(server, edge_model):
+    """What a load balancer with session affinity does when a replica dies: the edge lands on another one."""
+    ids = prompt(5)
+    other = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start()
+    try:
+        c = client(server.url, edge_model, codec="fp32", async_upload=False)
+        want = c.generate(ids, NEW)
+        calls = {"n": 0}
+
+        def route(sid, frame):
+            calls["n"] += 1
+            c.transport.url = server.url if calls["n"] < 3 else other.url  # replica A fails over to replica B
+            return send(sid, frame)
+
+        send, c.transport.positions = c.transport.positions, route
+        got = c.generate(ids, NEW)
+        c.close()
+    finally:
+        other.stop()
+    assert got.rebuilds == 1 and got.tokens == want.tokens and got.sources == want.sources
+
+
+def test_rate_limit_answers_429():
+    srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, Limits(rate=0.5, burst=2))).start()
+    try:
+        codes = [raw(srv.url, "GET", "/v1/stats").status_code for _ in range(3)]
+        other = raw(srv.url, "GET", "/v1/stats", token=BOB).status_code  # each token has its own bucket
+    finally:
+        srv.stop()
+    assert codes == [200, 200, 429] and other == 200
+
+
+def test_unreachable_cloud_falls_back_and_flags(server, edge_model):
+    ids = prompt(3)
+    heads = DecoderExitHeads.logit_lens(edge_model, [0, 1])
+    want = EdgeClient(edge_model, SPLIT, heads, Sign(), mode="standalone").generate(ids, NEW)
+    c = client("http://127.0.0.1:9", edge_model, retry_interval=60)  # nothing listens on the discard port
+    got = c.generate(ids, NEW)
+    c.close()
+    assert got.tokens == want.tokens  # the standalone edge's greedy output
+    assert got.flagged == [not c for c in want.confident] and any(got.flagged) and not all(got.flagged)
+
+
+def test_tokens_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "tokens"
+    path.write_text("# edges\nalice:" + ALICE + "\n" + BOB + "\n")
+    assert load_tokens(path) == {"alice": ALICE, "token-1": BOB}
+    monkeypatch.setenv("DEPTHPRUNE_CLOUD_TOKENS", "carol:" + CAROL)
+    assert load_tokens() == {"carol": CAROL}
+    monkeypatch.setenv("DEPTHPRUNE_CLOUD_TOKENS", "")
+    with pytest.raises(ServerConfigError, match="no API tokens"):
+        load_tokens()
+    path.write_text("short\n")
+    with pytest.raises(ServerConfigError, match="16 characters"):
+        load_tokens(path)
+
+
+# ---- the command line: a real serve-cloud process and the edge command -----------------------------------------------
+def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tiny_models import tokenizer
+
+    from depthprune.cli.main import main
+
+    model = build("llama")
+    model.generation_config.eos_token_id = []
+    model.save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    DecoderExitHeads.for_model(model, [0], kind="lens").save(tmp_path / "heads")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, DEPTHPRUNE_CLOUD_TOKENS="edge1:" + ALICE, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "2"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/v1/health", timeout=2).json()["split"] == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        monkeypatch.setenv("DEPTHPRUNE_EDGE_TOKEN", ALICE)
+        base = ["edge", str(tmp_path / "model"), "--cloud", url, "--split", "2", "--prompt", "the white whale"]
+        texts = {}
+        for mode in ("collaborative", "cloud", "standalone"):
+            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "1.0", "--mode", mode]
+            assert main([*args, "--max-new-tokens", "4", "--codec", "fp32", "--json"]) == 0
+            report = json.loads(capsys.readouterr().out)
+            texts[mode] = report["text"]
+            assert report["tokens"] == 4 and report["flagged_fallback"] == 0
+        assert texts["collaborative"] == texts["cloud"]  # a threshold that never fires: the full model's text
+        monkeypatch.setenv("DEPTHPRUNE_EDGE_TOKEN", BOB)
+        assert main([*base, "--max-new-tokens", "2"]) != 0
+        assert "refused the request (401): missing or wrong API token" in capsys.readouterr().err
+    finally:
+        proc.terminate()
+        proc.wait(30)
