@@ -13,6 +13,7 @@ Reading and writing go through the `gguf` package (GGUFReader, GGUFWriter), as l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -138,15 +139,23 @@ def gguf_architecture(source: str | os.PathLike) -> str:
 
 
 def _reader(source: str | os.PathLike) -> Any:
-    import gguf
-
     path = Path(source)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {source} does not exist")
+    stat = path.stat()
+    return _cached_reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime: int) -> Any:
+    # GGUFReader parses every metadata field up front (seconds for a 49k-token vocabulary): the check before loading
+    # and the export read one file once.
+    import gguf
+
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError) as err:
-        raise ModelLoadError(f"{source} is not a readable GGUF file: {err}") from err
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {err}") from err
 
 
 def _field(reader: Any, key: str) -> Any:
