@@ -9,6 +9,7 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 
+from depthprune.cli import harness
 from depthprune.cli.common import (
     MODEL_HELP,
     add_calibration_options,
@@ -178,6 +179,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        return harness.run(args)
     from depthprune.bench.evaluate import evaluate_models
     from depthprune.data import heldout_text, token_blocks
     from depthprune.io import load_model
@@ -304,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="perplexity only")
     p.add_argument("--json", action="store_true")
     add_tokenizer_option(p)
+    harness.add_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
