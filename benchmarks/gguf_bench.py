@@ -3,8 +3,9 @@ pruned GGUF against the unpruned one in the same run, next to the theoretical FL
 
 The pruned file is written by depthprune.static.gguf_export (kept blocks copied byte for byte); llama.cpp runs both
 files through llama-cpp-python (batch 1, greedy, the prompt's cache kept): prefill of a held-out prompt, then
-`--new-tokens` single-token decode steps, timed per step; rounds interleave the two models and the figure is the median
-over rounds. The FLOPs ratio comes from depthprune.bench.flops on the same plan at the mean decode context.
+`--new-tokens` single-token decode steps, timed per step with the two models' steps interleaved (both see the same
+load of a shared machine); the figure is the median step over all rounds (and the 10th percentile). The FLOPs ratio
+comes from depthprune.bench.flops on the same plan at the mean decode context.
 
 Targets (issue 16): file size ratio within 2% of the layer ratio; llama.cpp decode speedup >= 0.95 x the FLOPs ratio.
 
@@ -14,7 +15,8 @@ Targets (issue 16): file size ratio within 2% of the layer ratio; llama.cpp deco
 from __future__ import annotations
 
 import argparse
-import platform
+import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -24,8 +26,10 @@ import numpy as np
 
 from depthprune import load_model, load_tokenizer
 from depthprune.bench.flops import flops_ratio
+from depthprune.bench.perplexity import perplexity
 from depthprune.bench.report import format_table, write_json
-from depthprune.data import heldout_text
+from depthprune.bench.speed import machine_info
+from depthprune.data import heldout_text, token_blocks
 from depthprune.io import resolve_source
 from depthprune.static.gguf_export import export_gguf
 from depthprune.static.prune import prune
@@ -34,23 +38,25 @@ TARGET = 0.95  # llama.cpp decode speedup / theoretical FLOPs ratio
 PLAN = "0-11,18-24,27-29"  # 8 of 30 removed (12-17, 25, 26): block_influence's choice in RESULTS 1a
 
 
-def _decode_run(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, median seconds per decode step, greedy tokens) of one run from an empty cache."""
+def _interleaved_run(llms: dict, prompt: list[int], new_tokens: int) -> dict[str, tuple[float, list[float], list]]:
+    """One round from empty caches: prefill each model, then decode greedily with the models' steps interleaved (A, B,
+    A, B ...) so that both see the same load of a shared machine. Per model: (prefill s, step seconds, tokens)."""
     import llama_cpp
 
-    n_vocab = llm.n_vocab()
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prefill = time.perf_counter() - start
-    out, steps = [], []
-    for _ in range(new_tokens):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
-        out.append(int(logits.argmax()))
+    out = {}
+    for key, llm in llms.items():
+        llm.reset()
         start = time.perf_counter()
-        llm.eval([out[-1]])
-        steps.append(time.perf_counter() - start)
-    return prefill, statistics.median(steps), out
+        llm.eval(prompt)
+        out[key] = (time.perf_counter() - start, [], [])
+    for _ in range(new_tokens):
+        for key, llm in llms.items():
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+            out[key][2].append(int(logits.argmax()))
+            start = time.perf_counter()
+            llm.eval([out[key][2][-1]])
+            out[key][1].append(time.perf_counter() - start)
+    return out
 
 
 def main() -> None:
@@ -60,6 +66,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default 1: robust on shared CPUs)")
+    parser.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks of 256 tokens for perplexity")
     parser.add_argument("--out", default=None, help="folder for the pruned GGUF (default: a temporary folder)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -101,25 +108,36 @@ def main() -> None:
     }
 
     tokenizer = load_tokenizer("smollm2")
+    # quality of the same two models (the GGUF files' weights, de-quantized, through transformers): held-out perplexity
+    blocks = token_blocks(tokenizer, heldout_text(None), 256, args.ppl_blocks)
+    ppl = {"untouched": perplexity(full_hf, blocks), "pruned": perplexity(pruned_hf, blocks)}
     prompt = tokenizer(heldout_text(None))["input_ids"][: args.prompt_len]
     llms = {
         "untouched": llama_cpp.Llama(str(source), n_ctx=512, n_threads=args.threads, verbose=False),
         "pruned": llama_cpp.Llama(str(res.path), n_ctx=512, n_threads=args.threads, verbose=False),
     }
-    for llm in llms.values():  # warm-up
-        _decode_run(llm, prompt, 4)
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in llms}
+    _interleaved_run(llms, prompt, 4)  # warm-up
+    prefills: dict[str, list[float]] = {k: [] for k in llms}
+    steps: dict[str, list[float]] = {k: [] for k in llms}
     tokens = {}
     for _ in range(args.repeats):
-        for key, llm in llms.items():
-            prefill, step, tokens[key] = _decode_run(llm, prompt, args.new_tokens)
-            runs[key].append((prefill, step))
-    med = {k: (statistics.median(p for p, _ in v), statistics.median(s for _, s in v)) for k, v in runs.items()}
+        for key, (prefill, times, tokens[key]) in _interleaved_run(llms, prompt, args.new_tokens).items():
+            prefills[key].append(prefill)
+            steps[key] += times
+    # median step time; the 10th percentile too, closer to the uncontended time on a shared machine
+    med = {k: (statistics.median(prefills[k]), statistics.median(steps[k])) for k in llms}
+    p10 = {k: statistics.quantiles(steps[k], n=10)[0] for k in llms}
     context = args.prompt_len + args.new_tokens // 2
     theory = flops_ratio(pruned_hf, full_hf, context_len=context, phase="decode")
     theory_prefill = flops_ratio(pruned_hf, full_hf, context_len=args.prompt_len, phase="prefill")
     decode_speedup = med["untouched"][1] / med["pruned"][1]
     prefill_speedup = med["untouched"][0] / med["pruned"][0]
+    rows = [
+        {"model": k, "layers": 30 if k == "untouched" else len(res.plan), "heldout_ppl": ppl[k],
+         "decode_ms_per_token": 1e3 * v[1], "prefill_s": v[0], "decode_speedup": med["untouched"][1] / v[1],
+         "decode_flops_ratio": 1.0 if k == "untouched" else theory}
+        for k, v in med.items()
+    ]  # fmt: skip
     speed = {
         "threads": args.threads,
         "prompt_len": len(prompt),
@@ -131,21 +149,21 @@ def main() -> None:
         "decode_speedup": decode_speedup,
         "decode_flops_ratio": theory,
         "decode_vs_theory": decode_speedup / theory,
+        "decode_speedup_p10": p10["untouched"] / p10["pruned"],
+        "decode_p10_vs_theory": p10["untouched"] / p10["pruned"] / theory,
         "prefill_speedup": prefill_speedup,
         "prefill_flops_ratio": theory_prefill,
         "greedy_pruned": tokenizer.decode(tokens["pruned"][:24]),
         "greedy_untouched": tokenizer.decode(tokens["untouched"][:24]),
-        "rounds": runs,
+        "step_seconds": steps,
+        "prefill_seconds": prefills,
     }
-    rows = [
-        {"model": k, "layers": 30 if k == "untouched" else len(res.plan), "decode ms/token": f"{1e3 * v[1]:.2f}",
-         "prefill s": f"{v[0]:.3f}", "speedup": f"{med['untouched'][1] / v[1]:.3f}"}
-        for k, v in med.items()
-    ]  # fmt: skip
-    print(format_table(rows, title=f"llama.cpp, batch 1, {args.threads} thread(s), median of {args.repeats}"))
+    title = f"llama.cpp, batch 1, {args.threads} thread(s), median step of {args.repeats} rounds"
+    print(format_table(rows, title=title))
     print(
         f"decode speedup {decode_speedup:.3f} vs FLOPs ratio {theory:.3f}: {decode_speedup / theory:.3f} "
-        f"(target >= {TARGET}); prefill {prefill_speedup:.3f} vs {theory_prefill:.3f}"
+        f"(target >= {TARGET}); 10th-percentile steps {speed['decode_speedup_p10']:.3f} "
+        f"({speed['decode_p10_vs_theory']:.3f}); prefill {prefill_speedup:.3f} vs {theory_prefill:.3f}"
     )
     print(
         f"size: {res.output_bytes / 1e6:.2f} MB / {res.source_bytes / 1e6:.2f} MB = {size['file_ratio']:.4f} (layer "
@@ -156,9 +174,10 @@ def main() -> None:
         write_json(
             {
                 "benchmark": "gguf_bench",
-                "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                            "llama_cpp_python": llama_cpp.__version__},
+                "machine": {**dataclasses.asdict(machine_info()), "llama_cpp_python": llama_cpp.__version__,
+                            "load_average_end": list(os.getloadavg())},
                 "plan": args.plan,
+                "rows": rows,
                 "size": size,
                 "speed": speed,
             },

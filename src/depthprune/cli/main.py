@@ -9,7 +9,7 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 
-from depthprune.cli import harness
+from depthprune.cli import harness, report
 from depthprune.cli.common import (
     MODEL_HELP,
     add_calibration_options,
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_generation_commands(sub)
     add_search_commands(sub)
+    report.add_command(sub)
 
     p = sub.add_parser(
         "train-skipdecode",
