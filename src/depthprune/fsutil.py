@@ -82,3 +82,18 @@ def check_output_folder(
             f"the end{resume} (found {others[:4]})"
         )
     return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write (a large file, by a writer that wants a path); when the block
+    succeeds it replaces `path` with one rename, when it fails `path` is left as it was and the temporary removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -12,9 +12,9 @@ from depthprune.cli.common import (
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
-    check_output_folder,
     tokenizer_for,
 )
+from depthprune.cli.gguf import GGUF_HELP, add_gguf_option, check_output, save_output
 
 RUNS_HELP = "first-last positions, both included, comma-separated, e.g. 10-13,20-22"
 
@@ -38,7 +38,7 @@ def _report(model: Any, before: Any, out: Any) -> dict[str, Any]:
         "layers_after": adapter.num_layers(model),
         "parameters_before": unique_parameters(before),
         "parameters_after": unique_parameters(model),
-        "file_bytes": weights_bytes(out),
+        "file_bytes": out.stat().st_size if out.is_file() else weights_bytes(out),
     }
 
 
@@ -61,12 +61,11 @@ def _print(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from depthprune.io import load_model
-    from depthprune.static.export import save_model
     from depthprune.static.fusion import format_runs, laco, merge_layers, parse_runs
     from depthprune.static.fusion.runs import resolve_stack
     from depthprune.static.prune import n_to_remove
 
-    check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and searching
+    gguf_source = check_output(args)  # before minutes of loading and searching
     runs = parse_runs(args.runs) if args.runs is not None else None  # a malformed list fails before the model loads
     model = load_model(args.model)
     if runs is not None:
@@ -89,7 +88,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         }
         result = laco(model, batches, n, stack=args.stack, progress=not args.json, **options)
         merged, found = result.model, result.to_dict()
-    out = save_model(merged, args.output, tokenizer, overwrite=args.overwrite)
+    out = save_output(merged, tokenizer, args, gguf_source)
     summary = {**_report(merged, model, out), **found}
     lines = [f"merged runs {format_runs(found['runs'])}" + (" (chosen by laco)" if runs is None else "")]
     if runs is None:
@@ -103,15 +102,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_share(args: argparse.Namespace) -> int:
     from depthprune.io import load_model
-    from depthprune.static.export import save_model
     from depthprune.static.fusion import format_runs, parse_runs, share_layers
 
-    check_output_folder(args.output, args.overwrite, source=args.model)
+    gguf_source = check_output(args)
     groups = parse_runs(args.groups)
     model = load_model(args.model)
     tokenizer = _tokenizer_if_any(args)
     shared = share_layers(model, groups, mode=args.mode, stack=args.stack)
-    out = save_model(shared, args.output, tokenizer, overwrite=args.overwrite)
+    out = save_output(shared, tokenizer, args, gguf_source)
     summary = {**_report(shared, model, out), "method": "share", "mode": args.mode, "groups": groups}
     lines = [
         f"groups {format_runs(groups)} share one layer each ({args.mode}); the file stores every position "
@@ -138,8 +136,9 @@ def add_commands(sub: Any) -> None:
         "--high", type=int, help="LaCo's H: end (excluded) of the positions merges may touch (default: depth)"
     )
     p.add_argument("--interval", type=int, help="LaCo's I: positions to step down after a kept merge")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("-o", "--output", required=True, help=GGUF_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    add_gguf_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_calibration_options(p)
     add_tokenizer_option(p)
@@ -154,8 +153,9 @@ def add_commands(sub: Any) -> None:
         "--mode", choices=("average", "first"), default="average", help="the shared weights (default average)"
     )
     p.add_argument("--stack", help="which stack (encoder/decoder) on encoder-decoder models; default: last")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("-o", "--output", required=True, help=GGUF_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    add_gguf_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_share)

@@ -9,14 +9,15 @@ import sys
 import types
 from collections.abc import Callable, Sequence
 
+from depthprune.cli import harness, report
 from depthprune.cli.common import (
     MODEL_HELP,
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
-    check_output_folder,
     tokenizer_for,
 )
+from depthprune.cli.gguf import GGUF_HELP, add_gguf_option, check_output, save_output
 
 
 def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
@@ -26,8 +27,9 @@ def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
     how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
     how.add_argument("--plan", help=f"explicit layer plan, e.g. {plans}")
     p.add_argument("--scorer", default=scorer, help=f"scorer choosing the layers (default {scorer})")
-    p.add_argument("-o", "--output", required=True, help="output folder (a plain Hugging Face model folder)")
+    p.add_argument("-o", "--output", required=True, help=GGUF_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
+    add_gguf_option(p)
 
 
 def _add_healer_options(p: argparse.ArgumentParser) -> None:
@@ -102,10 +104,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from depthprune.io import has_tokenizer, load_model
     from depthprune.plan import LayerPlan
-    from depthprune.static.export import save_model
     from depthprune.static.prune import prune
 
-    check_output_folder(args.output, args.overwrite, source=args.model)  # before minutes of loading and scoring
+    gguf_source = check_output(args)  # before minutes of loading and scoring
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
     options = parse_options(args.option)
@@ -139,22 +140,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
         batches = calibration_from_args(args, tokenizer)
         result.model = heal(model, result.plan, batches, method=args.heal, progress=True, **options)
         healed = f", healed by {args.heal}"
-    out = save_model(result.model, args.output, tokenizer, overwrite=args.overwrite)
+    out = save_output(result.model, tokenizer, args, gguf_source)
     print(f"plan {result.plan.to_text()}" + (f" (chosen by {args.scorer})" if result.scores else "") + healed)
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
-    print(f"saved to {out}; load it with transformers.AutoModel*.from_pretrained({str(out)!r})")
+    loader = f"llama.cpp, or from_pretrained(folder, gguf_file={out.name!r})" if gguf_source else "from_pretrained"
+    print(f"saved to {out}; load it with {loader}" + ("" if gguf_source else f"({str(out)!r})"))
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from depthprune.io import load_model
     from depthprune.plan import LayerPlan
-    from depthprune.static.export import save_model
     from depthprune.static.heal import heal, stage_options
     from depthprune.static.prune import prune
 
-    check_output_folder(args.output, args.overwrite, source=args.model)
+    gguf_source = check_output(args)
     options = parse_options(args.option)
     stage_options(args.method, options)
     if args.plan is not None:
@@ -167,7 +168,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     else:
         plan = prune(model, remove=args.remove, scorer=args.scorer, batches=batches, stack=args.stack).plan
     healed = heal(model, plan, batches, method=args.method, progress=not args.json, **options)
-    out = save_model(healed, args.output, tokenizer, overwrite=args.overwrite)
+    out = save_output(healed, tokenizer, args, gguf_source)
     record = getattr(healed.config, "depthprune_healing", None) or {}
     summary = {"plan": plan.to_text(), "method": args.method, "output": str(out), **record}
     if args.json:
@@ -178,6 +179,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        return harness.run(args)
     from depthprune.bench.evaluate import evaluate_models
     from depthprune.data import heldout_text, token_blocks
     from depthprune.io import load_model
@@ -304,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed", action="store_true", help="perplexity only")
     p.add_argument("--json", action="store_true")
     add_tokenizer_option(p)
+    harness.add_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -327,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(sub)
     add_search_commands(sub)
     add_serving_commands(sub)
+    report.add_command(sub)
 
     p = sub.add_parser(
         "train-skipdecode",
