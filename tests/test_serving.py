@@ -286,16 +286,17 @@ def test_killed_client_is_reaped_after_ttl(server):
     assert raw(server.url, "POST", f"/v1/sessions/{sid}/positions", token=CAROL, content=frame).status_code == 404
 
 
-def test_sessions_per_token_limit(server):
-    sids = []
-    for _ in range(LIMITS.sessions_per_token):
-        answer = raw(server.url, "POST", "/v1/sessions", token=BOB)
-        assert answer.status_code == 201
-        sids.append(answer.json()["session"])
-    over = raw(server.url, "POST", "/v1/sessions", token=BOB)
-    assert over.status_code == 429 and "limit is" in over.json()["detail"]
-    for sid in sids:
-        raw(server.url, "DELETE", f"/v1/sessions/{sid}", token=BOB)
+def test_sessions_per_token_limit():
+    limits = dataclasses.replace(LIMITS, ttl=120.0, sessions_per_token=3)  # no reaping while the test runs
+    srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, limits)).start()
+    try:
+        codes = [raw(srv.url, "POST", "/v1/sessions", token=BOB).status_code for _ in range(3)]
+        over = raw(srv.url, "POST", "/v1/sessions", token=BOB)
+        other = raw(srv.url, "POST", "/v1/sessions", token=ALICE).status_code  # the limit is per token
+    finally:
+        srv.stop()
+    assert codes == [201] * 3 and other == 201
+    assert over.status_code == 429 and "limit is 3" in over.json()["detail"]
 
 
 def test_server_restart_edge_resends_with_identical_output(edge_model):

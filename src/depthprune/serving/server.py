@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import queue
@@ -247,8 +248,6 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
         body = await read_body(request)
         mode = "states"
         if body:
-            import json
-
             try:
                 data = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError):
