@@ -199,3 +199,17 @@ def test_encoder_cascade_neutral_equals_the_big_classifier_and_only_unsure_rows_
     many = ClassifierRecords(records.little.repeat(50, 1), records.big.repeat(50, 1), labels.repeat(50))
     cal = calibrate_encoder_cascade(many, delta=0.1, grid=(1.0, middle, 0.0))
     assert cal.table[0]["big_share"] == 1.0 and cal.table[0]["risk"] == 0.0 and cal.threshold is not None
+
+
+def test_a_truncated_little_vocabulary_stays_lossless_and_drafts_only_its_tokens():
+    big, little = pair("llama")
+    ids, mask = padded_batch()
+    ref = greedy(big, ids, mask, 10)
+    keep = torch.arange(3, 60)
+    out = run(big, little, ids, mask, draft_len=3, little_vocab=keep)
+    assert torch.equal(out.sequences, ref) and out.accepted > 0
+    fb = run(big, little, ids, mask, mode="fallback", fallback=0.0, draft_len=2, little_vocab=keep)
+    new = fb.sequences[:, ids.shape[1] :]
+    assert torch.isin(new[fb.source == LITTLE], keep).all() and (fb.source == LITTLE).any()
+    with pytest.raises(CascadeError, match="little_vocab"):
+        run(big, little, ids, mask, little_vocab=[5, 5])

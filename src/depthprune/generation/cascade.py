@@ -36,6 +36,7 @@ cascade's threshold on the accuracy drop (or disagreement), as `depthprune.exits
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,7 @@ from depthprune.errors import DepthpruneError
 from depthprune.generation.calibrate import greedy_continuations, token_consistency
 from depthprune.kv import check_cache, decoder_cache, has_sliding_layers, left_align, truncate_layer
 from depthprune.ltt import ltt_select
+from depthprune.runner import capture_stack
 
 MODES = ("fallback", "rollback", "lossless")
 ENCODER_RISKS = ("accuracy_drop", "disagreement")
@@ -218,6 +220,7 @@ def cascade_generate(
     pad_token_id: int | None = None,
     big_tokenizer: Any = None,
     little_tokenizer: Any = None,
+    little_vocab: torch.Tensor | Sequence[int] | None = None,
 ) -> CascadeOutput:
     """Greedy big/little cascade decoding of left-padded prompts input_ids [batch, seq] (see the module docstring).
 
@@ -225,6 +228,9 @@ def cascade_generate(
     `draft_len` tokens a round); "lossless" takes an optional `fallback` (stop drafting early) and is token-identical
     to `big.generate(do_sample=False)`. draft_len: the longest little run per round. eos_token_id / pad_token_id: None
     takes the big model's generation config; () never stops early. Tokenizers, when given, are compared.
+    little_vocab: token ids the little model's head projects onto (its runs and confidences are over these only,
+    e.g. `depthprune.exits.vocab_heads.frequent_tokens` of calibration text): the head of a small LM costs several
+    layers; the big model always reads the full vocabulary.
     """
     fallback, rollback = cascade_settings(mode, fallback, rollback, draft_len)
     if max_new_tokens < 1:
@@ -251,12 +257,28 @@ def cascade_generate(
     def forward(model: nn.Module, cache: DynamicCache, ids: torch.Tensor, m: torch.Tensor, pos: torch.Tensor):
         return model(**step_inputs(model, ids, m, pos, cache)).logits  # [n, s, vocab]
 
+    subset = None if little_vocab is None else _SubsetHead(little, little_vocab)
+
+    def little_next(ids: torch.Tensor, m: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence [n], greedy token [n]) of the little model after ids [n, 1]."""
+        if subset is None:
+            logits = forward(little, caches[1], ids, m, pos)[:, -1]
+            conf, token = torch.softmax(logits.float(), dim=-1).max(-1)
+            return conf, token
+        h, call = capture_stack(little, step_inputs(little, ids, m, pos, caches[1]))
+        logits = subset(call.run(h, 0, little_depth))[:, -1]  # [n, K]
+        conf, at = torch.softmax(logits.float(), dim=-1).max(-1)
+        return conf, subset.token_ids[at]
+
     with torch.no_grad():
         start = wall_time(device)
         if prompt_len > 1:  # the prompt but its last token (the first round's d_0) fills both caches
             positions = positions_from_mask(mask)
             for model, cache, depth in ((big, caches[0], big_depth), (little, caches[1], little_depth)):
-                model(**step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache))
+                inputs = step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache)
+                if "logits_to_keep" in inspect.signature(model.forward).parameters:
+                    inputs["logits_to_keep"] = 1  # as generate does: no head over the prompt
+                model(**inputs)
                 check_cache(cache, depth)
         rows = torch.arange(batch, device=device)
         last = input_ids[:, -1]  # [n] d_0 of each running row
@@ -272,12 +294,13 @@ def cascade_generate(
             token = last
             for j in range(k + 1):  # feed d_j to the little model
                 ext = torch.cat([cmask, cmask.new_ones((n, j + 1))], dim=1)
-                logits = forward(little, caches[1], token[:, None], ext, base + j)[:, -1]
-                little_steps += 1
-                if j == k:
+                if j == k:  # the last little token only enters the little cache: its layers run, not its head
+                    h, call = capture_stack(little, step_inputs(little, token[:, None], ext, base + j, caches[1]))
+                    call.run(h, 0, little_depth)
+                    little_steps += 1
                     break
-                probs = torch.softmax(logits.float(), dim=-1)
-                conf, nxt = probs.max(-1)
+                conf, nxt = little_next(token[:, None], ext, base + j)
+                little_steps += 1
                 running &= conf > fallback
                 if not bool(running.any()):
                     break
@@ -354,6 +377,36 @@ def cascade_generate(
         accepted=accepted_total,
         wall_s=wall,
     )
+
+
+class _SubsetHead(nn.Module):
+    """A causal LM's own final step (final norm, projection, head rows, soft-cap) restricted to `token_ids`:
+    hidden [b, s, hidden] leaving its last layer -> logits [b, s, K] (token_ids order). The head rows are copied."""
+
+    def __init__(self, model: nn.Module, token_ids: torch.Tensor | Sequence[int]) -> None:
+        super().__init__()
+        parts = decoder_parts(model, "a cascade's little model")
+        adapter, head = parts.adapter, parts.adapter.head(model)
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=head.weight.device).reshape(-1)
+        vocab = head.weight.shape[0]
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != ids.numel():
+            raise CascadeError(f"little_vocab must hold distinct token ids in 0..{vocab - 1}, at least one")
+        self.token_ids = ids
+        self.norm, self.proj, self.cap = (
+            adapter.final_norm(model),
+            adapter.final_projection(model),
+            adapter.softcap(model),
+        )
+        self.weight = head.weight.detach().index_select(0, ids).clone()  # [K, head width]
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach().index_select(0, ids).clone()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        state = self.norm(hidden) if self.norm is not None else hidden
+        if self.proj is not None:
+            state = self.proj(state)
+        out = nn.functional.linear(state.to(self.weight.dtype), self.weight, self.bias)
+        return torch.tanh(out / self.cap) * self.cap if self.cap else out
 
 
 # ---- calibration of the generation thresholds ---------------------------------------------------------------------
