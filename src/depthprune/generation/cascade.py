@@ -504,11 +504,13 @@ def calibrate_cascade(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     references: list[list[int]] | None = None,
+    little_vocab: torch.Tensor | Sequence[int] | None = None,
 ) -> CascadeCalibration:
     """Learn-then-Test of a cascade threshold on token agreement with the big model's greedy continuations of
     `prompts` [n, prompt_len]: mode "fallback" calibrates `fallback`; mode "rollback" calibrates `rollback` at the
     given `fallback` (default 0). grid: candidates, most conservative (1.0: the big model decides) first. The per-prompt
-    loss is 1 - token agreement (`depthprune.generation.calibrate.token_consistency`)."""
+    loss is 1 - token agreement (`depthprune.generation.calibrate.token_consistency`). little_vocab: as in
+    `cascade_generate`."""
     if mode not in ("fallback", "rollback"):
         raise CascadeError(
             f"calibrate_cascade calibrates mode 'fallback' or 'rollback' ('lossless' is exact), got {mode!r}"
@@ -535,7 +537,7 @@ def calibrate_cascade(
 
     def run(t: float) -> tuple[torch.Tensor, float]:
         if t not in runs:
-            settings = {"mode": mode, "draft_len": draft_len, parameter: t}
+            settings = {"mode": mode, "draft_len": draft_len, parameter: t, "little_vocab": little_vocab}
             if mode == "rollback":
                 settings["fallback"] = fixed["fallback"]
             got, share = cascade_continuations(big, little, prompts, max_new_tokens, **gen, **settings)
