@@ -154,11 +154,17 @@ def cmd_cascade(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{label}: big {name}, little {args.little}; the little model decided {out.little_share():.0%} of the tokens "
-        f"({out.accepted} of {out.drafted} little tokens kept, {out.rounds} big-model passes)"
+        f"({out.accepted} of {out.drafted} little tokens kept, {out.rounds} big-model passes; @big: the big model's)"
         + ("; token-identical to plain generate of the big model" if mode == "lossless" else "")
     )
     for row in rows:
         print(f"\n{row['prompt']!r} ->\n{row['text']}")
+        pieces = [tokenizer.decode([t]) for t in row["tokens"]]
+        print(
+            " ".join(
+                f"{piece!r}{'' if little else '@big'}" for piece, little in zip(pieces, row["little"], strict=True)
+            )
+        )
     if args.compare:
         c = report["compare"]
         print(
