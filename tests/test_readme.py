@@ -145,6 +145,8 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
             assert "accepted drafts per verification" in out
         elif "--skipdecode" in argv:
             assert "mean layers per generated token" in out
+        elif "--cascade" in argv:
+            assert "the little model decided" in out
         else:
             assert "mean layers per token" in out
         assert out.split("->\n", 1)[1].strip()

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from depthprune.cli.cascade import add_cascade_options, cmd_cascade, wants_cascade
 from depthprune.cli.common import CALIBRATION_FILE, add_tokenizer_option, calibrate_check_write, tokenizer_for
 from depthprune.registry import KV_STRATEGIES
 
@@ -413,6 +414,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
     from depthprune.decoding import decoder_parts, special_tokens
 
+    if wants_cascade(args):  # --little MODEL --cascade MODE: depthprune.cli.cascade
+        return cmd_cascade(args)
     decoder = _decoder(args)
     if decoder == "exit":
         criterion, kv, deep, record = _criterion(args)
@@ -603,6 +606,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(train-skipdecode)",
     )
     g.add_argument("--min-layers", type=int, help="depth floor of the schedule (default: a quarter of the layers)")
+    add_cascade_options(p)
     g = p.add_argument_group("timing")
     g.add_argument("--compare", action="store_true", help="print tokens/s beside plain greedy generate (same prompts)")
     g.add_argument("--repeats", type=int, default=3, help="timed rounds of each, interleaved (default 3)")
