@@ -36,7 +36,6 @@ cascade's threshold on the accuracy drop (or disagreement), as `depthprune.exits
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -275,10 +274,7 @@ def cascade_generate(
         if prompt_len > 1:  # the prompt but its last token (the first round's d_0) fills both caches
             positions = positions_from_mask(mask)
             for model, cache, depth in ((big, caches[0], big_depth), (little, caches[1], little_depth)):
-                inputs = step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache)
-                if "logits_to_keep" in inspect.signature(model.forward).parameters:
-                    inputs["logits_to_keep"] = 1  # as generate does: no head over the prompt
-                model(**inputs)
+                model(**step_inputs(model, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache, last_logits=True))
                 check_cache(cache, depth)
         rows = torch.arange(batch, device=device)
         last = input_ids[:, -1]  # [n] d_0 of each running row
