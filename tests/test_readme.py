@@ -14,13 +14,17 @@ pasting the block would see), on tiny random models. What differs from the READM
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
+import shutil
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 import transformers
+from gguf_files import write_tiny_gguf
 from tiny_models import CASES, WORDS, build, tokenizer
 
 from depthprune.cli.main import main
@@ -35,7 +39,13 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # 40 prompts: enough for Hoeffding to certify delta 0.2 at epsilon 0.05 (n >= 38), so generate has a threshold
     "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 40 --prompt-len 16 --max-new-tokens 8")],
     "train-skipdecode": [("", "--max-blocks 8")],
+    "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
 }
+NEEDS = {"--lm-eval": "lm_eval"}
+"""An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
+installs the extras before the real tier only)."""
+BENCHMARK_SAMPLES = ("spec/spec_bench.json", "fusion_bench_c3.json")
+"""Benchmark JSON files copied to the README's `benchmarks` folder for `depthprune report`."""
 
 
 def readme_blocks() -> dict[str, list[str]]:
@@ -71,7 +81,13 @@ def models(tmp_path_factory) -> dict[str, str]:
     build("bert").bert.save_pretrained(root / "minilm")
     for name in ("smollm2", "minilm"):
         tokenizer(WORDS + "call me ishmael buy now".split()).save_pretrained(root / name)
-    return {"smollm2": str(root / "smollm2"), "[MODEL]": str(root / "smollm2"), "minilm": str(root / "minilm")}
+    gguf_file = write_tiny_gguf(llama, root / "model.gguf")  # the same 30-layer Llama, Q4_1, as llama.cpp reads it
+    return {
+        "smollm2": str(root / "smollm2"),
+        "[MODEL]": str(root / "smollm2"),
+        "minilm": str(root / "minilm"),
+        "model.gguf": str(gguf_file),
+    }
 
 
 def _write_data(work: Path) -> None:
@@ -83,6 +99,9 @@ def _write_data(work: Path) -> None:
     mails = [("ham", f"Subject: {w}\n\nthe boat sails at noon {w}") for w in WORDS]
     mails += [("spam", f"Subject: WIN\n\nbuy the white whale now {w}!!!") for w in WORDS]
     (data / "spam-assassin.jsonl").write_text("\n".join(json.dumps({"label": y, "raw": r}) for y, r in mails))
+    for name in BENCHMARK_SAMPLES:
+        (work / "benchmarks" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(README.parent / "benchmarks" / name, work / "benchmarks" / name)
 
 
 def _argv(command: str, models: dict[str, str]) -> list[str]:
@@ -99,7 +118,19 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
     """At least one visible effect of each command."""
     command, option = argv[0], dict(zip(argv, [*argv[1:], None], strict=True))
     folder = work / (option.get("-o") or option.get("--output-dir") or argv[min(1, len(argv) - 1)])
-    if command == "list":
+    if str(option.get("-o", "")).endswith(".gguf"):
+        reader = gguf.GGUFReader(folder)
+        blocks = reader.get_field("llama.block_count").contents()
+        assert blocks == (sum(LayerPlan.parse(option["--plan"]).num_layers().values()) if "--plan" in argv else 30)
+        assert "copied byte for byte" in out and reader.get_field("depthprune.plan") is not None
+        if "--gguf-type" in argv:
+            assert f"written anew ({option['--gguf-type']})" in out
+    elif command == "report":
+        page = folder.read_text()
+        assert page.count("<table>") >= 3 and "<img " in page and folder.with_suffix(".md").is_file()
+    elif command == "eval" and "--lm-eval" in argv:
+        assert "moby_cloze" in out and "moby_mc" in out and "untouched" in out
+    elif command == "list":
         assert json.loads(out)["scorers"] if "--json" in argv else "scorers:" in out
     elif command == "analyze":
         assert {"layer_scores.png", "scores.csv", "scores.json"} <= {p.name for p in folder.iterdir()}
@@ -164,8 +195,13 @@ def test_readme_block_runs(section, models, tmp_path, monkeypatch, capsys):
     work.mkdir()
     _write_data(work)
     monkeypatch.chdir(work)
+    monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))  # the GGUF conversion's cache
     for command in block:
         argv = _argv(command, models)
+        missing = [mod for opt, mod in NEEDS.items() if opt in argv and importlib.util.find_spec(mod) is None]
+        if missing:
+            print(f"skipped {command!r}: needs {missing} (an extra; make test installs it before the real tier)")
+            continue
         try:
             rc = main(argv)
         except SystemExit as exc:  # argparse: an unknown or malformed option

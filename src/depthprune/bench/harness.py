@@ -117,6 +117,20 @@ def write_local_tasks(
     return out
 
 
+def _prefix_token(folder: str | os.PathLike) -> int | None:
+    """lm-eval's HF backend starts each context with the BOS (else EOS) token and fails on a tokenizer with neither;
+    such a tokenizer gets its pad token (or id 0) as the prefix instead."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None  # a hub id or a folder lm-eval reads its own way: leave it to lm-eval
+    if tok.bos_token_id is not None or tok.eos_token_id is not None:
+        return None
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 @dataclasses.dataclass
 class HarnessReport:
     """lm-eval's scores per model, task and metric (value and standard error), and the task list."""
@@ -171,9 +185,13 @@ def lm_eval_models(
         )
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name, folder in models.items():
+        model_args: dict[str, Any] = {"pretrained": str(folder), "dtype": dtype}
+        prefix = _prefix_token(folder)
+        if prefix is not None:
+            model_args["prefix_token_id"] = prefix
         out = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(folder), "dtype": dtype},
+            model_args=model_args,
             tasks=list(tasks),
             task_manager=manager,
             limit=limit,

@@ -4,7 +4,9 @@ side (depthprune.bench.harness; the `lm-eval` extra)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 
@@ -44,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     include = None
     if any(t in LOCAL_TASKS for t in tasks) or args.tasks_dir:
         include = write_local_tasks(args.tasks_dir or cache_dir() / "lm_eval_tasks", heldout=args.heldout)
-    report = lm_eval_models(
-        models, tasks, include_path=include, limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress to stdout: keep --json output clean
+        report = lm_eval_models(
+            models, tasks, include_path=include, limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size
+        )
     if args.json:
         print(json.dumps({**report.to_dict(), "models": {k: str(v) for k, v in models.items()}}, indent=2))
     else:
