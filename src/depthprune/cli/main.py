@@ -320,11 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     from depthprune.cli.fusion import add_commands as add_fusion_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
     from depthprune.cli.search import add_commands as add_search_commands
+    from depthprune.cli.skipping import add_commands as add_skipping_commands
 
     add_fusion_commands(sub)
     add_commands(sub)
     add_generation_commands(sub)
     add_search_commands(sub)
+    add_skipping_commands(sub)
 
     p = sub.add_parser(
         "train-skipdecode",
