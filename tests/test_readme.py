@@ -35,6 +35,8 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # 40 prompts: enough for Hoeffding to certify delta 0.2 at epsilon 0.05 (n >= 38), so generate has a threshold
     "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 40 --prompt-len 16 --max-new-tokens 8")],
     "train-skipdecode": [("", "--max-blocks 8")],
+    "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
+    "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
 }
 
 
@@ -140,8 +142,15 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert all(r["delta"] == float(option.get("--delta", 0.2)) for r in results)  # written by this command
     elif command == "classify":
         assert "exit after" in out
+    elif command == "train-router":
+        assert json.loads((folder / "routers.json").read_text())["target_layers"] == float(option["--target-layers"])
+    elif command == "calibrate-router":
+        record = json.loads((work / option["--routers"] / "router_calibration.json").read_text())
+        assert record["table"] and ("Learn-then-Test" in out or "no threshold certified" in out)
     elif command == "generate":
-        if "--speculative" in argv:
+        if "--routers" in argv:
+            assert "layers per token" in out and out.split("->\n", 1)[1].strip()
+        elif "--speculative" in argv:
             assert "accepted drafts per verification" in out
         elif "--skipdecode" in argv:
             assert "mean layers per generated token" in out
