@@ -40,6 +40,8 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 40 --prompt-len 16 --max-new-tokens 8")],
     "train-skipdecode": [("", "--max-blocks 8")],
     "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
+    "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
+    "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
@@ -171,8 +173,15 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert all(r["delta"] == float(option.get("--delta", 0.2)) for r in results)  # written by this command
     elif command == "classify":
         assert "exit after" in out
+    elif command == "train-router":
+        assert json.loads((folder / "routers.json").read_text())["target_layers"] == float(option["--target-layers"])
+    elif command == "calibrate-router":
+        record = json.loads((work / option["--routers"] / "router_calibration.json").read_text())
+        assert record["table"] and ("Learn-then-Test" in out or "no threshold certified" in out)
     elif command == "generate":
-        if "--speculative" in argv:
+        if "--routers" in argv:
+            assert "layers per token" in out and out.split("->\n", 1)[1].strip()
+        elif "--speculative" in argv:
             assert "accepted drafts per verification" in out
         elif "--skipdecode" in argv:
             assert "mean layers per generated token" in out

@@ -19,3 +19,7 @@ class OutputExistsError(DepthpruneError, FileExistsError):
 
 class ModelLoadError(DepthpruneError, OSError):
     """A model could not be found or loaded."""
+
+
+class RouterError(DepthpruneError, ValueError):
+    """Layer-skipping routers that do not fit the model, or settings out of range (depth target, threshold)."""

@@ -203,6 +203,19 @@ HEALERS = Registry("healing method", "HEALER", plural="healing methods (static p
     }
 )
 
+ROUTER_KINDS = Registry("router kind", plural="router kinds (layer skipping)").add_builtins(
+    {
+        "token_linear": (
+            "depthprune.skipping.routers.token_linear:TokenLinearRouters",
+            "decoders: per token, one linear gate per layer on the normalized state entering it (run or skip)",
+        ),
+        "sample_linear": (
+            "depthprune.skipping.routers.sample_linear:SampleLinearRouters",
+            "encoders: per sample, one linear gate per layer on the masked mean of the state entering it",
+        ),
+    }
+)
+
 REGISTRIES: dict[str, Registry] = {
     "scorers": SCORERS,
     "criteria": CRITERIA,
@@ -211,6 +224,7 @@ REGISTRIES: dict[str, Registry] = {
     "kv_strategies": KV_STRATEGIES,
     "head_kinds": HEAD_KINDS,
     "healers": HEALERS,
+    "router_kinds": ROUTER_KINDS,
 }
 """Every registry by the key `depthprune list --json` prints it under."""
 

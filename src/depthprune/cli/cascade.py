@@ -56,7 +56,8 @@ def wants_cascade(args: argparse.Namespace) -> bool:
     others = [f for f, v in (("--speculative", args.speculative), ("--skipdecode", args.skipdecode),
                              ("--exit", args.exit), ("--heads", args.heads), ("--kv", args.kv),
                              ("--draft-len", args.draft_len), ("--draft-layers", args.draft_layers),
-                             ("--draft-vocab", args.draft_vocab)) if v]  # fmt: skip
+                             ("--draft-vocab", args.draft_vocab),
+                             ("--routers", getattr(args, "routers", None))) if v]  # fmt: skip
     if others:
         raise ValueError(f"{', '.join(others)} belong to other decoders; a --cascade uses --little and its options")
     if not args.prompt:

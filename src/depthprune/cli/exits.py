@@ -86,6 +86,10 @@ def _criterion(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    if args.routers:  # layer skipping (depthprune.cli.skipping)
+        from depthprune.cli.skipping import cmd_classify as cmd_classify_routed
+
+        return cmd_classify_routed(args)
     from depthprune.exits.data import read_texts
     from depthprune.exits.evaluate import classify
 
@@ -194,6 +198,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", action="store_true")
     add_tokenizer_option(p)
+    from depthprune.cli.skipping import add_classify_options
+
+    add_classify_options(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("eval-exits", help="accuracy, mean layers and wall-clock speedup vs the full model")

@@ -416,6 +416,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if wants_cascade(args):  # --little MODEL --cascade MODE: depthprune.cli.cascade
         return cmd_cascade(args)
+    if args.routers:  # layer skipping (depthprune.cli.skipping)
+        from depthprune.cli.skipping import cmd_generate as cmd_generate_routed
+
+        return cmd_generate_routed(args)
     decoder = _decoder(args)
     if decoder == "exit":
         criterion, kv, deep, record = _criterion(args)
@@ -615,4 +619,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
     add_tokenizer_option(p)
+    from depthprune.cli.skipping import add_generate_options
+
+    add_generate_options(p)
     p.set_defaults(func=cmd_generate)

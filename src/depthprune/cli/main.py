@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     from depthprune.cli.generation import add_commands as add_generation_commands
     from depthprune.cli.search import add_commands as add_search_commands
     from depthprune.cli.serving import add_commands as add_serving_commands
+    from depthprune.cli.skipping import add_commands as add_skipping_commands
 
     add_fusion_commands(sub)
     add_commands(sub)
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_commands(sub)
     add_serving_commands(sub)
     report.add_command(sub)
+    add_skipping_commands(sub)
 
     p = sub.add_parser(
         "train-skipdecode",

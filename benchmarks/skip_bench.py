@@ -1,0 +1,150 @@
+"""Dynamic layer skipping on SmolLM2 beside static pruning at the same mean depth (issue 12), one run.
+
+For each target depth (default 26 and 22 of 30): routers are trained (frozen backbone, KL to the untouched model +
+the compute term, straight-through Gumbel-sigmoid; a small budget: see --train-blocks/--seq-len), their threshold set
+so that the teacher-forced mean depth on calibration blocks meets the target, then measured on held-out text:
+perplexity (teacher forced, under the routers) and the share of positions whose greedy next token is the untouched
+model's; greedy continuations' token agreement with the untouched model's; decode tokens/s at batch 1 and 8 beside
+plain `model.generate` (and our loop with every layer running, to show the loop's own cost). Static pruning at the
+same depth: the block_influence (ShortGPT) plan, unhealed and fold-healed (depthprune.static.heal), same figures.
+Calibration text: Moby-Dick before chapter 110; held-out: from chapter 110 on (depthprune.data).
+
+    python benchmarks/skip_bench.py --json benchmarks/skip_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import depthprune
+from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
+from depthprune.bench.perplexity import perplexity
+from depthprune.data import calibration_text, heldout_text, token_blocks
+from depthprune.generation.calibrate import greedy_continuations, prompt_blocks, token_consistency
+from depthprune.plan import LayerPlan
+from depthprune.skipping.calibrate import routed_continuations
+from depthprune.skipping.dense import routed_perplexity, threshold_for_depth
+from depthprune.skipping.inference import skip_generate
+from depthprune.skipping.train import train_routers
+from depthprune.static.apply import apply_plan, layer_sizes
+from depthprune.static.heal import heal
+from depthprune.static.scorers import get_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def teacher_forced(model, reference, blocks) -> dict:
+    """Perplexity of a (static) model on blocks and the share of next tokens equal to the reference model's."""
+    agree = 0
+    for ids in blocks.split(4):
+        agree += int((model(input_ids=ids, use_cache=False).logits.argmax(-1)
+                      == reference(input_ids=ids, use_cache=False).logits.argmax(-1)).sum())  # fmt: skip
+    return {"ppl": perplexity(model, blocks), "agreement": agree / blocks.numel()}
+
+
+def agreement(conts, refs) -> float:
+    return sum(token_consistency(c, r) for c, r in zip(conts, refs, strict=True)) / len(refs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"))
+    p.add_argument("--targets", nargs="+", type=float, default=[26.0, 22.0])
+    p.add_argument("--train-blocks", type=int, default=48, help="training blocks (default 48)")
+    p.add_argument("--seq-len", type=int, default=64, help="training block length (default 64)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--compute-weight", type=float, default=10.0)
+    p.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of 128 tokens (default 8)")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts for greedy agreement (default 8)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (default 3)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    model = depthprune.load_model("smollm2").eval()
+    tok = depthprune.load_tokenizer("smollm2")
+    calib = calibration_text(args.text)
+    train_blocks = token_blocks(tok, calib, args.seq_len, args.train_blocks)
+    depth_blocks = token_blocks(tok, calib, 128, 40)[-2:]  # for the threshold (not trained on: from the end)
+    held = token_blocks(tok, heldout_text(args.text), 128, args.heldout_blocks)
+    prompts = prompt_blocks(tok, heldout_text(args.text), args.prompts, 32)
+    eos = ()  # no early stop: every row generates new_tokens (equal work for every decoder)
+    refs = greedy_continuations(model, prompts, args.new_tokens, eos_token_id=eos)
+    n_layers = layer_sizes(model)["decoder"]
+    result: dict = {"settings": vars(args), "num_layers": n_layers, "rows": [], "speed": []}
+    base = teacher_forced(model, model, held)
+    result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
+    print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
+    fold_batches = list(token_blocks(tok, calib, 128, 16).split(4))
+    routed: dict[float, tuple] = {}
+    for target in args.targets:
+        t0 = time.perf_counter()
+        res = train_routers(
+            model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            compute_weight=args.compute_weight, progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)
+        tf = routed_perplexity(model, res.routers, held, threshold, batch_size=4)
+        conts, gen_depth = routed_continuations(model, res.routers, prompts, threshold, args.new_tokens,
+                                                eos_token_id=eos)  # fmt: skip
+        row = {
+            "method": "routers", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
+            "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
+            "threshold": threshold, "train_seconds": seconds, "train_log": res.epoch_losses,
+        }  # fmt: skip
+        result["rows"].append(row)
+        routed[target] = (res.routers, threshold, gen_depth)
+        print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
+        n_remove = round(n_layers - target)
+        remove = sorted(get_scorer("block_influence")(model, fold_batches, n_remove=n_remove, stack="decoder").remove)
+        plan = LayerPlan.drop({"decoder": n_layers}, {"decoder": remove})
+        for method in ("unhealed", "fold"):
+            pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
+            tf = teacher_forced(pruned, model, held)
+            conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
+            row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
+                   "removed": remove, **tf, "greedy_agreement": agreement(conts, refs)}  # fmt: skip
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for batch in (1, 8):
+        ids = prompts[:batch]
+        mask = torch.ones_like(ids)
+        runs = {"generate": lambda ids=ids, mask=mask: new_tokens(
+            plain_greedy(model, ids, mask, args.new_tokens, eos, pad)[:, ids.shape[1]:], eos)}  # fmt: skip
+        some = next(iter(routed.values()))[0]
+        runs["loop, every layer"] = lambda ids=ids, r=some: new_tokens(
+            skip_generate(model, r, ids, threshold=0.0, max_new_tokens=args.new_tokens, eos_token_id=eos)
+            .sequences[:, ids.shape[1]:], eos)  # fmt: skip
+        for target, (r, t, _) in routed.items():
+            runs[f"routers {target:g}"] = lambda ids=ids, r=r, t=t: new_tokens(
+                skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
+                .sequences[:, ids.shape[1]:], eos)  # fmt: skip
+        timing = compare_tokens_per_s(runs, "generate", repeats=args.repeats, warmup=1)
+        for target, (r, t, _) in routed.items():
+            out = skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
+            depth = out.mean_layers()  # every new token, the first (full prefill) included, as the timing counts
+            entry = timing[f"routers {target:g}"]
+            entry.update(mean_layers=depth, layer_ratio=n_layers / depth, vs_ratio=entry["ratio"] * depth / n_layers)
+        result["speed"].append({"batch": batch, "new_tokens": args.new_tokens, **timing})
+        print(json.dumps({"batch": batch, **{k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
+                                             for k, v in timing.items()}}), flush=True)  # fmt: skip
+    result["seconds"] = time.perf_counter() - began
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

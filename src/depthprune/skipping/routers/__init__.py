@@ -1,0 +1,223 @@
+"""What every router kind shares: the config (which model, which layers are routed), the facts of the model they
+belong to (and the check that refuses another model), the gate math, and `build_routers`.
+
+A router kind is an nn.Module class registered in `depthprune.registry.ROUTER_KINDS`, built as `cls(config)`, with
+`granularity` ("token": one decision per position, decoders; "sample": one per input, encoders) and
+`logits(layer, hidden, mask) -> [batch, seq]` (token) or `[batch]` (sample): the logit of P(layer runs) from the hidden
+state entering `layer` ([batch, seq, hidden]; mask [batch, seq] or None). A layer runs when that probability is >=
+the threshold: threshold 0 runs every layer (the untouched model), 1 skips about every routed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from depthprune.adapters.registry import get_adapter
+from depthprune.errors import RouterError
+from depthprune.registry import ROUTER_KINDS
+
+GRANULARITY = {"token_linear": "token", "sample_linear": "sample"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """Routers of one model: kind, the model's description (checked on load: model_type, depth, hidden size and a
+    fingerprint of its input embeddings, so routers trained on another checkpoint of the same shape are refused) and
+    the 0-based layers that have a router (the others always run). target_layers: the mean depth trained for."""
+
+    kind: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    layers: tuple[int, ...]
+    fingerprint: tuple[float, float] = (0.0, 0.0)
+    target_layers: float | None = None
+    init_bias: float | None = None  # None: logit(share of routed layers a target keeps), else 3 (all run)
+
+    def __post_init__(self) -> None:
+        ROUTER_KINDS.check(self.kind)
+        layers = tuple(sorted({int(i) for i in self.layers}))
+        bad = [i for i in layers if not 0 <= i < self.num_layers]
+        if not layers or bad:
+            raise RouterError(
+                f"router layers {list(self.layers)} out of range: give 0-based layers of this {self.num_layers}-layer "
+                f"stack (0..{self.num_layers - 1}), at least one"
+            )
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "fingerprint", tuple(float(v) for v in self.fingerprint))
+        if self.target_layers is not None:
+            check_target(self.target_layers, self.num_layers, len(layers))
+        if self.init_bias is None:
+            bias = 3.0
+            if self.target_layers is not None:  # P(run) = the share the target keeps (the compute term starts at 0)
+                keep = (self.target_layers - (self.num_layers - len(layers))) / len(layers)
+                keep = min(max(keep, 0.02), 0.98)
+                bias = math.log(keep / (1 - keep))
+            object.__setattr__(self, "init_bias", bias)
+
+    @property
+    def granularity(self) -> str:
+        return GRANULARITY.get(self.kind, "token")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        return cls(**{**data, "layers": tuple(data["layers"]), "fingerprint": tuple(data.get("fingerprint", (0, 0)))})
+
+
+def check_target(target: float, num_layers: int, routed: int) -> float:
+    """`target` mean executed layers, or a RouterError unless it lies in [always-run layers, num_layers]."""
+    low = num_layers - routed
+    if not low <= float(target) <= num_layers:
+        raise RouterError(
+            f"target depth {target} out of range: with {routed} routed layers of {num_layers}, the mean number of "
+            f"executed layers can lie in {low}..{num_layers}; pick a target there (or route more layers)"
+        )
+    return float(target)
+
+
+def check_threshold(threshold: float) -> float:
+    """`threshold` as a float, or a RouterError unless it lies in [0, 1] (a probability)."""
+    if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise RouterError(
+            f"router threshold {threshold!r} outside [0, 1]: a layer runs when its router's probability is >= the "
+            "threshold (0: every layer runs; 0.5: the trained decision); calibrate one with `depthprune calibrate`"
+        )
+    return float(threshold)
+
+
+def model_facts(model: nn.Module) -> dict[str, Any]:
+    """(model_type, depth of the routed stack, hidden size, granularity, fingerprint) of `model`: decoder-only LMs
+    route tokens, encoders (sequence classifiers) route samples; encoder-decoders are refused."""
+    adapter = get_adapter(model)
+    stacks = adapter.present_stacks(model)
+    if len(stacks) != 1 or getattr(model.config, "is_encoder_decoder", False):
+        raise RouterError(
+            f"routers support decoder-only LMs and encoder classifiers; {type(model).__name__} has the stacks "
+            f"{[s.name for s in stacks]}"
+        )
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    depth = len(adapter.run_sequence(model, stacks[0]))
+    emb = model.get_input_embeddings().weight
+    sample = emb[: min(64, emb.shape[0])].detach().float()
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": depth,
+        "hidden_size": int(config.hidden_size),
+        "granularity": "token" if stacks[0].name == "decoder" else "sample",
+        "fingerprint": (float(sample.mean()), float(sample.abs().mean())),
+    }
+
+
+def check_model(config: RouterConfig, model: nn.Module) -> None:
+    """A RouterError unless `model` is the model the routers were built for."""
+    facts = model_facts(model)
+    mine = (facts["model_type"], facts["num_layers"], facts["hidden_size"])
+    theirs = (config.model_type, config.num_layers, config.hidden_size)
+    if mine != theirs:
+        raise RouterError(
+            "these routers were built for a {} with {} layers and hidden size {}, not this {} with {} layers and "
+            "hidden size {}; use them with the model they were trained on, or train new ones (depthprune "
+            "train-router)".format(*theirs, *mine)
+        )
+    a, b = facts["fingerprint"], config.fingerprint
+    if any(abs(x - y) > 1e-2 * max(abs(y), 1e-4) for x, y in zip(a, b, strict=True)):
+        raise RouterError(
+            f"these routers were trained on another {config.model_type} checkpoint (input-embedding fingerprint "
+            f"{tuple(round(v, 6) for v in b)}, this model's {tuple(round(v, 6) for v in a)}); use them with the "
+            "model they were trained on, or train new ones (depthprune train-router)"
+        )
+    if facts["granularity"] != config.granularity:
+        raise RouterError(
+            f"{config.kind} routers decide per {config.granularity}, but this model needs per-"
+            f"{facts['granularity']} decisions; pick a {facts['granularity']} router kind"
+        )
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """The layers routed by default: all but the first and the last (the embedding's first transform and the layer
+    the head reads are the ones static pruning also finds indispensable)."""
+    return tuple(range(1, num_layers - 1)) if num_layers > 2 else tuple(range(num_layers))
+
+
+def build_routers(
+    model: nn.Module, kind: str | None = None, layers: tuple[int, ...] | list[int] | None = None, **options: Any
+) -> nn.Module:
+    """New routers for `model` (kind: default token_linear for decoders, sample_linear for encoders; layers: default
+    `default_layers`), on the model's device, float32, never skipping at threshold 0.5 before training."""
+    facts = model_facts(model)
+    kind = kind or ("token_linear" if facts["granularity"] == "token" else "sample_linear")
+    config = RouterConfig(
+        kind=kind,
+        model_type=facts["model_type"],
+        num_layers=facts["num_layers"],
+        hidden_size=facts["hidden_size"],
+        layers=default_layers(facts["num_layers"]) if layers is None else tuple(layers),
+        fingerprint=facts["fingerprint"],
+        **options,
+    )
+    check_model(config, model)  # granularity
+    routers = ROUTER_KINDS.get(kind)(config)
+    return routers.to(next(model.parameters()).device)
+
+
+def rms(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden / its root mean square over the last dimension (parameter-free: the residual stream's scale grows with
+    depth, the gate should read its direction)."""
+    h = hidden.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class LinearGates(nn.Module):
+    """One linear gate per routed layer (weight 0, bias `config.init_bias`: 3, every layer runs, or where a target is
+    given P(run) = the share of routed layers it keeps, so training starts at the target depth). The base of the
+    built-in kinds, which differ only in what they read (a token's state, a sample's mean state)."""
+
+    granularity = "token"
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        self.layers = config.layers
+        self.num_layers = config.num_layers
+        self.gates = nn.ModuleDict({str(i): nn.Linear(config.hidden_size, 1) for i in config.layers})
+        for gate in self.gates.values():
+            nn.init.zeros_(gate.weight)
+            nn.init.constant_(gate.bias, config.init_bias)
+
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit of P(layer runs): [batch, seq] per token or [batch] per sample."""
+        return self.gates[str(layer)](self.features(hidden, mask)).squeeze(-1)
+
+    def run_mask(
+        self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None, threshold: float
+    ) -> torch.Tensor | None:
+        """Bool decisions (True: the layer runs) for the rows of `hidden`; None when `layer` has no router."""
+        if str(layer) not in self.gates:
+            return None
+        return torch.sigmoid(self.logits(layer, hidden, mask)) >= threshold
+
+
+__all__ = [
+    "RouterConfig",
+    "LinearGates",
+    "build_routers",
+    "check_model",
+    "check_target",
+    "check_threshold",
+    "default_layers",
+    "model_facts",
+    "rms",
+]
