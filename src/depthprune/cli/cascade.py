@@ -77,23 +77,11 @@ def wants_cascade(args: argparse.Namespace) -> bool:
     return True
 
 
-def _encode(tokenizer, prompts: list[str]):
-    if len(prompts) > 1 and tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has no padding or end-of-sequence token: give one --prompt at a time")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    if enc["input_ids"].shape[1] == 0:
-        raise ValueError("the prompt is empty")
-    return enc["input_ids"], enc["attention_mask"]
-
-
 def cmd_cascade(args: argparse.Namespace) -> int:
     import torch
 
     from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
-    from depthprune.cli.common import tokenizer_for
+    from depthprune.cli.common import encode_prompts, tokenizer_for
     from depthprune.decoding import special_tokens
     from depthprune.generation.cascade import LITTLE, cascade_generate, cascade_settings
     from depthprune.io import DEFAULT_MODEL, load_model, load_tokenizer
@@ -120,7 +108,7 @@ def cmd_cascade(args: argparse.Namespace) -> int:
         tokens = torch.tensor(tokenizer(calibration_text())["input_ids"])
         eos_ids, _ = special_tokens(big, None, None)
         vocab, _ = frequent_tokens(tokens, big.config.vocab_size, coverage=args.little_vocab, always=eos_ids)
-    ids, mask = _encode(tokenizer, args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt)
     eos, pad = special_tokens(big, None, tokenizer.pad_token_id)
     p, n = ids.shape[1], args.max_new_tokens
 

@@ -102,3 +102,16 @@ def calibrate_check_write(
         print(format_table(rows, title=title))
         print(f"wrote {path}")
     return results
+
+
+def encode_prompts(tokenizer, prompts: list[str]):
+    """(input_ids, attention_mask) of the prompts, left-padded so that every row's last token is a real one."""
+    if len(prompts) > 1 and tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no padding or end-of-sequence token: give one --prompt at a time")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    return enc["input_ids"], enc["attention_mask"]

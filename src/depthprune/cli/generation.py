@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 from depthprune.cli.cascade import add_cascade_options, cmd_cascade, wants_cascade
-from depthprune.cli.common import CALIBRATION_FILE, add_tokenizer_option, calibrate_check_write, tokenizer_for
+from depthprune.cli.common import (
+    CALIBRATION_FILE,
+    add_tokenizer_option,
+    calibrate_check_write,
+    encode_prompts,
+    tokenizer_for,
+)
 from depthprune.registry import KV_STRATEGIES
 
 
@@ -239,19 +245,6 @@ def _uncalibrated_warning(args, model, tokenizer, heads, ids, mask, criterion) -
     return figures
 
 
-def _encode(tokenizer, prompts: list[str]):
-    """(input_ids, attention_mask) of the prompts, left-padded so that every row's last token is a real one."""
-    if len(prompts) > 1 and tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has no padding or end-of-sequence token: give one --prompt at a time")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    if enc["input_ids"].shape[1] == 0:
-        raise ValueError("the prompt is empty")
-    return enc["input_ids"], enc["attention_mask"]
-
-
 DEFAULT_DRAFT_LEN = 2  # what choose_speculation picked on SmolLM2 (benchmarks/RESULTS.md 4a)
 
 
@@ -431,7 +424,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from depthprune.io import load_model
 
         model, tokenizer = load_model(model_name, task="causal-lm").eval(), tokenizer_for(args, model_name)
-    ids, mask = _encode(tokenizer, args.prompt)
+    ids, mask = encode_prompts(tokenizer, args.prompt)
     eos, pad = special_tokens(model, None, tokenizer.pad_token_id)
     depth = len(decoder_parts(model, "generate").layers)
     p, n = ids.shape[1], args.max_new_tokens
