@@ -117,7 +117,7 @@ def skip_generate(
 
     with torch.no_grad():
         start = decoding.wall_time(device, sync=timing)
-        out = model(**decoding.step_inputs(model, input_ids, mask, positions, cache))
+        out = model(**decoding.step_inputs(model, input_ids, mask, positions, cache, last_logits=True))
         check_cache(cache, num_layers)
         token = out.logits[:, -1].argmax(-1)
         ran = torch.full((batch,), num_layers, dtype=torch.long, device=device)
