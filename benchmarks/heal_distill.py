@@ -31,7 +31,7 @@ from depthprune.bench.perplexity import perplexity
 from depthprune.bench.speed import compare_speed, machine_info
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
-from depthprune.static.heal import get_healer, stage_options
+from depthprune.static.heal import RECORD_KEY, get_healer, stage_options
 from depthprune.static.scorers import list_scorers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of the trained stages")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--text", default=str(ROOT / ".." / "shared" / "data" / "moby-dick.txt"), help="the book")
     p.add_argument("--json", default=None)
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label}: removed {sorted(remove)}, unhealed ppl {row['unhealed']['ppl']:.2f}", flush=True)
         healed, row["stages"] = None, []
         for name, _ in stage_options(method, {}):
-            opts = {"max_tokens": args.max_tokens, "epochs": 100, "lr": args.lr} if name in TRAINED else {}
+            opts = {"max_tokens": args.max_tokens, "epochs": 100, "lr": args.lr, "lora_rank": args.lora_rank}
+            opts = opts if name in TRAINED else {}
             if healed is not None:
                 opts["start"] = healed
             start = time.perf_counter()
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             stage = {"stage": name, "seconds": seconds, **measure(healed)}
             if name in TRAINED:
                 stage["train_tokens"] = args.max_tokens
+                # the loop's loss per pass over the calibration blocks (recorded in the healed config)
+                stage["epoch_losses"] = (getattr(healed.config, RECORD_KEY, None) or {}).get("epoch_losses")
             row["stages"].append(stage)
             print(f"{label}: after {name} ppl {stage['ppl']:.2f} ({seconds:.0f} s)", flush=True)
         speed = compare_speed(
@@ -124,6 +128,7 @@ def write(path, untouched, rows, args, heldout) -> dict:
         "threads": args.threads,
         "max_tokens": args.max_tokens,
         "lr": args.lr,
+        "lora_rank": args.lora_rank,
         "calibration_tokens": args.calib_blocks * args.seq_len,
         "heldout_tokens": int(heldout.numel()),
         "untouched": untouched,
