@@ -91,3 +91,32 @@ def test_cascade_clear_errors(folders, capsys):
         assert rc == 2 and message in err, (argv, err)
     with pytest.raises(SystemExit):
         main([*map(str, base), "--little", str(little), "--cascade", "beam"])
+
+
+def test_sampling_cascade_and_speculative_are_seeded_and_checked(folders, capsys):
+    big, little, _ = folders
+    base = ["generate", big, "--prompt", *PROMPTS, "--max-new-tokens", "5", "--json", "--sample", "--temperature",
+            "1.5", "--top-k", "20"]  # fmt: skip
+    runs = {}
+    for decoder in (["--little", little, "--cascade", "lossless"], ["--speculative", "--draft-layers", "1"]):
+        for seed in ("1", "1", "2"):
+            rc, out, err = _run(capsys, *base, *decoder, "--seed", seed)
+            assert rc == 0, err
+            report = json.loads(out)
+            assert report["decoding"] == f"sampling (temperature 1.5, top-k 20, seed {seed})"
+            runs.setdefault(decoder[-1], []).append([r["tokens"] for r in report["results"]])
+    for name, (a, b, c) in runs.items():
+        assert a == b and a != c, name  # the seed makes a run reproducible; another seed draws other tokens
+        assert a != _greedy(big, 5), name
+    rc, out, err = _run(capsys, *base, "--little", little, "--cascade", "lossless", "--compare", "--repeats", "1",
+                        "--warmup", "0")  # fmt: skip
+    assert rc == 0 and json.loads(out)["compare"]["generate"]["tok_s"] > 0, err
+    for argv, message in [
+        (["--temperature", "0.5"], "--temperature set sampling: add --sample"),
+        (["--sample", "--exit", "max_prob:0.9"], "--sample works with --speculative and --cascade"),
+        (["--sample", "--skipdecode", "2"], "skipdecode decoding is greedy here"),
+        (["--sample", "--speculative", "--temperature", "0"], "--temperature must be > 0"),
+        (["--sample", "--little", little, "--cascade", "lossless", "--top-k", "0"], "--top-k must be >= 1"),
+    ]:
+        rc, _, err = _run(capsys, "generate", big, "--prompt", "the whale", *argv)
+        assert rc == 2 and message in err, (argv, err)

@@ -2,11 +2,12 @@
 left-padded batch whose rows keep different numbers of little tokens, two families, a sliding-window model); fallback
 and rollback at their neutral settings equal it too; rollback's big tokens are the big model's own argmax and its kept
 little tokens pass the check; the encoder cascade at its neutral setting equals the big classifier; bad input gets a
-clear error."""
+clear error; sampling cascades draw their first tokens from the big model's distribution (lossless always, fallback and
+rollback at their neutral settings) on a tiny vocabulary."""
 
 import pytest
 import torch
-from tiny_models import CASES, build, build_gemma3_sliding, input_ids, tokenizer
+from tiny_models import CASES, build, build_gemma3_sliding, input_ids, tiny_vocab_model, tokenizer
 
 from depthprune.generation.cascade import (
     BIG,
@@ -213,3 +214,51 @@ def test_a_truncated_little_vocabulary_stays_lossless_and_drafts_only_its_tokens
     assert torch.isin(new[fb.source == LITTLE], keep).all() and (fb.source == LITTLE).any()
     with pytest.raises(CascadeError, match="little_vocab"):
         run(big, little, ids, mask, little_vocab=[5, 5])
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+SAMPLED = [
+    ("lossless", {}),  # speculative rejection sampling: the big model's distribution at any setting
+    ("lossless", {"little_vocab": [1, 2, 4, 6]}),  # the little model drafts only these: q is zero elsewhere
+    ("fallback", {"fallback": 1.0}),  # neutral: the big model decides (and samples) every token
+    ("rollback", {"rollback": 1.0}),
+]
+
+
+@pytest.mark.parametrize("mode,kw", SAMPLED, ids=["lossless", "lossless-vocab", "fallback", "rollback"])
+def test_sampling_cascades_draw_from_the_big_models_distribution(mode, kw):
+    big = tiny_vocab_model()
+    little = apply_plan(big, "0")  # one layer of four: its distribution is far from the big model's
+    prompt = torch.tensor([[3, 1, 5, 2]])
+    n, temperature = 4000, 0.8
+    out = cascade_generate(
+        big, little, prompt.expand(n, 4), mode=mode, draft_len=2, max_new_tokens=2, eos_token_id=(), do_sample=True,
+        temperature=temperature, generator=torch.Generator().manual_seed(0), **kw,
+    )  # fmt: skip
+    with torch.no_grad():
+        p1 = torch.softmax(big(prompt).logits[0, -1] / temperature, -1)  # [8]
+        after = torch.cat([prompt.expand(8, 4), torch.arange(8)[:, None]], 1)
+        p2 = p1 @ torch.softmax(big(after).logits[:, -1] / temperature, -1)  # marginal of the second token
+        q1 = torch.softmax(little(prompt).logits[0, -1] / temperature, -1)
+    assert 0.5 * (q1 - p1).abs().sum() > 0.15  # the little model alone would fail the check below
+    if mode == "lossless":
+        assert 0.1 < out.accepted / out.drafted < 0.9  # little tokens often rejected: the residual draws matter
+    for j, p in ((4, p1), (5, p2)):
+        empirical = torch.bincount(out.sequences[:, j], minlength=8) / n
+        assert 0.5 * (empirical - p).abs().sum() < 0.04, (j, empirical, p)
+    if "little_vocab" in kw:
+        assert torch.isin(out.sequences[:, 4:][out.source == LITTLE], torch.tensor(kw["little_vocab"])).all()
+
+
+def test_sampling_fallback_keeps_the_little_models_draws_and_is_reproducible():
+    big = tiny_vocab_model()
+    little = apply_plan(big, "0")
+    prompt = torch.tensor([[3, 1, 5, 2]]).expand(64, 4)
+    kw = dict(mode="fallback", fallback=0.0, draft_len=3, max_new_tokens=6, eos_token_id=(), do_sample=True)
+    a = cascade_generate(big, little, prompt, generator=torch.Generator().manual_seed(5), **kw)
+    b = cascade_generate(big, little, prompt, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a.sequences, b.sequences) and a.accepted == a.drafted > 0  # fallback keeps every little token
+    assert len({tuple(r) for r in a.sequences[:, 4:].tolist()}) > 1  # sampled, not greedy
+    for bad, msg in ((dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k")):
+        with pytest.raises(CascadeError, match=msg):
+            cascade_generate(big, little, prompt[:1], **{**kw, **bad})

@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-import transformers
-from tiny_models import build, build_gemma3_sliding, input_ids
+from tiny_models import build, build_gemma3_sliding, input_ids, tiny_vocab_model
 
 from depthprune.adapters import get_adapter
 from depthprune.exits.lm_heads import DecoderExitHeads
@@ -219,26 +218,6 @@ def test_shared_layers_run_once_per_position():
 
 
 # ---- sampling: the full model's distribution ------------------------------------------------------------------------
-def tiny_vocab_model():
-    config = transformers.LlamaConfig(
-        vocab_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # a peaked next-token distribution, far from the drafts'
-    return model
-
-
 @pytest.mark.parametrize("kind", ["logit_lens", "skip"])
 def test_sampling_draws_from_the_full_models_distribution(kind):
     model = tiny_vocab_model()

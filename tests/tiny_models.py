@@ -352,3 +352,25 @@ def build_opt_projected(seed: int = 0) -> nn.Module:
     config.word_embed_proj_dim = HIDDEN // 2
     torch.manual_seed(seed)
     return transformers.OPTForCausalLM(config).eval()
+
+
+def tiny_vocab_model(seed: int = 3) -> nn.Module:
+    """A 4-layer Llama over 8 tokens with a peaked head: sampling tests compare empirical token frequencies with
+    exact distributions (few tokens: few samples suffice)."""
+    config = transformers.LlamaConfig(
+        vocab_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # a peaked next-token distribution, far from the drafts'
+    return model

@@ -116,6 +116,26 @@ def plain_greedy(
         return model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
 
 
+def plain_sample(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Plain sampling `model.generate(do_sample=True)` with only temperature and top-k (the baseline of a sampling
+    decoder; no top-p or other warpers the model's generation config may carry): [batch, prompt + new]."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=True, max_new_tokens=max_new_tokens, eos_token_id=list(eos_token_id) or None)
+    config.pad_token_id = pad_token_id
+    config.temperature, config.top_k, config.top_p = temperature, top_k, None
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+
+
 def compare_tokens_per_s(
     runs: Mapping[str, Callable[[], int]], baseline: str, *, repeats: int = 3, warmup: int = 1
 ) -> dict[str, dict[str, Any]]:

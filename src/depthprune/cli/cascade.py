@@ -80,8 +80,8 @@ def wants_cascade(args: argparse.Namespace) -> bool:
 def cmd_cascade(args: argparse.Namespace) -> int:
     import torch
 
-    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
-    from depthprune.cli.common import encode_prompts, tokenizer_for
+    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy, plain_sample
+    from depthprune.cli.common import encode_prompts, sampling_kwargs, sampling_label, sampling_options, tokenizer_for
     from depthprune.decoding import special_tokens
     from depthprune.generation.cascade import LITTLE, cascade_generate, cascade_settings
     from depthprune.io import DEFAULT_MODEL, load_model, load_tokenizer
@@ -94,6 +94,7 @@ def cmd_cascade(args: argparse.Namespace) -> int:
     elif mode == "rollback":
         settings["rollback"] = args.threshold
     cascade_settings(mode, settings["fallback"], settings["rollback"], run_len)  # bad settings: before any load
+    sampling = sampling_options(args, "cascade")
     name = args.model or DEFAULT_MODEL
     big, little = load_model(name, task="causal-lm").eval(), load_model(args.little, task="causal-lm").eval()
     tokenizer = tokenizer_for(args, name)
@@ -116,6 +117,7 @@ def cmd_cascade(args: argparse.Namespace) -> int:
         return cascade_generate(
             big, little, ids, mask, mode=mode, draft_len=run_len, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad,
             big_tokenizer=tokenizer, little_tokenizer=little_tokenizer, little_vocab=vocab, **settings,
+            **sampling_kwargs(sampling),
         )  # fmt: skip
 
     out = run()
@@ -129,11 +131,19 @@ def cmd_cascade(args: argparse.Namespace) -> int:
             "little": [int(out.source[r, i]) == LITTLE for i in keep],
         })  # fmt: skip
     label = f"cascade {mode}" + (f" ({args.threshold:g})" if args.threshold is not None else "")
-    report = {"decoder": "cascade", "little": args.little, **out.summary(), "results": rows}
+    report = {"decoder": "cascade", "little": args.little, "decoding": sampling_label(sampling), **out.summary(),
+              "results": rows}  # fmt: skip
+
+    def base() -> int:
+        if sampling is None:
+            return new_tokens(plain_greedy(big, ids, mask, n, eos, pad)[:, p:], eos)
+        torch.manual_seed(sampling["seed"])
+        sampled = plain_sample(big, ids, mask, n, eos, pad, sampling["temperature"], sampling["top_k"])
+        return new_tokens(sampled[:, p:], eos)
+
     if args.compare:
         timing = compare_tokens_per_s(
-            {"generate": lambda: new_tokens(plain_greedy(big, ids, mask, n, eos, pad)[:, p:], eos),
-             label: lambda: new_tokens(run().sequences[:, p:], eos)},
+            {"generate": base, label: lambda: new_tokens(run().sequences[:, p:], eos)},
             "generate", repeats=args.repeats, warmup=args.warmup,
         )  # fmt: skip
         report["compare"] = {"batch": ids.shape[0], "repeats": args.repeats, "warmup": args.warmup,
@@ -144,7 +154,14 @@ def cmd_cascade(args: argparse.Namespace) -> int:
     print(
         f"{label}: big {name}, little {args.little}; the little model decided {out.little_share():.0%} of the tokens "
         f"({out.accepted} of {out.drafted} little tokens kept, {out.rounds} big-model passes; @big: the big model's)"
-        + ("; token-identical to plain generate of the big model" if mode == "lossless" else "")
+        + (f"; {sampling_label(sampling)}" if sampling else "")
+        + (
+            "; token-identical to plain generate of the big model"
+            if mode == "lossless" and sampling is None
+            else "; distributed as sampling from the big model alone"
+            if mode == "lossless"
+            else ""
+        )
     )
     for row in rows:
         print(f"\n{row['prompt']!r} ->\n{row['text']}")

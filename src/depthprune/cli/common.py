@@ -69,6 +69,50 @@ def tokenizer_for(args: argparse.Namespace, model_name: Any) -> Any:
     return load_tokenizer(getattr(args, "tokenizer", None) or model_name)
 
 
+SAMPLING_DECODERS = ("speculative", "cascade")
+"""generate's decoders that can sample (the others decode greedily)."""
+
+
+def sampling_options(args: argparse.Namespace, decoder: str) -> dict[str, Any] | None:
+    """generate's --sample / --temperature / --top-k / --seed checked for `decoder`: None for greedy decoding, else
+    {"temperature", "top_k", "seed"} (a clear error for settings that do not fit, before anything loads)."""
+    given = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--seed", args.seed))
+             if v is not None]  # fmt: skip
+    if not args.sample:
+        if given:
+            raise ValueError(f"{', '.join(given)} set sampling: add --sample, or drop them for greedy decoding")
+        return None
+    if decoder not in SAMPLING_DECODERS:
+        raise ValueError(
+            f"--sample works with --speculative and --cascade (they keep the full model's distribution); {decoder} "
+            "decoding is greedy here: drop --sample"
+        )
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if not temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    return {"temperature": temperature, "top_k": args.top_k, "seed": 0 if args.seed is None else args.seed}
+
+
+def sampling_kwargs(sampling: dict[str, Any] | None) -> dict[str, Any]:
+    """The decoders' keyword arguments for `sampling_options`' result (a fresh seeded generator per call, so repeated
+    runs draw the same tokens); {} for greedy decoding."""
+    if sampling is None:
+        return {}
+    import torch
+
+    generator = torch.Generator().manual_seed(sampling["seed"])
+    return {"do_sample": True, "generator": generator, **{k: sampling[k] for k in ("temperature", "top_k")}}
+
+
+def sampling_label(sampling: dict[str, Any] | None) -> str:
+    if sampling is None:
+        return "greedy"
+    top = f", top-k {sampling['top_k']}" if sampling["top_k"] else ""
+    return f"sampling (temperature {sampling['temperature']:g}{top}, seed {sampling['seed']})"
+
+
 def calibrate_check_write(
     names: Sequence[str],
     calibrate_one: Callable[[str], Any],

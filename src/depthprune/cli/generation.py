@@ -14,6 +14,9 @@ from depthprune.cli.common import (
     add_tokenizer_option,
     calibrate_check_write,
     encode_prompts,
+    sampling_kwargs,
+    sampling_label,
+    sampling_options,
     tokenizer_for,
 )
 from depthprune.registry import KV_STRATEGIES
@@ -404,7 +407,9 @@ def _kept(new, eos: list[int]):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
+    import torch
+
+    from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy, plain_sample
     from depthprune.decoding import decoder_parts, special_tokens
 
     if wants_cascade(args):  # --little MODEL --cascade MODE: depthprune.cli.cascade
@@ -412,8 +417,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.routers:  # layer skipping (depthprune.cli.skipping)
         from depthprune.cli.skipping import cmd_generate as cmd_generate_routed
 
+        sampling_options(args, "routed")  # greedy only: a clear error for --sample
+
         return cmd_generate_routed(args)
     decoder = _decoder(args)
+    sampling = sampling_options(args, {"exit": "early-exit"}.get(decoder, decoder))
     if decoder == "exit":
         criterion, kv, deep, record = _criterion(args)
     model_name = _model_name(args.model, args.heads)
@@ -428,7 +436,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos, pad = special_tokens(model, None, tokenizer.pad_token_id)
     depth = len(decoder_parts(model, "generate").layers)
     p, n = ids.shape[1], args.max_new_tokens
-    report: dict = {"decoder": decoder, "num_layers": depth}
+    report: dict = {"decoder": decoder, "num_layers": depth, "decoding": sampling_label(sampling)}
 
     if decoder == "exit":
         from depthprune.generation.generate import early_exit_generate
@@ -468,7 +476,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         def run():
             return self_speculative_generate(
                 model, heads, ids, mask, exit_layer=exit_layer, draft_len=k, max_new_tokens=n, eos_token_id=eos,
-                pad_token_id=pad,
+                pad_token_id=pad, **sampling_kwargs(sampling),
             )  # fmt: skip
 
         out = run()
@@ -483,8 +491,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
         header = (
             f"self-speculative (LayerSkip exit drafts): layers 0-{exit_layer} + {kind} exit draft {k} token(s) a "
-            f"round, the other {depth - exit_layer - 1} of {depth} layers verify; greedy, token-identical to plain "
-            f"generate\naccepted drafts per verification: {out.mean_accepted():.2f} (acceptance rate "
+            f"round, the other {depth - exit_layer - 1} of {depth} layers verify; "
+            + (
+                "greedy, token-identical to plain generate"
+                if sampling is None
+                else f"{sampling_label(sampling)}, distributed as plain sampling from the full model"
+            )
+            + f"\naccepted drafts per verification: {out.mean_accepted():.2f} (acceptance rate "
             f"{out.acceptance_rate():.2f}, {out.rounds} rounds)"
         )
         name = f"self-speculative (E={exit_layer + 1}, k={k})"
@@ -517,7 +530,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return new_tokens(run().sequences[:, p:], eos)
 
         def base() -> int:
-            return new_tokens(plain_greedy(model, ids, mask, n, eos, pad)[:, p:], eos)
+            if sampling is None:
+                return new_tokens(plain_greedy(model, ids, mask, n, eos, pad)[:, p:], eos)
+            torch.manual_seed(sampling["seed"])
+            sampled = plain_sample(model, ids, mask, n, eos, pad, sampling["temperature"], sampling["top_k"])
+            return new_tokens(sampled[:, p:], eos)
 
         timing = compare_tokens_per_s(
             {"generate": base, name: ours}, "generate", repeats=args.repeats, warmup=args.warmup
@@ -604,8 +621,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--min-layers", type=int, help="depth floor of the schedule (default: a quarter of the layers)")
     add_cascade_options(p)
+    g = p.add_argument_group("sampling (--speculative and --cascade; the other decoders are greedy)")
+    g.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample instead of greedy decoding; --speculative and --cascade lossless keep the full model's "
+        "distribution exactly (speculative rejection sampling)",
+    )
+    g.add_argument("--temperature", type=float, default=None, metavar="T", help="sampling temperature (default 1)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest tokens")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default 0)")
     g = p.add_argument_group("timing")
-    g.add_argument("--compare", action="store_true", help="print tokens/s beside plain greedy generate (same prompts)")
+    g.add_argument(
+        "--compare", action="store_true", help="print tokens/s beside plain generate (same prompts, greedy or --sample)"
+    )
     g.add_argument("--repeats", type=int, default=3, help="timed rounds of each, interleaved (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s), generated as one batch")

@@ -39,22 +39,34 @@ def greedy_accept(target_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
 
 
 def speculative_accept(
-    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafts: torch.Tensor,
+    generator: torch.Generator | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative rejection sampling.
 
     p [n, k+1, vocab]: the verifier's distributions after d_0..d_k; q [n, k, vocab]: the draft distributions d_1..d_k
     were drawn from; drafts [n, k]. Returns (accepted [n] in 0..k, next token [n]), the next token drawn from the
     residual norm(max(0, p - q)) at the first rejection, or from p after the last draft when all are accepted.
+    valid [n, k] (optional, a leading run of True per row): rows that drafted fewer than k tokens; a row's drafts end
+    at its first False, so it accepts at most its own run and draws its next token from p after it.
     """
     n, k = drafts.shape
     vocab = p.shape[-1]
     if p.shape != (n, k + 1, vocab) or q.shape != (n, k, vocab):
         raise ValueError(f"p {tuple(p.shape)} and q {tuple(q.shape)} do not fit {k} drafts for {n} rows")
+    if valid is not None:
+        if valid.shape != (n, k):
+            raise ValueError(f"valid {tuple(valid.shape)} does not fit {k} drafts for {n} rows")
+        q = q * valid[..., None]  # no draft there: nothing to take away from p
     p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # [n, k]
     q_d = q.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand((n, k), generator=generator, device=p.device, dtype=p.dtype)
     ok = u * q_d < p_d  # u < p/q without dividing: P(accept) = min(1, p/q)
+    if valid is not None:
+        ok &= valid
     accepted = ok.long().cumprod(1).sum(1)  # [n]
     at = accepted[:, None, None].expand(n, 1, vocab)
     p_a = p.gather(1, at)[:, 0]  # [n, vocab]

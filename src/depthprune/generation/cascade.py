@@ -1,5 +1,5 @@
-"""Big/little cascades (BiLD, Kim et al. 2023), batched and greedy, for any pair of causal LMs that share a tokenizer;
-and the encoder cascade (a pruned classifier first, the full one for the rows it is unsure of).
+"""Big/little cascades (BiLD, Kim et al. 2023), batched, greedy or sampling, for any pair of causal LMs that share a
+tokenizer; and the encoder cascade (a pruned classifier first, the full one for the rows it is unsure of).
 
 Three modes, one loop. Each round, the little model runs from the row's newest token d_0 (committed, not yet in
 either cache) and proposes tokens d_1..d_m one at a time, greedily; the big model then reads d_0..d_m in ONE forward
@@ -19,6 +19,11 @@ model's own:
 
 Neutral settings (the big model decides every token, so the output is the big model's greedy output): fallback=1
 (no confidence is above 1), or rollback=1 (no little token survives unless the big model is certain of it).
+
+Sampling (`do_sample=True`): the little model draws its run, the big model draws the token after the kept part; in
+"lossless" the little tokens are kept by speculative rejection sampling (Leviathan et al. 2023), so the output is
+distributed exactly as sampling from the big model alone; "fallback" and "rollback" sample from whichever model
+decides a token.
 
 Caches: each model has its own full-length cache (`depthprune.kv.decoder_cache`); both are fed the same columns
 d_0..d_M each round (M: the longest little run in the batch), so one 2D mask serves both. A row keeps the columns of
@@ -53,6 +58,7 @@ from depthprune.decoding import (
     wall_time,
 )
 from depthprune.errors import DepthpruneError
+from depthprune.generation.acceptance import sampling_probs, speculative_accept
 from depthprune.generation.calibrate import greedy_continuations, token_consistency
 from depthprune.kv import check_cache, decoder_cache, has_sliding_layers, left_align, truncate_layer
 from depthprune.ltt import ltt_select
@@ -220,8 +226,12 @@ def cascade_generate(
     big_tokenizer: Any = None,
     little_tokenizer: Any = None,
     little_vocab: torch.Tensor | Sequence[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> CascadeOutput:
-    """Greedy big/little cascade decoding of left-padded prompts input_ids [batch, seq] (see the module docstring).
+    """Big/little cascade decoding of left-padded prompts input_ids [batch, seq] (see the module docstring).
 
     mode "fallback" needs `fallback`; "rollback" needs `rollback` (fallback defaults to 0: the little model runs
     `draft_len` tokens a round); "lossless" takes an optional `fallback` (stop drafting early) and is token-identical
@@ -230,8 +240,18 @@ def cascade_generate(
     little_vocab: token ids the little model's head projects onto (its runs and confidences are over these only,
     e.g. `depthprune.exits.vocab_heads.frequent_tokens` of calibration text): the head of a small LM costs several
     layers; the big model always reads the full vocabulary.
+    do_sample: draw tokens from softmax(logits / temperature) (top_k-filtered, if given) with `generator`, as
+    `generate(do_sample=True)` does: the little model samples its run (its confidence is still its max probability),
+    the big model samples the token after the kept run; "lossless" accepts little tokens by speculative rejection
+    sampling (`acceptance.speculative_accept`), so every token is distributed exactly as sampling from the big model.
+    "fallback" and "rollback" sample from whichever model decides (BiLD's policies: not the big model's distribution).
     """
     fallback, rollback = cascade_settings(mode, fallback, rollback, draft_len)
+    if do_sample:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise CascadeError(f"temperature must be > 0 for sampling, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise CascadeError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
     if max_new_tokens < 1:
         raise CascadeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     big_depth, little_depth = check_pair(big, little, big_tokenizer, little_tokenizer)
@@ -257,17 +277,24 @@ def cascade_generate(
         return model(**step_inputs(model, ids, m, pos, cache)).logits  # [n, s, vocab]
 
     subset = None if little_vocab is None else _SubsetHead(little, little_vocab)
+    vocab = decoder_parts(big, "a cascade's big model").adapter.head(big).weight.shape[0]
 
-    def little_next(ids: torch.Tensor, m: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(confidence [n], greedy token [n]) of the little model after ids [n, 1]."""
+    def little_next(ids: torch.Tensor, m: torch.Tensor, pos: torch.Tensor):
+        """(confidence [n], token [n], q [n, vocab] or None) of the little model after ids [n, 1]: greedy, or drawn
+        from q, the distribution it samples from (over the full vocabulary; zero outside `little_vocab`)."""
         if subset is None:
             logits = forward(little, caches[1], ids, m, pos)[:, -1]
-            conf, token = torch.softmax(logits.float(), dim=-1).max(-1)
-            return conf, token
-        h, call = capture_stack(little, step_inputs(little, ids, m, pos, caches[1]))
-        logits = subset(call.run(h, 0, little_depth))[:, -1]  # [n, K]
-        conf, at = torch.softmax(logits.float(), dim=-1).max(-1)
-        return conf, subset.token_ids[at]
+        else:
+            h, call = capture_stack(little, step_inputs(little, ids, m, pos, caches[1]))
+            logits = subset(call.run(h, 0, little_depth))[:, -1]  # [n, K]
+        if not do_sample:
+            conf, at = torch.softmax(logits.float(), dim=-1).max(-1)
+            return conf, (at if subset is None else subset.token_ids[at]), None
+        conf = torch.softmax(logits.float(), dim=-1).max(-1).values
+        q = sampling_probs(logits, temperature, top_k)
+        if subset is not None:
+            q = q.new_zeros((q.shape[0], vocab)).index_copy_(1, subset.token_ids, q)
+        return conf, torch.multinomial(q, 1, generator=generator)[:, 0], q
 
     with torch.no_grad():
         start = wall_time(device)
@@ -285,6 +312,7 @@ def cascade_generate(
             k = min(draft_len, max_new_tokens - int(generated[rows].min()) - 1)  # no row can keep more
             base = cmask.sum(-1, keepdim=True)  # [n, 1] position id of d_0
             drafts: list[torch.Tensor] = []
+            qs: list[torch.Tensor] = []  # sampling: the little distributions the drafts were drawn from
             running = torch.ones(n, dtype=torch.bool, device=device)  # rows whose little run goes on
             runs = torch.zeros(n, dtype=torch.long, device=device)  # m per row
             token = last
@@ -295,7 +323,7 @@ def cascade_generate(
                     call.run(h, 0, little_depth)
                     little_steps += 1
                     break
-                conf, nxt = little_next(token[:, None], ext, base + j)
+                conf, nxt, q = little_next(token[:, None], ext, base + j)
                 little_steps += 1
                 running &= conf > fallback
                 if not bool(running.any()):
@@ -303,24 +331,38 @@ def cascade_generate(
                 runs += running.long()
                 token = torch.where(running, nxt.to(last.dtype), last)  # stopped rows: a dummy, masked later
                 drafts.append(token)
+                if q is not None:
+                    qs.append(q)
             width = len(drafts) + 1  # columns d_0..d_M both models are fed this round
             d = torch.stack(drafts, dim=1) if drafts else last.new_zeros((n, 0))  # [n, M]
             ext = torch.cat([cmask, cmask.new_ones((n, width))], dim=1)
             pos = base + torch.arange(width, device=device)
             target = forward(big, caches[0], torch.cat([last[:, None], d], dim=1), ext, pos)  # [n, M + 1, vocab]
             rounds += 1
-            top = target.argmax(-1)  # [n, M + 1]
             idx_d = torch.arange(width - 1, device=device)
             valid = idx_d < runs[:, None]  # [n, M]
-            if mode == "fallback":
-                ok = valid
-            elif mode == "rollback":
-                p_d = torch.softmax(target[:, :-1].float(), dim=-1).gather(-1, d[..., None])[..., 0]
-                ok = valid & (p_d >= rollback)
+            if do_sample and mode == "lossless":
+                q_all = torch.stack(qs, dim=1) if qs else target.new_zeros((n, 0, vocab))
+                accepted, nxt = speculative_accept(
+                    sampling_probs(target, temperature, top_k), q_all, d, generator, valid=valid
+                )
+                nxt = nxt[:, None]
             else:
-                ok = valid & (d == top[:, :-1])
-            accepted = ok.long().cumprod(1).sum(1)  # [n] leading little tokens kept
-            nxt = top.gather(1, accepted[:, None])  # [n, 1] the big model's token after them
+                if mode == "fallback":
+                    ok = valid
+                elif mode == "rollback":
+                    big_p = sampling_probs(target[:, :-1], temperature, top_k) if do_sample else None
+                    big_p = torch.softmax(target[:, :-1].float(), dim=-1) if big_p is None else big_p
+                    p_d = big_p.gather(-1, d[..., None])[..., 0]
+                    ok = valid & (p_d >= rollback)
+                else:
+                    ok = valid & (d == target[:, :-1].argmax(-1))
+                accepted = ok.long().cumprod(1).sum(1)  # [n] leading little tokens kept
+                after = target.gather(1, accepted[:, None, None].expand(n, 1, target.shape[-1]))[:, 0]  # [n, vocab]
+                if do_sample:  # the big model's token after them
+                    nxt = torch.multinomial(sampling_probs(after, temperature, top_k), 1, generator=generator)
+                else:
+                    nxt = after.argmax(-1, keepdim=True)
             drafted_total += int(runs.sum())
             accepted_total += int(accepted.sum())
 
