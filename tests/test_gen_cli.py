@@ -446,8 +446,9 @@ def test_generate_skipdecode_runs_its_schedule_with_a_floor(folders, capsys):
 
     model, _, _ = folders
     rc, out, err = _run(
-        capsys, "generate", model, "--skipdecode", "2", "--prompt", *PROMPTS, "--max-new-tokens", "6", "--json"
-    )
+        capsys, "generate", model, "--skipdecode", "2", "--skip-cost", "nominal", "--prompt", *PROMPTS,
+        "--max-new-tokens", "6", "--json",
+    )  # fmt: skip
     assert rc == 0, err
     report = json.loads(out)
     floor = default_floor(4)
@@ -464,8 +465,9 @@ def test_generate_skipdecode_runs_its_schedule_with_a_floor(folders, capsys):
     assert default_floor(30) == 8
     # a floor given explicitly, and the plain-text output
     rc, out, _ = _run(
-        capsys, "generate", model, "--skipdecode", "2", "--min-layers", "2", "--prompt", "sea", "--max-new-tokens", "4"
-    )
+        capsys, "generate", model, "--skipdecode", "2", "--min-layers", "2", "--skip-cost", "nominal", "--prompt",
+        "sea", "--max-new-tokens", "4",
+    )  # fmt: skip
     assert rc == 0 and "SkipDecode: the top" in out and "-> 2 layers (floor) of 4" in out
     assert "mean layers per generated token:" in out
 
@@ -485,7 +487,9 @@ def test_generate_skipdecode_saved_schedule(folders, capsys, tmp_path):
     assert SkipSchedule.from_dict(json.loads(out)["schedule"]) == saved
 
 
-@pytest.mark.parametrize("decoder", [["--speculative"], ["--skipdecode", "2"], ["--exit", "fixed:1"]])
+@pytest.mark.parametrize(
+    "decoder", [["--speculative"], ["--skipdecode", "2", "--skip-cost", "nominal"], ["--exit", "fixed:1"]]
+)
 def test_generate_compare_prints_tokens_per_second_beside_plain_generate(folders, capsys, decoder):
     model, heads, _ = folders
     extra = ["--heads", heads, "--uncalibrated"] if decoder[0] == "--exit" else []
@@ -597,3 +601,35 @@ def test_generate_runs_a_calibrated_threshold_and_only_that(folders, capsys, tmp
     assert rc == 2 and "is calibrated for" in err and "drop --uncalibrated" in err
     rc, _, err = _run(capsys, *base, "--exit", "fixed:1", "--uncalibrated")
     assert rc == 0 and "warning: fixed:1 is not calibrated for" in err
+
+
+def test_generate_skipdecode_aims_at_the_measured_cost_by_default(folders, capsys, monkeypatch):
+    """Without --skip-cost, the schedule aims at measured seconds per token: measure_step_cost on the prompts (here
+    replaced by a fixed cost: timings on tiny models are noise), its figures and prediction in the report."""
+    import depthprune.generation.skipdecode as sd
+
+    model, _, _ = folders
+    seen = []
+
+    def fake(lm, ids, mask, *, low_layers=None):
+        seen.append((tuple(ids.shape), low_layers))
+        return sd.StepCost(fixed_s=0.004, per_layer_s=0.002, num_layers=4, batch_size=ids.shape[0])
+
+    monkeypatch.setattr(sd, "measure_step_cost", fake)
+    argv = ["generate", model, "--skipdecode", "1.5", "--prompt", *PROMPTS, "--max-new-tokens", "9", "--json"]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert seen == [((2, seen[0][0][1]), None)] and report["step_cost"]["per_layer_s"] == 0.002
+    cost = fake(None, torch.zeros(2, 1), None)
+    want = sd.floored_schedule(4, 1.5, budget=8, cost=cost)  # 12 ms / 1.5 = 8 ms: 2 layers, not 2.67 (nominal)
+    assert SkipSchedule.from_dict(report["schedule"]) == want != sd.floored_schedule(4, 1.5, budget=8)
+    assert report["predicted_speedup"] == pytest.approx(cost.speedup(report["mean_layers"]))
+    rc, out, err = _run(capsys, *argv[:-1])
+    assert rc == 0 and "measured step cost: 4 ms + 2 ms per layer at batch 2: predicted decode speed-up" in out
+    for extra, message in [
+        (["--skip-cost", "nominal", "--speculative"], "--skip-cost says what a --skipdecode SPEEDUP means"),
+        (["--skipdecode", "saved", "--skip-cost", "measured"], "--min-layers and --skip-cost shape a new schedule"),
+    ]:
+        rc, _, err = _run(capsys, "generate", model, *extra, "--prompt", "sea")
+        assert rc == 2 and message in err, (extra, err)

@@ -448,3 +448,43 @@ def test_floored_schedule_keeps_a_quarter_of_the_layers_by_default():
         floored_schedule(30, 5, budget=63)
     with pytest.raises(ValueError, match="out of range"):
         floored_schedule(30, 31, budget=63)
+
+
+def test_a_measured_step_cost_aims_the_schedule_at_measured_seconds():
+    from depthprune.generation.skipdecode import StepCost, floored_schedule
+
+    # 30 ms of embedding + head + loop and 10 ms per layer: the full step costs 330 ms, 2x is 165 ms = 13.5 layers
+    cost = StepCost(fixed_s=0.03, per_layer_s=0.01, num_layers=30, batch_size=1)
+    assert cost.mean_layers_for(2.0) == pytest.approx(13.5) and cost.speedup(13.5) == pytest.approx(2.0)
+    schedule = floored_schedule(30, 2, budget=63, cost=cost)
+    assert schedule.mean_layers(63) == pytest.approx(13.5, abs=0.05)  # not 15 = the layer ratio's
+    assert floored_schedule(30, 2, budget=63).mean_layers(63) == pytest.approx(15.0, abs=0.05)
+    with pytest.raises(ValueError, match=r"speed-up of 3 means 8 layers.*at most 2.75x measured.*min_layers=8"):
+        floored_schedule(30, 3, budget=63, min_layers=9, cost=cost)
+    with pytest.raises(ValueError, match="fixed cost per token"):
+        floored_schedule(30, 12, budget=63, min_layers=1, cost=cost)
+    with pytest.raises(ValueError, match="measured on 30 layers"):
+        floored_schedule(4, 2, budget=8, cost=cost)
+    with pytest.raises(ValueError, match="too noisy|per_layer_s > 0"):
+        StepCost(fixed_s=0.01, per_layer_s=-0.001, num_layers=30, batch_size=1)
+
+
+def test_measure_step_cost_separates_the_layers_cost_from_the_fixed_cost():
+    """Every layer of a tiny model made to take 20 ms (a sleep in a forward hook): the measured per-layer cost is those
+    20 ms plus the layer's own small time, the fixed cost far below a layer's."""
+    import time
+
+    from depthprune.generation.skipdecode import measure_step_cost
+
+    model = build("llama")
+    handles = [layer.register_forward_hook(lambda *_: time.sleep(0.02)) for layer in model.model.layers]
+    try:
+        ids, mask = input_ids(batch=2, seq=5)
+        cost = measure_step_cost(model, ids, mask, new_tokens=3, repeats=3, low_layers=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert 0.019 < cost.per_layer_s < 0.04 and cost.fixed_s < 0.02 and cost.batch_size == 2
+    assert cost.speedup(1) > 2.0  # 1 of 4 layers, with the fixed cost small
+    with pytest.raises(ValueError, match="low_layers must lie in 1..3"):
+        measure_step_cost(model, ids, mask, low_layers=4)

@@ -6,7 +6,8 @@ pasting the block would see), on tiny random models. What differs from the READM
 - `models`: the embedded aliases name tiny models of the same shape (a 30-layer Llama like SmolLM2, so the README's
   layer counts, plans and exit layers run unchanged; a BERT backbone like MiniLM, with a word-level tokenizer);
 - `_write_data`: the README's `../shared/data/...` files are small ones written at that same relative path;
-- `SIZE`: options that only size the run (how many repeats, prompts, blocks) are reduced, and the decoder `calibrate`,
+- `SIZE` (keyed by the subcommand, or its first one, two or three words): options that only size the run (how many
+  repeats, prompts, blocks) are reduced, SkipDecode aims at the nominal layer ratio, and the decoder `calibrate`,
   which relies on the default model (smollm2), names the tiny one.
 `out/...` paths are left as shown: they land in the working folder.
 """
@@ -41,6 +42,8 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     "train-skipdecode": [("", "--max-blocks 8")],
     "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
     "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
+    # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
+    "generate smollm2 --skipdecode": [("", "--skip-cost nominal")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
 }
 NEEDS = {"--lm-eval": "lm_eval"}
@@ -109,7 +112,7 @@ def _write_data(work: Path) -> None:
 def _argv(command: str, models: dict[str, str]) -> list[str]:
     """The README command as it runs here: SIZE overrides applied to its text, then the model names swapped."""
     words = shlex.split(command)[1:]
-    for key in (words[0], " ".join(words[:2])):
+    for key in (words[0], " ".join(words[:2]), " ".join(words[:3])):
         for old, new in SIZE.get(key, []):
             assert old in command, f"SIZE[{key!r}] expects {old!r} in the README command {command!r}"
             command = command.replace(old, new) if old else f"{command} {new}"

@@ -298,6 +298,8 @@ def _decoder(args: argparse.Namespace) -> str:
             raise ValueError(f"{' and '.join(used)} set the draft of --speculative: add --speculative or drop them")
     if decoder != "skipdecode" and args.min_layers is not None:
         raise ValueError("--min-layers is the depth floor of a --skipdecode schedule: add --skipdecode SPEEDUP")
+    if decoder != "skipdecode" and args.skip_cost is not None:
+        raise ValueError("--skip-cost says what a --skipdecode SPEEDUP means: add --skipdecode SPEEDUP or drop it")
     if args.draft_len is not None and args.draft_len < 1:
         raise ValueError(
             f"--draft-len is the number of tokens drafted per round and must be >= 1, got {args.draft_len}"
@@ -351,16 +353,19 @@ def _truncated(args: argparse.Namespace, heads, tokenizer, eos: list[int]):
     return TruncatedVocabHeads.from_tokens(heads, tokens, coverage=args.draft_vocab, always=eos).eval()
 
 
-def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
-    """The SkipDecode schedule: 'saved' reads the model folder's skip_schedule.json (train-skipdecode); a number is
-    floored_schedule over the decode steps (a depth floor, by default a quarter of the layers)."""
-    from depthprune.generation.skipdecode import floored_schedule
+def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int, model, ids, mask):
+    """(the SkipDecode schedule, the measured StepCost or None): 'saved' reads the model folder's skip_schedule.json
+    (train-skipdecode); a number is floored_schedule over the decode steps (a depth floor, by default a quarter of the
+    layers), aimed at measured seconds per token (`measure_step_cost` on these prompts) unless --skip-cost nominal."""
+    from depthprune.generation.skipdecode import floored_schedule, measure_step_cost
     from depthprune.generation.skipdecode_train import load_schedule
 
     if args.skipdecode == "saved":
-        if args.min_layers is not None:
-            raise ValueError("--min-layers shapes a new schedule; --skipdecode saved uses the folder's own")
-        return load_schedule(model_name)
+        if args.min_layers is not None or args.skip_cost is not None:
+            raise ValueError(
+                "--min-layers and --skip-cost shape a new schedule; --skipdecode saved uses the folder's own"
+            )
+        return load_schedule(model_name), None
     try:
         speedup = float(args.skipdecode)
     except ValueError:
@@ -369,8 +374,12 @@ def _skip_schedule(args: argparse.Namespace, model_name: str, depth: int):
             f"got {args.skipdecode!r}"
         ) from None
     budget = max(1, args.max_new_tokens - 1)  # the decode steps after the prompt's token
+    cost = None
     try:
-        return floored_schedule(depth, speedup, budget=budget, min_layers=args.min_layers)
+        floored_schedule(depth, speedup, budget=budget, min_layers=args.min_layers)  # out of reach: before timing
+        if args.skip_cost != "nominal":
+            cost = measure_step_cost(model, ids, mask, low_layers=args.min_layers)
+        return floored_schedule(depth, speedup, budget=budget, min_layers=args.min_layers, cost=cost), cost
     except ValueError as err:
         raise ValueError(f"--skipdecode: {str(err).replace('min_layers=', '--min-layers ')}") from None
 
@@ -504,7 +513,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from depthprune.generation.skipdecode import skipdecode_generate
 
-        schedule = _skip_schedule(args, model_name, depth)
+        schedule, cost = _skip_schedule(args, model_name, depth, model, ids, mask)
 
         def run():
             return skipdecode_generate(
@@ -520,8 +529,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         header = (
             f"SkipDecode: the top {s.max_layers} -> {s.min_layers} layers (floor) of {depth} per generated token, "
             f"decaying over {s.decay_tokens:.3g} tokens; the first token comes from the full prompt\n"
-            f"mean layers per generated token: {out.mean_layers():.2f} of {depth} (ideal {out.speedup():.2f}x)"
+            f"mean layers per generated token: {out.mean_layers():.2f} of {depth} (layer ratio {out.speedup():.2f}x)"
         )
+        if cost is not None:
+            predicted = cost.speedup(out.mean_layers())
+            report.update(step_cost=cost.to_dict(), predicted_speedup=predicted)
+            header += (
+                f"\nmeasured step cost: {cost.fixed_s * 1e3:.3g} ms + {cost.per_layer_s * 1e3:.3g} ms per layer at "
+                f"batch {cost.batch_size}: predicted decode speed-up {predicted:.2f}x"
+            )
         name = f"skipdecode ({s.max_layers}->{s.min_layers})"
 
     if args.compare:
@@ -620,6 +636,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(train-skipdecode)",
     )
     g.add_argument("--min-layers", type=int, help="depth floor of the schedule (default: a quarter of the layers)")
+    g.add_argument(
+        "--skip-cost",
+        choices=("measured", "nominal"),
+        default=None,
+        help="what SPEEDUP means: measured (default) times decode steps at two depths on these prompts first and "
+        "aims at SPEEDUP in seconds per token (the embedding and LM head do not shrink); nominal: the layer ratio",
+    )
     add_cascade_options(p)
     g = p.add_argument_group("sampling (--speculative and --cascade; the other decoders are greedy)")
     g.add_argument(

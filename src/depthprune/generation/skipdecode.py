@@ -15,6 +15,8 @@ logit soft-capping).
 - `SkipSchedule`: SkipDecode's linear decay of the layer count from max_layers to min_layers over decay_tokens
   generated positions (then min_layers), or a constant count; `SkipSchedule.for_speedup` aims at a mean speed-up.
 - `default_floor`: the depth floor the command line keeps by default (a quarter of the layers).
+- `StepCost` / `measure_step_cost`: the measured seconds of one generated token as fixed + per-layer cost (the
+  embedding, the head and the loop do not shrink with the layer count), so a schedule can aim at a measured speed-up.
 - `skipdecode_generate`: decoding (prompt at full depth).
 - `skipdecode_logits`: the same computation over a whole sequence in one pass (teacher forcing), for perplexity and
   training (`depthprune.generation.skipdecode_train`); equal to the decoding path.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +42,7 @@ from depthprune.decoding import (
     prompt_mask,
     special_tokens,
     step_inputs,
+    wall_time,
 )
 from depthprune.kv import append_holes, check_cache, check_decoder, decoder_cache
 from depthprune.runner import capture_stack
@@ -50,6 +54,81 @@ def default_floor(num_layers: int) -> int:
     return max(1, math.ceil(num_layers / 4))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """Measured seconds of one generated token of `skipdecode_generate` running `layers` layers:
+    fixed_s + per_layer_s * layers (fixed: embedding, final norm + LM head, the loop's own work), at `batch_size`."""
+
+    fixed_s: float
+    per_layer_s: float
+    num_layers: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if not self.per_layer_s > 0 or not self.fixed_s >= 0:
+            raise ValueError(
+                f"a step cost needs per_layer_s > 0 and fixed_s >= 0, got {self.per_layer_s}, {self.fixed_s} (a "
+                "measurement this noisy cannot steer a schedule: measure again on a quieter machine with more "
+                "repeats, or aim at the nominal layer ratio)"
+            )
+
+    def seconds(self, layers: float) -> float:
+        return self.fixed_s + self.per_layer_s * layers
+
+    def speedup(self, mean_layers: float) -> float:
+        """Measured speed-up over the full depth of a schedule running `mean_layers` layers per token on average."""
+        return self.seconds(self.num_layers) / self.seconds(mean_layers)
+
+    def mean_layers_for(self, speedup: float) -> float:
+        """The mean layers per generated token at which decoding runs `speedup` times faster than at full depth
+        (below 0 when the fixed cost alone is more than 1/speedup of a full step: no schedule gets there)."""
+        return (self.seconds(self.num_layers) / speedup - self.fixed_s) / self.per_layer_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measure_step_cost(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    new_tokens: int = 8,
+    repeats: int = 5,
+    low_layers: int | None = None,
+) -> StepCost:
+    """Time `skipdecode_generate` at two constant depths (all layers and `low_layers`, default the depth floor) on
+    these prompts: each call's decode seconds (a call with `new_tokens` + 1 tokens minus one with 1 token, the
+    prompt's) per generated token, the median of `repeats` interleaved rounds after a warm-up; a line through the
+    two gives the fixed and per-layer cost. What `generate --skipdecode SPEEDUP` aims with by default."""
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"new_tokens and repeats must be >= 1, got {new_tokens}, {repeats}")
+    num_layers = len(skipdecode_parts(model).layers)
+    low = default_floor(num_layers) if low_layers is None else low_layers
+    if not 1 <= low < num_layers:
+        raise ValueError(f"low_layers must lie in 1..{num_layers - 1} (below the full depth), got {low}")
+    device = input_ids.device
+
+    def seconds(layers: int, n: int) -> float:
+        start = wall_time(device)
+        skipdecode_generate(
+            model, input_ids, attention_mask, schedule=SkipSchedule.constant(num_layers, layers), max_new_tokens=n,
+            eos_token_id=(),
+        )  # fmt: skip
+        return wall_time(device) - start
+
+    for layers in (num_layers, low):  # warm-up: the first call of each path is slow
+        seconds(layers, 2)
+    per_token: dict[int, list[float]] = {num_layers: [], low: []}
+    for r in range(repeats):
+        for layers in (num_layers, low) if r % 2 == 0 else (low, num_layers):
+            whole, prompt = seconds(layers, new_tokens + 1), seconds(layers, 1)
+            per_token[layers].append((whole - prompt) / new_tokens)
+    high_s, low_s = (statistics.median(per_token[n]) for n in (num_layers, low))
+    per_layer = (high_s - low_s) / (num_layers - low)
+    return StepCost(max(0.0, high_s - per_layer * num_layers), per_layer, num_layers, int(input_ids.shape[0]))
+
+
 def floored_schedule(
     num_layers: int,
     target_speedup: float,
@@ -57,23 +136,40 @@ def floored_schedule(
     budget: int,
     min_layers: int | None = None,
     max_layers: int | None = None,
+    cost: StepCost | None = None,
 ) -> SkipSchedule:
     """`SkipSchedule.for_speedup` with a depth floor: `min_layers`, by default `default_floor` (a quarter of the
     layers). A target whose mean depth lies under the floor is refused with the largest speed-up the floor allows and
-    the `min_layers` that would reach it. What `generate --skipdecode` and `train-skipdecode` build."""
+    the `min_layers` that would reach it. What `generate --skipdecode` and `train-skipdecode` build.
+
+    cost: a measured `StepCost`: the schedule then aims at `target_speedup` in measured seconds per token (its mean
+    depth is `cost.mean_layers_for(target_speedup)`), not at the layer ratio num_layers / mean layers."""
     if not 1.0 <= target_speedup <= num_layers:
         raise ValueError(
             f"speed-up {target_speedup:g} out of range: a {num_layers}-layer model can aim at 1..{num_layers}x"
         )
+    if cost is not None and cost.num_layers != num_layers:
+        raise ValueError(f"the step cost was measured on {cost.num_layers} layers, the schedule has {num_layers}")
     floor = default_floor(num_layers) if min_layers is None else min_layers
-    if num_layers / target_speedup < floor:
+    mean = num_layers / target_speedup if cost is None else cost.mean_layers_for(target_speedup)
+    if mean < floor:
         default = " (the default: a quarter of the depth)" if min_layers is None else ""
+        ceiling = num_layers / floor if cost is None else cost.speedup(floor)
+        measured = "" if cost is None else " measured"
         raise ValueError(
-            f"speed-up {target_speedup:g} means {num_layers / target_speedup:.3g} layers per generated token on "
-            f"average, below the depth floor of {floor} layers{default}; aim lower (at most "
-            f"{num_layers / floor:.3g}x) or pass min_layers={max(1, int(num_layers // target_speedup))}"
+            f"a{measured} speed-up of {target_speedup:g} means {mean:.3g} layers per generated token on average, "
+            f"below the depth floor of {floor} layers{default}; aim lower (at most {ceiling:.3g}x{measured}) or pass "
+            f"min_layers={max(1, math.floor(mean + 1e-9))}"
+            + (
+                ""
+                if cost is None or mean >= 1
+                else f" (the fixed cost per token, {cost.fixed_s * 1e3:.3g} ms of a "
+                f"{cost.seconds(num_layers) * 1e3:.3g} ms full step, leaves no depth that fast)"
+            )
         )
-    return SkipSchedule.for_speedup(num_layers, target_speedup, budget=budget, min_layers=floor, max_layers=max_layers)
+    return SkipSchedule.for_speedup(
+        num_layers, num_layers / mean, budget=budget, min_layers=floor, max_layers=max_layers
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,7 +558,9 @@ def skipdecode_perplexity(
 __all__ = [
     "SkipDecodeOutput",
     "SkipSchedule",
+    "StepCost",
     "default_floor",
+    "measure_step_cost",
     "floored_schedule",
     "skipdecode_generate",
     "skipdecode_logits",
