@@ -45,12 +45,23 @@ def espeak_available() -> bool:
     return shutil.which(ESPEAK) is not None
 
 
-def sentences(n: int, *, path: Path | str | None = None, min_words: int = 6, max_words: int = 22) -> list[str]:
-    """The first `n` plain sentences of the held-out part (chapter 110 on): between min_words and max_words words,
-    no digits, no quotes or brackets (they read badly aloud and are not Whisper's style either)."""
-    from depthprune.data import heldout_text
+def sentences(
+    n: int,
+    *,
+    path: Path | str | None = None,
+    min_words: int = 6,
+    max_words: int = 22,
+    split: str = "heldout",
+) -> list[str]:
+    """The first `n` plain sentences of the held-out part (chapter 110 on; split="calibration": the part before it,
+    for healing): between min_words and max_words words, no digits, no quotes or brackets (they read badly aloud and
+    are not Whisper's style either)."""
+    from depthprune.data import calibration_text, heldout_text
 
-    text = heldout_text(path if path is not None else (BOOK if BOOK.is_file() else None))
+    if split not in ("heldout", "calibration"):
+        raise ValueError(f"split must be 'heldout' or 'calibration', got {split!r}")
+    read = heldout_text if split == "heldout" else calibration_text
+    text = read(path if path is not None else (BOOK if BOOK.is_file() else None))
     text = re.sub(r"CHAPTER \d+\.[^\n]*\n", " ", text)
     text = re.sub(r"\s+", " ", text)
     out = []
@@ -88,10 +99,11 @@ def speak(text: str, voice: str = "en-us", speed: int = 165) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0)
 
 
-def utterances(n: int, *, offset: int = 0, voices=VOICES, speeds=SPEEDS) -> list[Utterance]:
-    """`n` held-out sentences (from the `offset`-th), each read in a voice and speed taken in turn."""
+def utterances(n: int, *, offset: int = 0, voices=VOICES, speeds=SPEEDS, split: str = "heldout") -> list[Utterance]:
+    """`n` held-out sentences (from the `offset`-th; split="calibration": sentences from before chapter 110), each
+    read in a voice and speed taken in turn."""
     out = []
-    for i, text in enumerate(sentences(offset + n)[offset:], start=offset):
+    for i, text in enumerate(sentences(offset + n, split=split)[offset:], start=offset):
         voice, speed = voices[i % len(voices)], speeds[i % len(speeds)]
         out.append(Utterance(text, speak(text, voice, speed), voice, speed))
     return out
