@@ -227,6 +227,9 @@ def encode_cache(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batches = check_batches(model, batches)
     prompt = decoder_prompt(model)
+    positions = getattr(model.config, "max_target_positions", None)
+    if positions is not None:  # a transcript must fit the decoder's positions behind the prompt, with its end
+        max_new_tokens = min(max_new_tokens, int(positions) - len(prompt) - 1)
     from transformers.modeling_outputs import BaseModelOutput
 
     hidden, labels, masks, logits = [], [], [], []
