@@ -122,3 +122,34 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
     import jiwer
 
     return 100.0 * jiwer.wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
+
+
+def write_wavs(utts: list[Utterance], folder: Path | str) -> Path:
+    """The utterances as 16 kHz mono int16 WAV files (utt0000.wav ...) and their texts (texts.json), atomically."""
+    import json
+
+    from scipy.io import wavfile
+
+    from depthprune.fsutil import atomic_folder
+
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
+        for i, u in enumerate(utts):
+            wavfile.write(tmp / f"utt{i:04d}.wav", SAMPLE_RATE, (u.audio * 32767).astype(np.int16))
+        rows = [
+            {"file": f"utt{i:04d}.wav", "text": u.text, "voice": u.voice, "speed": u.speed} for i, u in enumerate(utts)
+        ]
+        (tmp / "texts.json").write_text(json.dumps(rows, indent=1))
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write espeak-ng speech of Moby-Dick sentences as 16 kHz WAV files")
+    parser.add_argument("--split", choices=("calibration", "heldout"), default="calibration")
+    parser.add_argument("--n", type=int, default=160)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(write_wavs(utterances(args.n, split=args.split), args.out))
