@@ -47,7 +47,7 @@ def scorer_plan(full, spec: str, batches, cache) -> str:
     stack, scorer, keep = spec.split(":")
     n = full.config.decoder_layers if stack == "decoder" else full.config.encoder_layers
     scored = []
-    for i, b in enumerate(batches):
+    for i, b in enumerate(batches[:4]):  # 32 utterances: scores of 4 layers settle long before
         rows = slice(i * len(b["input_features"]), (i + 1) * len(b["input_features"]))
         t = int(cache.lengths[rows].max())
         scored.append({**b, "decoder_input_ids": cache.labels[rows, :t]})
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+    from depthprune.plan import LayerPlan
+    from depthprune.static.apply import layer_sizes
     from depthprune.static.export import save_model
     from depthprune.static.heal.distill_seq2seq import EncoderCache, distill_seq2seq, encode_cache
 
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     full = WhisperForConditionalGeneration.from_pretrained(folder).eval()
     processor = WhisperProcessor.from_pretrained(folder)
     args.models.mkdir(parents=True, exist_ok=True)
+    sizes = layer_sizes(full)
 
     cal, cal_batches, cache, trained = None, None, None, {}
     cache_file = args.models / f"cache-{args.cal}.pt"
@@ -105,13 +108,30 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, cache_file)
         return cal, cal_batches, cache
 
-    names = []
+    def folder_name(plan: str) -> str:
+        return plan.replace("=", "-").replace(",", "_").replace(";", "+")
+
+    names, chosen = [], {}
     for spec in args.plans:
-        name = spec.replace(":", "-").replace("=", "-").replace(",", "_").replace(";", "+")
+        plan = spec
+        if spec.count(":") == 2:  # chosen by a scorer: trained under the plan it picks (shared with a named one)
+            cal, cal_batches, cache = calibration()
+            plan = scorer_plan(full, spec, cal_batches, cache)
+            plan = next(
+                (
+                    p
+                    for p in args.plans
+                    if p.count(":") < 2 and LayerPlan.parse(p).resolve(sizes) == LayerPlan.parse(plan).resolve(sizes)
+                ),
+                plan,
+            )
+            chosen.setdefault(folder_name(plan), []).append(spec.split(":")[1])
+        name = folder_name(plan)
         out = args.models / name
+        if name in names:
+            continue
         if not (out / "config.json").is_file():
             cal, cal_batches, cache = calibration()
-            plan = scorer_plan(full, spec, cal_batches, cache) if spec.count(":") == 2 else spec
             encoder_plan = plan.startswith("encoder") or "encoder=" in plan
             result = distill_seq2seq(
                 full,
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(info), flush=True)
         trained[name] = json.loads((out / "heal_log.json").read_text())
         names.append(name)
+    for name, scorers in chosen.items():
+        trained[name]["chosen_by"] = scorers
     if args.train_only:
         return 0
 
