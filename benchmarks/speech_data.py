@@ -45,12 +45,23 @@ def espeak_available() -> bool:
     return shutil.which(ESPEAK) is not None
 
 
-def sentences(n: int, *, path: Path | str | None = None, min_words: int = 6, max_words: int = 22) -> list[str]:
-    """The first `n` plain sentences of the held-out part (chapter 110 on): between min_words and max_words words,
-    no digits, no quotes or brackets (they read badly aloud and are not Whisper's style either)."""
-    from depthprune.data import heldout_text
+def sentences(
+    n: int,
+    *,
+    path: Path | str | None = None,
+    min_words: int = 6,
+    max_words: int = 22,
+    split: str = "heldout",
+) -> list[str]:
+    """The first `n` plain sentences of the held-out part (chapter 110 on; split="calibration": the part before it,
+    for healing): between min_words and max_words words, no digits, no quotes or brackets (they read badly aloud and
+    are not Whisper's style either)."""
+    from depthprune.data import calibration_text, heldout_text
 
-    text = heldout_text(path if path is not None else (BOOK if BOOK.is_file() else None))
+    if split not in ("heldout", "calibration"):
+        raise ValueError(f"split must be 'heldout' or 'calibration', got {split!r}")
+    read = heldout_text if split == "heldout" else calibration_text
+    text = read(path if path is not None else (BOOK if BOOK.is_file() else None))
     text = re.sub(r"CHAPTER \d+\.[^\n]*\n", " ", text)
     text = re.sub(r"\s+", " ", text)
     out = []
@@ -88,10 +99,11 @@ def speak(text: str, voice: str = "en-us", speed: int = 165) -> np.ndarray:
     return np.clip(audio, -1.0, 1.0)
 
 
-def utterances(n: int, *, offset: int = 0, voices=VOICES, speeds=SPEEDS) -> list[Utterance]:
-    """`n` held-out sentences (from the `offset`-th), each read in a voice and speed taken in turn."""
+def utterances(n: int, *, offset: int = 0, voices=VOICES, speeds=SPEEDS, split: str = "heldout") -> list[Utterance]:
+    """`n` held-out sentences (from the `offset`-th; split="calibration": sentences from before chapter 110), each
+    read in a voice and speed taken in turn."""
     out = []
-    for i, text in enumerate(sentences(offset + n)[offset:], start=offset):
+    for i, text in enumerate(sentences(offset + n, split=split)[offset:], start=offset):
         voice, speed = voices[i % len(voices)], speeds[i % len(speeds)]
         out.append(Utterance(text, speak(text, voice, speed), voice, speed))
     return out
@@ -110,3 +122,34 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
     import jiwer
 
     return 100.0 * jiwer.wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
+
+
+def write_wavs(utts: list[Utterance], folder: Path | str) -> Path:
+    """The utterances as 16 kHz mono int16 WAV files (utt0000.wav ...) and their texts (texts.json), atomically."""
+    import json
+
+    from scipy.io import wavfile
+
+    from depthprune.fsutil import atomic_folder
+
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
+        for i, u in enumerate(utts):
+            wavfile.write(tmp / f"utt{i:04d}.wav", SAMPLE_RATE, (u.audio * 32767).astype(np.int16))
+        rows = [
+            {"file": f"utt{i:04d}.wav", "text": u.text, "voice": u.voice, "speed": u.speed} for i, u in enumerate(utts)
+        ]
+        (tmp / "texts.json").write_text(json.dumps(rows, indent=1))
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write espeak-ng speech of Moby-Dick sentences as 16 kHz WAV files")
+    parser.add_argument("--split", choices=("calibration", "heldout"), default="calibration")
+    parser.add_argument("--n", type=int, default=160)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(write_wavs(utterances(args.n, split=args.split), args.out))

@@ -26,7 +26,7 @@ import pytest
 import torch
 import transformers
 from gguf_files import write_tiny_gguf
-from tiny_models import CASES, WORDS, build, tokenizer
+from tiny_models import CASES, WORDS, build, save_speech_model, tokenizer, write_wavs
 
 from depthprune.cli.main import main
 from depthprune.data import calibration_text, heldout_text
@@ -45,6 +45,7 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
     "generate smollm2 --skipdecode": [("", "--skip-cost nominal")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
+    "prune ~/.cache/depthprune/whisper-tiny.en": [("epochs=6", "epochs=1"), ("", "--option max_new_tokens=4")],
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
@@ -87,7 +88,9 @@ def models(tmp_path_factory) -> dict[str, str]:
     for name in ("smollm2", "minilm"):
         tokenizer(WORDS + "call me ishmael buy now".split()).save_pretrained(root / name)
     gguf_file = write_tiny_gguf(llama, root / "model.gguf")  # the same 30-layer Llama, Q4_1, as llama.cpp reads it
+    save_speech_model(root / "whisper", decoder_layers=4)  # Whisper tiny.en's 4 decoder layers, tiny otherwise
     return {
+        "~/.cache/depthprune/whisper-tiny.en": str(root / "whisper"),
         "smollm2": str(root / "smollm2"),
         "[MODEL]": str(root / "smollm2"),
         "minilm": str(root / "minilm"),
@@ -104,6 +107,7 @@ def _write_data(work: Path) -> None:
     mails = [("ham", f"Subject: {w}\n\nthe boat sails at noon {w}") for w in WORDS]
     mails += [("spam", f"Subject: WIN\n\nbuy the white whale now {w}!!!") for w in WORDS]
     (data / "spam-assassin.jsonl").write_text("\n".join(json.dumps({"label": y, "raw": r}) for y, r in mails))
+    write_wavs(work / "out" / "speech")  # what benchmarks/speech_data.py --out out/speech writes (noise here)
     for name in BENCHMARK_SAMPLES:
         (work / "benchmarks" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(README.parent / "benchmarks" / name, work / "benchmarks" / name)
@@ -156,7 +160,11 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
             record = config["depthprune_healing"]
             assert record["method"] == method and f"healed by {method}" in out
             extra = len(record.get("replacements", []))
-        if "--plan" in argv:
+        if "--audio" in argv:  # a speech model: the decoder plan, healed on the WAV folder, with its feature extractor
+            assert config["decoder_layers"] == LayerPlan.parse(option["--plan"]).num_layers()["decoder"]
+            assert config["depthprune_healing"]["method"] == "distill" and "healed by distill" in out
+            assert (folder / "preprocessor_config.json").is_file()
+        elif "--plan" in argv:
             planned = sum(LayerPlan.parse(option["--plan"]).num_layers().values())
             assert config["num_hidden_layers"] == planned + extra
         elif "--remove" in argv:

@@ -374,3 +374,34 @@ def tiny_vocab_model(seed: int = 3) -> nn.Module:
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # a peaked next-token distribution, far from the drafts'
     return model
+
+
+def save_speech_model(folder, decoder_layers: int = 3, seed: int = 0) -> nn.Module:
+    """A tiny random Whisper saved as a speech model folder: weights, a word tokenizer and a feature extractor of its
+    size (8 mel bins, 16 frames: 1 s of 16 kHz audio, hop 1000), as `prune --audio` reads it. Returns the model."""
+    config = CASES["whisper"].config()
+    config.decoder_layers = decoder_layers
+    torch.manual_seed(seed)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer(WORDS).save_pretrained(folder)
+    transformers.WhisperFeatureExtractor(feature_size=8, chunk_length=1, hop_length=1000).save_pretrained(folder)
+    return model
+
+
+def write_wavs(folder, n: int = 4, seconds: float = 0.6, rate: int = 16_000, seed: int = 0) -> list:
+    """`n` WAV files of noise bursts (int16, mono, `rate` Hz) in `folder`: calibration speech for the tiny Whisper."""
+    from pathlib import Path
+
+    import numpy as np
+    from scipy.io import wavfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        samples = (rng.standard_normal(int(seconds * rate)) * 3000 * (1 + i)).astype(np.int16)
+        paths.append(folder / f"utt{i:02d}.wav")
+        wavfile.write(paths[-1], rate, samples)
+    return paths

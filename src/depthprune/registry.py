@@ -198,7 +198,9 @@ HEALERS = Registry("healing method", "HEALER", plural="healing methods (static p
         ),
         "distill": (
             "depthprune.static.heal.distill",
-            "LoRA on the pruned model, trained to the untouched model's next-token distribution (KL + NLL), merged",
+            "LoRA on the pruned model, trained to the untouched model's next-token distribution (KL + NLL), merged; "
+            "encoder-decoders: the decoder trained on the frozen encoder's cached outputs and the full model's "
+            "transcripts",
         ),
     }
 )

@@ -113,6 +113,18 @@ def sampling_label(sampling: dict[str, Any] | None) -> str:
     return f"sampling (temperature {sampling['temperature']:g}{top}, seed {sampling['seed']})"
 
 
+class Preprocessors:
+    """What saves beside a model: its tokenizer and, for a speech model, its feature extractor (each may be None),
+    saved as one `save_pretrained(folder)`, so the export loads in a transformers `pipeline`."""
+
+    def __init__(self, *parts: Any):
+        self.parts = [p for p in parts if p is not None]
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        for part in self.parts:
+            part.save_pretrained(folder)
+
+
 def calibrate_check_write(
     names: Sequence[str],
     calibrate_one: Callable[[str], Any],

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from depthprune.cli import harness, report
 from depthprune.cli.common import (
     MODEL_HELP,
+    Preprocessors,
     add_calibration_options,
     add_tokenizer_option,
     calibration_from_args,
@@ -116,6 +117,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         stage_options(args.heal, options)  # an unknown method or a chain's unnamed option fails before loading
     if options and not args.heal:
         raise ValueError("--option sets a healer's options; it needs --heal METHOD")
+    if args.audio is not None:
+        return _prune_speech(args, options, gguf_source)
     model = load_model(args.model)
     if args.plan is not None:  # a plan tokenizes nothing: the tokenizer is only copied along when there is one
         source = args.tokenizer or args.model
@@ -146,6 +149,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{args.model} has no tokenizer: saved the model alone (add one with --tokenizer)")
     loader = f"llama.cpp, or from_pretrained(folder, gguf_file={out.name!r})" if gguf_source else "from_pretrained"
     print(f"saved to {out}; load it with {loader}" + ("" if gguf_source else f"({str(out)!r})"))
+    return 0
+
+
+def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_source: str | None) -> int:
+    """`prune SPEECH_MODEL --plan ... --heal distill --audio DIR`: heal on the WAV files of DIR, the encoder frozen."""
+    from transformers import AutoFeatureExtractor
+
+    from depthprune.audio import audio_files, speech_batches
+    from depthprune.io import has_tokenizer, load_model, local_folder
+    from depthprune.plan import LayerPlan
+    from depthprune.static.heal import heal
+
+    if not args.heal:
+        raise ValueError("--audio is the calibration speech of a healer: add --heal distill (or drop --audio)")
+    if args.plan is None:
+        raise ValueError("--audio heals an explicit plan: give --plan (e.g. decoder=0,3: the first and last layer)")
+    if gguf_source is not None:
+        raise ValueError("a speech model exports to a folder, not GGUF: give -o FOLDER")
+    audio_files(args.audio)  # a missing or empty folder fails before the model loads
+    model = load_model(args.model)
+    if not getattr(model.config, "is_encoder_decoder", False) or model.main_input_name != "input_features":
+        raise ValueError(
+            f"--audio needs a speech encoder-decoder (Whisper); {args.model} is a {type(model).__name__}: "
+            "heal it on calibration text (drop --audio)"
+        )
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(local_folder(args.model))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{args.model} has no feature extractor (preprocessor_config.json): {err}") from None
+    batches = speech_batches(extractor, args.audio, batch_size=8)
+    source = args.tokenizer or args.model
+    tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
+    plan = LayerPlan.parse(args.plan)
+    healed = heal(model, plan, batches, method=args.heal, progress=True, **options)
+    out = save_output(healed, Preprocessors(tokenizer, extractor), args, None)
+    utterances = sum(len(b["input_features"]) for b in batches)
+    print(f"plan {plan.to_text()}, healed by {args.heal} on {utterances} utterances of {args.audio}")
+    print(f"saved to {out}; load it with from_pretrained({str(out)!r}) or pipeline('automatic-speech-recognition')")
     return 0
 
 
@@ -274,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--heal", help="heal the pruned model with this method on the calibration text (e.g. fold, or fold+distill)"
     )
     _add_healer_options(p)
+    p.add_argument(
+        "--audio",
+        metavar="DIR",
+        help="speech models (Whisper): a folder of 16 kHz WAV files to heal on, instead of calibration text; the "
+        "full model's transcripts are the targets (with --plan and --heal distill)",
+    )
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)
 

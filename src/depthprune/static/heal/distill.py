@@ -12,6 +12,9 @@ Training runs `epochs` passes over the calibration blocks, or stops at `max_toke
 first, through `depthprune.training.train` (checkpoints hold the LoRA weights; `resume=True`). At the end the LoRA
 updates are merged (`merge_and_unload` on a copy) into an ordinary model of the input's class. The input model is
 never modified.
+
+Encoder-decoders (Whisper, BART, T5) are healed by the same method with their encoder frozen and cached:
+`distill_seq2seq.py`, which `heal` hands them to.
 """
 
 from __future__ import annotations
@@ -245,7 +248,13 @@ def distill_heal(
 def heal(
     model: nn.Module, plan: LayerPlan | str, batches: list[torch.Tensor], *, progress: bool = False, **options: Any
 ) -> nn.Module:
-    """The healer interface: a new model of `model`'s class running `plan`, healed by distillation (`distill_heal`)."""
+    """The healer interface: a new model of `model`'s class running `plan`, healed by distillation (`distill_heal`;
+    an encoder-decoder, whose batches are encoder inputs, by `distill_seq2seq.distill_seq2seq`: encoder frozen and
+    cached, decoder trained)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        from depthprune.static.heal import distill_seq2seq
+
+        return distill_seq2seq.heal(model, plan, batches, progress=progress, **options)
     check_options("distill", distill_heal, options, extra=RunKwargs.__annotations__)
     return distill_heal(model, plan, batches, progress=progress, **options).model
 

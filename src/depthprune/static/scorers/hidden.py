@@ -52,14 +52,22 @@ def resolve_target(model: nn.Module, stack: str | None, n_remove: int, scorer: s
     return Target(adapter, spec, n_layers)
 
 
-def as_batches(batches: Sequence[torch.Tensor] | torch.Tensor, scorer: str, min_len: int = 1) -> list[torch.Tensor]:
-    """Validate calibration batches: a list of LongTensor [batch, seq] token ids (a single 2-D tensor is one batch)."""
-    if isinstance(batches, torch.Tensor):
+def as_batches(
+    batches: Sequence[torch.Tensor] | torch.Tensor, scorer: str, min_len: int = 1, *, inputs: bool = False
+) -> list[torch.Tensor]:
+    """Validate calibration batches: a list of LongTensor [batch, seq] token ids (a single 2-D tensor is one batch).
+    inputs=True also takes dicts of forward-pass keyword arguments (an encoder-decoder's own inputs, e.g. Whisper's
+    input_features with the decoder_input_ids of its transcripts)."""
+    if isinstance(batches, (torch.Tensor, dict)):
         batches = [batches]
     batches = list(batches)
     if not batches:
         raise ValueError(f"{scorer}: no calibration batches given; pass a list of LongTensor [batch, seq] token ids")
     for i, ids in enumerate(batches):
+        if inputs and isinstance(ids, dict):
+            if not ids or not all(isinstance(v, torch.Tensor) for v in ids.values()):
+                raise ValueError(f"{scorer}: batch {i} is a dict; it must map forward-pass argument names to tensors")
+            continue
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[1] < min_len:
             what = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(
@@ -68,10 +76,16 @@ def as_batches(batches: Sequence[torch.Tensor] | torch.Tensor, scorer: str, min_
     return batches
 
 
-def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+def model_inputs(model: nn.Module, ids: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, Any]:
     """Keyword arguments for one plain forward pass on token ids [batch, seq]: an encoder-decoder reads `ids` on
-    both sides; models with a KV cache are asked not to build one."""
+    both sides (or `ids` is a dict of the forward's own arguments); models with a KV cache are asked not to build
+    one."""
     device = next(model.parameters()).device
+    if isinstance(ids, dict):
+        kwargs = {k: v.to(device) for k, v in ids.items()}
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            kwargs["use_cache"] = False
+        return kwargs
     ids = ids.to(device)
     kwargs: dict[str, Any] = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
@@ -79,6 +93,10 @@ def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     return kwargs
+
+
+def _encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -121,7 +139,8 @@ def check_arguments(
     if loss:
         require_causal_lm(model, scorer)
     target = resolve_target(model, stack, n_remove, scorer)
-    batches = as_batches(batches, scorer, min_len=2 if loss else 1)
+    # dicts of forward arguments: for an encoder-decoder's own inputs (Whisper's features), hidden-state scorers only
+    batches = as_batches(batches, scorer, min_len=2 if loss else 1, inputs=not loss and _encoder_decoder(model))
     if loss and target.n_layers < 2:
         raise ValueError(f"{scorer}: stack {target.name!r} has a single layer; there is nothing to compare")
     return target, batches
@@ -179,9 +198,9 @@ def stack_call(model: nn.Module, ids: torch.Tensor, target: Target) -> tuple[tor
 
 @torch.no_grad()
 def stack_states(model: nn.Module, ids: torch.Tensor, target: Target) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Inputs and outputs [batch, seq, hidden] of each layer of the stack on token ids [batch, seq] (outputs[i] equals
-    inputs[i + 1]); `model` must already be in eval mode."""
-    if not runner_serves(model, target):
+    """Inputs and outputs [batch, seq, hidden] of each layer of the stack on token ids [batch, seq] or a dict of
+    forward arguments (outputs[i] equals inputs[i + 1]); `model` must already be in eval mode."""
+    if isinstance(ids, dict) or not runner_serves(model, target):  # dicts: recorded in the model's own forward
         with record_stack(model, target) as calls:
             backbone(model)(**model_inputs(model, ids))
         if len(calls) != target.n_layers:
