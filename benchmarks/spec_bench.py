@@ -105,6 +105,9 @@ class Method:
     batch1_only: bool = False
 
 
+REFERENCE = "reference generate"
+
+
 # ---- the methods ----------------------------------------------------------------------------------------------------
 def greedy_config(model) -> Callable[..., Any]:
     """(max_new_tokens, **fields) -> a fresh copy of the model's generation config, greedy, with no end-of-sequence
@@ -199,19 +202,25 @@ def agreement(methods: dict[str, Method], prompts, max_new_tokens: int, batch_si
     generate's on the same batch), agreement (token agreement), mean_accepted / acceptance_rate (speculative)."""
     p = prompts.shape[1]
     zero = {"identical": 0, "agreement": 0.0, "accepted": 0, "drafted": 0, "verifications": 0}
+    zero.update(ref_identical=0, ref_agreement=0.0)
     sums = {name: dict(zero) for name in methods}
     for ids in prompts.split(batch_size):
-        ref = methods["generate"].run(ids, max_new_tokens)[0][:, p:].tolist()
+        plain_seq = methods["generate"].run(ids, max_new_tokens)[0]
+        ref = plain_seq[:, p:].tolist()
+        other = methods[REFERENCE].run(ids, max_new_tokens)[0][:, p:].tolist() if REFERENCE in methods else None
         for name, method in methods.items():
-            if name == "generate":
-                continue
-            seq, out = method.run(ids, max_new_tokens)
+            seq, out = (plain_seq, None) if name == "generate" else method.run(ids, max_new_tokens)
             if seq.shape[1] != p + max_new_tokens:
                 raise RuntimeError(f"{name} made {seq.shape[1] - p} tokens, not {max_new_tokens}")
             s = sums[name]
-            for got, want in zip(seq[:, p:].tolist(), ref, strict=True):
+            for i, (got, want) in enumerate(zip(seq[:, p:].tolist(), ref, strict=True)):
                 s["identical"] += int(got == want)
                 s["agreement"] += token_consistency(got, want)
+                if other is not None:  # against the reference (untouched) model's greedy continuation
+                    s["ref_identical"] += int(got == other[i])
+                    s["ref_agreement"] += token_consistency(got, other[i])
+            if out is None:
+                continue
             if getattr(out, "verifications", None) is not None:
                 s["accepted"] += int(out.accepted.sum())
                 s["drafted"] += int(out.drafted.sum())
@@ -219,9 +228,9 @@ def agreement(methods: dict[str, Method], prompts, max_new_tokens: int, batch_si
     n = len(prompts)
     figures = {}
     for name, s in sums.items():
-        if name == "generate":
-            continue
         figures[name] = {"identical": s["identical"] / n, "agreement": s["agreement"] / n}
+        if REFERENCE in methods:
+            figures[name].update(ref_identical=s["ref_identical"] / n, ref_agreement=s["ref_agreement"] / n)
         if s["verifications"]:
             figures[name]["mean_accepted"] = s["accepted"] / s["verifications"]
             figures[name]["acceptance_rate"] = s["accepted"] / max(1, s["drafted"])
@@ -373,6 +382,13 @@ def main() -> None:
     p.add_argument("--no-speculative", action="store_true")
     p.add_argument("--no-skipdecode", action="store_true")
     p.add_argument("--out", default="benchmarks/spec")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="a second model (e.g. the untouched one beside an adapted --model): its plain generate is timed in the "
+        "same interleaved rounds and every configuration's agreement with its greedy output is reported (ref_*)",
+    )
+    p.add_argument("--data", default=None, help="the book whose held-out part gives the prompts (default: packaged)")
     args = p.parse_args()
     check_timing_arguments(p, args)
     if args.no_speculative and args.no_skipdecode:
@@ -389,9 +405,13 @@ def main() -> None:
     model = load_model(args.model, task="causal-lm").eval()
     tokenizer = load_tokenizer(args.model)
     num_layers = len(get_adapter(model).run_sequence(model, "decoder"))
-    prompts = prompt_blocks(tokenizer, heldout_text(), args.prompts, args.prompt_len)
+    prompts = prompt_blocks(tokenizer, heldout_text(args.data), args.prompts, args.prompt_len)
     config = greedy_config(model)
     methods = {"generate": plain(model, config)}
+    if args.reference:  # e.g. the untouched model beside a LayerSkip-adapted one: timed and compared in the same run
+        reference = load_model(args.reference, task="causal-lm").eval()
+        methods[REFERENCE] = dataclasses.replace(plain(reference, greedy_config(reference)), name=REFERENCE)
+        methods[REFERENCE].row.update(method="reference", model=args.reference)
     report: dict[str, Any] = {}
 
     if not args.no_speculative:
@@ -492,7 +512,8 @@ def main() -> None:
             results[name].update({f"{k}_b{bs}": v for k, v in t.items()})
 
     rows = {name: {"name": name, **m.row, **results[name]} for name, m in methods.items() if name != "generate"}
-    per_b = [f"{c}_b{bs}" for bs in args.batch_sizes for c in ("identical", "mean_accepted", "speedup", "e2e_speedup")]
+    figs = ("identical", "mean_accepted", "speedup", "e2e_speedup") + (("ref_agreement",) if args.reference else ())
+    per_b = [f"{c}_b{bs}" for bs in args.batch_sizes for c in figs]
     spec_cols = ["name", "draft", "exit_layer", "skipped", "draft_len", "vocab_k", "vocab_coverage", "chosen", *per_b]
     per_b = [f"{c}_b{bs}" for bs in args.batch_sizes for c in ("agreement", "identical", "speedup", "e2e_speedup")]
     skip_cols = ["model", "target", "schedule", "mean_layers", "ideal_speedup", "ppl", "ppl_full", *per_b]
@@ -520,6 +541,12 @@ def main() -> None:
     print(text)
     write_atomic(out / "spec_table.txt", text + "\n")
     write_atomic(out / "spec_table.md", "\n".join(mds))
+    if args.reference:
+        report["reference"] = {
+            "model": args.reference,
+            "generate_vs_reference": {k: v for k, v in results["generate"].items() if k.startswith("ref_")},
+            "reference_speedup": {k: v for k, v in results[REFERENCE].items() if "speedup" in k or "tok_s" in k},
+        }
     report = {
         "speculative": spec_rows,
         "skipdecode_rows": skip_rows,

@@ -40,6 +40,7 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # 40 prompts: enough for Hoeffding to certify delta 0.2 at epsilon 0.05 (n >= 38), so generate has a threshold
     "calibrate out/smollm2-lens": [("", "--model smollm2 --prompts 40 --prompt-len 16 --max-new-tokens 8")],
     "train-skipdecode": [("", "--max-blocks 8")],
+    "train-layerskip": [("", "--max-blocks 2 --seq-len 16")],
     "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
     "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
     # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
@@ -176,6 +177,8 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert config["num_hidden_layers"] == 30 - int(option["--remove"]) and "calibration NLL" in out
     elif command == "eval":
         assert "perplexity" in out
+    elif command == "train-layerskip":
+        assert {"adapter_config.json", "layerskip.json"} <= {p.name for p in folder.iterdir()} and "LoRA rank" in out
     elif command == "train-exits":
         assert {"exit_heads.json", "decoder_exit_heads.json"} & {p.name for p in folder.iterdir()}
     elif command == "calibrate":

@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: Hugging Face ids, local folders, GGUF files, and the embedded default model.
+"""Loading models and tokenizers: Hugging Face ids, local folders, GGUF files, the embedded default model, and peft
+LoRA adapter folders (base + adapter, merged into a plain model).
 
 A GGUF checkpoint is de-quantized once into a cached safetensors folder (the first load takes a while; later loads
 read the cached copy in well under a second).
@@ -73,6 +74,30 @@ def resolve_source(name: str | os.PathLike | None) -> tuple[str, str | None]:
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} is neither a model folder nor a .gguf file")
     return name, None
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(name: str | os.PathLike | None) -> str | None:
+    """The base model a peft adapter folder names (its adapter_config.json's base_model_name_or_path), or None when
+    `name` is not an adapter-only folder (a folder with a config.json is an ordinary model folder, even with an
+    adapter beside it: e.g. a LayerSkip folder saved with its merged weights)."""
+    import json
+
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    if not (path / ADAPTER_CONFIG).is_file() or (path / "config.json").exists():
+        return None
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(
+            f"{path / ADAPTER_CONFIG} names no base_model_name_or_path; set it to the model the adapter was trained on"
+        )
+    if Path(str(base)).expanduser().resolve() == path.resolve():
+        raise ModelLoadError(f"{path / ADAPTER_CONFIG} names its own folder as its base model")
+    return str(base)
 
 
 def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
@@ -217,6 +242,18 @@ def load_model(
     """
     from transformers import AutoConfig
 
+    base = adapter_base(name)
+    if base is not None:  # a peft adapter folder: its base, the adapter merged in (a plain model of the base's class)
+        from peft import PeftModel
+
+        model = load_model(base, task=task, dtype=dtype, **kwargs)
+        try:
+            merged = PeftModel.from_pretrained(model, str(name)).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f"could not apply the adapter in {name} to its base model {base!r}: {err}") from err
+        for p in merged.parameters():
+            p.requires_grad_(True)
+        return merged.eval()
     source = local_folder(name)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -238,10 +275,17 @@ def load_model(
 def has_tokenizer(name: str | os.PathLike | None = None) -> bool:
     """Whether `name` comes with a tokenizer: a local folder holding tokenizer files, else (hub id, GGUF, embedded
     alias) assumed so."""
+    base = adapter_base(name)
+    if base is not None:  # a peft adapter folder: its own tokenizer files, else its base model's
+        return _tokenizer_files(Path(name).expanduser()) or has_tokenizer(base)
     folder, gguf_file = resolve_source(name)
     path = Path(folder)
     if gguf_file is not None or not path.is_dir():
         return True
+    return _tokenizer_files(path)
+
+
+def _tokenizer_files(path: Path) -> bool:
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -250,12 +294,15 @@ def load_tokenizer(name: str | os.PathLike | None = None) -> Any:
     (instead of transformers guessing a tokenizer class from config.json and asking for sentencepiece)."""
     from transformers import AutoTokenizer
 
+    base = adapter_base(name)
+    if base is not None and not _tokenizer_files(Path(name).expanduser()):  # an adapter folder: its base's tokenizer
+        return load_tokenizer(base)
     if not has_tokenizer(name):
         raise ModelLoadError(
             f"{name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass one with --tokenizer "
             "(a folder, hub id or alias such as smollm2), or load_tokenizer(...) of the model it came from"
         )
-    source = local_folder(name)
+    source = str(Path(name).expanduser()) if base is not None else local_folder(name)
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as err:

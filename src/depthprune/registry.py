@@ -161,6 +161,15 @@ RECIPES = Registry("training recipe").add_builtins(
     }
 )
 
+BACKBONE_RECIPES = Registry("backbone recipe", plural="backbone recipes (decoders trained for exits)").add_builtins(
+    {
+        "layerskip": (
+            "depthprune.exits.train.layerskip:train_layerskip",
+            "LayerSkip: layer dropout rising with depth + early-exit loss on the shared head, curriculum, LoRA",
+        ),
+    }
+)
+
 KV_STRATEGIES = Registry("kv strategy", plural="kv strategies (skipped layers' cache)").add_builtins(
     {
         "propagate": (
@@ -223,6 +232,7 @@ REGISTRIES: dict[str, Registry] = {
     "criteria": CRITERIA,
     "token_criteria": TOKEN_CRITERIA,
     "recipes": RECIPES,
+    "backbone_recipes": BACKBONE_RECIPES,
     "kv_strategies": KV_STRATEGIES,
     "head_kinds": HEAD_KINDS,
     "healers": HEALERS,

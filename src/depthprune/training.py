@@ -248,6 +248,7 @@ def train_stages(
     find_unused_parameters: bool = False,
     progress: bool = True,
     desc: str = "train",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainRun:
     """Run `stages` in order over `data` (a torch Dataset, or a tensor whose rows are the examples, batched by
     `collate`), through Accelerate; parameters change in place. Returns the run's record.
@@ -261,6 +262,8 @@ def train_stages(
     folder a model in the loss was loaded from is never written. At the end the main process fills a temporary folder
     with `save` (one saver or a list, each called as saver(folder, run); default: the run as train_log.json), moves
     the checkpoints in and swaps it in (depthprune.fsutil.atomic_folder); the folder exists, empty, when savers run.
+    on_step(step, total): called before each batch with the optimizer steps this stage has done and its total (a
+    curriculum that depends on the training progress; a resumed run gets the same values).
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
@@ -365,6 +368,8 @@ def train_stages(
                         sums = torch.zeros_like(sums)
                 for b, batch in enumerate(bar, start=skip):
                     torch.manual_seed(_step_seed(seed, accelerator.process_index, global_step))
+                    if on_step is not None:
+                        on_step(sum(len(dl) for dl in loaders[:epoch]) + b, total)
                     output = wrapped(batch)
                     parts = output if isinstance(output, dict) else {"loss": output}
                     accelerator.backward(parts["loss"])

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the exported model from an earlier run")
     p.set_defaults(func=cmd_demo)
 
-    from depthprune.cli import train_skipdecode
+    from depthprune.cli import train_layerskip, train_skipdecode
     from depthprune.cli.exits import add_commands
     from depthprune.cli.fusion import add_commands as add_fusion_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
@@ -390,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_skipdecode.add_arguments(p)
     p.set_defaults(func=functools.partial(train_skipdecode.run, parser=p))
+
+    p = sub.add_parser(
+        "train-layerskip",
+        help="train a causal LM's backbone for early exits (LayerSkip: layer dropout + early-exit loss, curriculum) "
+        "with LoRA; writes the adapter; multi-process: accelerate launch -m depthprune train-layerskip ...",
+        description=train_layerskip.DESCRIPTION,
+    )
+    train_layerskip.add_arguments(p)
+    p.set_defaults(func=functools.partial(train_layerskip.run, parser=p))
 
     p = sub.add_parser(
         "list",
