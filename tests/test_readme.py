@@ -42,6 +42,7 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
     "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
+    "calibrate-split": [("", "--prompts 12 --prompt-len 8 --max-new-tokens 2 --delta 0.3 --grid 1.0 0.5")],
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
@@ -171,6 +172,9 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         results = json.loads((folder / "calibration.json").read_text())
         assert [r["criterion"] for r in results] == option["--criterion"].split(",")
         assert all(r["delta"] == float(option.get("--delta", 0.2)) for r in results)  # written by this command
+    elif command == "calibrate-split":
+        record = json.loads((work / option["--exits"] / "split_calibration.json").read_text())
+        assert record["candidates"] and ("with probability >= " in out or "no split certified" in out)
     elif command == "classify":
         assert "exit after" in out
     elif command == "train-router":

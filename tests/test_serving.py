@@ -243,6 +243,14 @@ def test_wrong_token_and_foreign_session(server, edge_model):
     assert raw(server.url, "DELETE", f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_an_edge_with_another_split_is_told_which_one(server, edge_model):
+    transport = CloudTransport(server.url, ALICE, timeout=20)
+    c = EdgeClient(edge_model, 3, DecoderExitHeads.logit_lens(edge_model, [0]), NEVER, transport=transport)
+    with pytest.raises(CloudRejected, match=r"serves layers \[2, n\).*--split 2"):
+        c.generate(prompt(0), 2)
+    c.close()
+
+
 def test_oversized_and_malformed_payloads_get_4xx(server, edge_model):
     sid = raw(server.url, "POST", "/v1/sessions").json()["session"]
     path = f"/v1/sessions/{sid}/positions"
@@ -399,11 +407,19 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     tokenizer().save_pretrained(tmp_path / "model")
     DecoderExitHeads.for_model(model, [0], kind="lens").save(tmp_path / "heads")
+    calibrate = ["calibrate-split", str(tmp_path / "model"), "--exits", str(tmp_path / "heads"), "--splits", "2"]
+    sizes = ["--prompts", "12", "--prompt-len", "4", "--max-new-tokens", "2", "--delta", "0.3", "--grid", "1.0"]
+    assert main([*calibrate, *sizes, "--codec", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "split 2, max_prob:1 -- with probability >= 0.95" in printed and "split_calibration.json" in printed
+    record = json.loads((tmp_path / "heads" / "split_calibration.json").read_text())
+    assert (record["split"], record["threshold"], record["n"]) == (2, 1.0, 12)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, DEPTHPRUNE_CLOUD_TOKENS="edge1:" + ALICE, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "2"]
+    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "auto"]
+    cmd += ["--split-calibration", str(tmp_path / "heads" / "split_calibration.json")]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -420,7 +436,8 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
         base = ["edge", str(tmp_path / "model"), "--cloud", url, "--split", "2", "--prompt", "the white whale"]
         texts = {}
         for mode in ("collaborative", "cloud", "standalone"):
-            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "1.0", "--mode", mode]
+            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "auto", "--mode", mode]
+            args[args.index("--split") + 1] = "auto"
             assert main([*args, "--max-new-tokens", "4", "--codec", "fp32", "--json"]) == 0
             report = json.loads(capsys.readouterr().out)
             texts[mode] = report["text"]
@@ -432,3 +449,57 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---- calibration of the split (Learn-then-Test on collaborative continuations) -----------------------------------
+def test_calibrate_split_certifies_chooses_and_matches_the_server(edge_model):
+    from depthprune.ltt import binomial_cdf
+    from depthprune.serving.calibrate import calibrate_split, head_cost
+
+    heads = DecoderExitHeads.logit_lens(edge_model, [0, 1, 2])
+    prompts = torch.randint(3, 99, (12, 5), generator=torch.Generator().manual_seed(7))
+    grid = [1.0, 0.0145, 0.0135, 0.0125]  # the tiny lens' max_prob lies around 0.013: the low ones fire
+    res = calibrate_split(
+        edge_model, heads, prompts, splits=[2, 3], grid=grid, delta=0.3, max_new_tokens=3, codec="fp32", eos_token_id=[]
+    )
+    assert [c["split"] for c in res.candidates] == [2, 3] and res.candidates[0]["exits"] == [0, 1]
+    cost, n = head_cost(edge_model), 4
+    fired = False
+    for cand in res.candidates:
+        assert cand["epsilon"] == pytest.approx(0.05 / 2)  # Bonferroni over the two splits
+        table = cand["table"]
+        never = table[0]  # 1.0 never fires: every token from the cloud, identical to the full model
+        assert never["risk"] == 0 and never["identical"] == 1 and never["edge_share"] == 0
+        k = cand["split"]
+        fed, tokens = 12 * (5 + 3 - 1), 12 * 3
+        assert never["cloud_compute_vs_cloud_only"] == pytest.approx(
+            (fed * (n - k) + tokens * cost) / (fed * n + tokens * cost)
+        )
+        for row in table:  # exact binomial p-values, fixed-sequence testing
+            assert row["p_value"] == pytest.approx(binomial_cdf(round(row["risk"] * 12), 12, 0.3))
+            assert row["rejected"] == (row["p_value"] <= cand["epsilon"])
+            fired |= row["edge_share"] > 0
+        assert all(r["rejected"] for r in table[:-1])
+        rejected = [r["threshold"] for r in table if r["rejected"]]
+        assert cand["threshold"] == (rejected[-1] if rejected else None)
+    assert fired  # some tested threshold decided tokens on the edge
+    certified = [c for c in res.candidates if c["threshold"] is not None]
+    best = min(certified, key=lambda c: (c["cloud_compute"], c["split"]))
+    assert (res.split, res.threshold) == (best["split"], best["threshold"])
+    assert f"split {res.split}, max_prob:{res.threshold:g}" in res.guarantee() and "0.7" in res.guarantee()
+    # the calibration ran the real edge and cloud code: over HTTP the same prompts give the same continuations
+    k, row = 3, res.candidates[1]["table"][1]
+    assert row["edge_share"] > 0 and row["identical"] < 1
+    srv = ServerThread(create_app(build("llama"), k, TOKENS, LIMITS)).start()
+    try:
+        transport = CloudTransport(srv.url, ALICE, timeout=20)
+        c = EdgeClient(edge_model, k, heads, f"max_prob:{row['threshold']}", transport=transport, codec="fp32")
+        outs = [c.generate(ids, 3) for ids in prompts]
+        c.close()
+    finally:
+        srv.stop()
+    assert (
+        sum(o.tokens == greedy(edge_model, ids, 3) for o, ids in zip(outs, prompts, strict=True)) / 12
+        == row["identical"]
+    )
+    assert sum(o.edge_share() for o in outs) / 12 == pytest.approx(row["edge_share"])
