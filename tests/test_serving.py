@@ -66,6 +66,29 @@ def test_frames_round_trip_and_bounds():
     assert codec == "ids" and ids.tolist() == [5, 7, 98]
 
 
+def test_int8_outlier_frames_send_outlier_channels_in_fp16():
+    x = torch.randn(4, 32)
+    x[:, 5] *= 400  # an outlier feature in every row (as SmolLM2's feature 507)
+    x[2, 17] = -900.0  # and one in one row only
+    frame = encode(x, "int8-outlier")
+    y, codec, _ = decode(frame)
+    out = [5, 17]
+    assert codec == "int8-outlier" and json.loads(frame[8 : 8 + struct.unpack("<I", frame[4:8])[0]])["outliers"] == out
+    assert torch.equal(y[:, out], x[:, out].half().float())  # the outlier channels: fp16 exactly
+    rest = torch.ones(32, dtype=torch.bool)
+    rest[out] = False
+    bound = x[:, rest].abs().amax(-1, keepdim=True) / 254 + 1e-6  # the others: int8 on their own absmax
+    assert bool(((y[:, rest] - x[:, rest]).abs() <= bound).all())
+    plain, _, _ = decode(encode(x, "int8"))  # plain int8: the outlier sets every element's step
+    assert (plain - x)[:, rest].abs().mean() > 20 * (y - x)[:, rest].abs().mean()
+    assert len(frame) < len(encode(x, "fp16")) and decode(encode(torch.randn(3, 8), "int8-outlier"))[0].shape == (3, 8)
+    head = {"codec": "int8-outlier", "shape": [1, 4], "meta": {}}
+    for bad in ([3, 1], [4], [1, 1], ["a"]):
+        text = json.dumps({**head, "outliers": bad}).encode()
+        with pytest.raises(FrameError, match="outliers must be"):
+            decode(b"DPF1" + struct.pack("<I", len(text)) + text + bytes(16))
+
+
 def test_malformed_frames_say_what_is_wrong():
     good = encode(torch.randn(2, 4), "fp16")
     head = json.dumps({"codec": "fp16", "shape": [2, 4, 1], "meta": {}}).encode()

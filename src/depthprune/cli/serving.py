@@ -11,7 +11,13 @@ import sys
 from depthprune.cli.common import MODEL_HELP, add_tokenizer_option, tokenizer_for
 
 TOKEN_ENV = "DEPTHPRUNE_EDGE_TOKEN"
-CODECS = ["fp32", "fp16", "bf16", "int8"]  # serving.transfer.STATE_CODECS (not imported: the CLI starts light)
+CODECS = [
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int8-outlier",
+]  # serving.transfer.STATE_CODECS (not imported: the CLI starts light)
 CONSISTENCY = ["identical", "tokens", "rouge_l"]  # serving.calibrate.CONSISTENCY
 SPLIT_FILE = "split_calibration.json"
 """Written beside the exit heads by `calibrate-split`; `--split auto` / `--threshold auto` read it."""

@@ -3,7 +3,7 @@
 API (every route but /v1/health needs `Authorization: Bearer TOKEN`):
 - GET  /v1/health: model facts, no secrets.
 - POST /v1/sessions  JSON {"mode": "states" | "ids"} -> 201 {"session", "split", "hidden_size", "num_layers", "max_seq"}
-- POST /v1/sessions/{id}/positions  body: a `transfer` frame (states [m, hidden] in fp32/fp16/bf16/int8, or ids [m])
+- POST /v1/sessions/{id}/positions  body: a `transfer` frame (states [m, hidden] in any state codec, or ids [m])
   with meta {"start": first position, "want_token": bool} -> {"token": int | null, "length": positions held}.
   Without want_token the positions are only stored (filled lazily); with it, every stored position is computed and
   the next token returned. Requests of many sessions that wait at the same moment share one forward.
@@ -276,7 +276,9 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
         if not isinstance(want, bool):
             raise HTTPException(422, f"meta.want_token must be true or false, got {want!r}")
         if (codec == "ids") != (session.first == 0):
-            kind = "token ids (codec 'ids')" if session.first == 0 else "layer states (fp32/fp16/bf16/int8)"
+            kind = (
+                "token ids (codec 'ids')" if session.first == 0 else "layer states (fp32/fp16/bf16/int8/int8-outlier)"
+            )
             raise HTTPException(422, f"this session takes {kind}, the frame holds codec {codec!r}")
         if tensor.shape[0] > limits.max_positions:
             raise HTTPException(413, f"{tensor.shape[0]} positions in one request; the limit is {limits.max_positions}")
