@@ -5,7 +5,9 @@ an unreachable cloud as a user expects, without changing any other session's out
 
 import dataclasses
 import json
+import shutil
 import struct
+import subprocess
 import threading
 import time
 
@@ -377,6 +379,35 @@ def test_two_replicas_an_edge_moved_to_the_other_rebuilds_there(server, edge_mod
     finally:
         other.stop()
     assert got.rebuilds == 1 and got.tokens == want.tokens and got.sources == want.sources
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_through_uvicorns_options_and_the_edge_verifies_it(tmp_path, edge_model):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    app = create_app(build("llama"), SPLIT, TOKENS, LIMITS)
+    srv = ServerThread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)).start()
+    try:
+        assert srv.url.startswith("https://")
+        ids = prompt(4)
+        transport = CloudTransport(srv.url, ALICE, verify=str(cert), timeout=20)
+        c = EdgeClient(edge_model, SPLIT, None, None, transport=transport, codec="fp32")
+        out = c.generate(ids, NEW)
+        c.close()
+        assert out.tokens == greedy(edge_model, ids) and out.sources == ["cloud"] * NEW  # TLS changes no token
+        untrusted = EdgeClient(edge_model, SPLIT, None, None, transport=CloudTransport(srv.url, ALICE, timeout=20))
+        with pytest.raises(CloudRejected, match="does not trust.*--ca-file"):  # not a silent standalone fallback
+            untrusted.generate(ids, 2)
+        untrusted.close()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer from the TLS port
+            httpx.get(srv.url.replace("https", "http") + "/v1/health", timeout=5)
+    finally:
+        srv.stop()
 
 
 def test_rate_limit_answers_429():

@@ -66,8 +66,9 @@ def _header_bytes(headers: Any) -> int:
 
 
 class CloudTransport:
-    """HTTP to one cloud server (httpx, one connection kept alive), with the shaper's delays and byte counts
-    (bodies plus headers, both directions)."""
+    """HTTP(S) to one cloud server (httpx, one connection kept alive), with the shaper's delays and byte counts
+    (bodies plus headers, both directions). verify: True (the system's CAs), a CA file path, or an SSLContext; a
+    certificate that fails verification raises CloudRejected (a configuration error: the edge does not fall back)."""
 
     def __init__(
         self,
@@ -78,10 +79,17 @@ class CloudTransport:
         timeout: float = 30.0,
         verify: bool | str = True,
     ) -> None:
+        import ssl
+
         import httpx
 
         self.url, self.shaper = url.rstrip("/"), shaper or Shaper()
         self._auth = {"Authorization": f"Bearer {token}"}
+        if isinstance(verify, str):  # a CA bundle: the cloud's private certificate authority (or a self-signed cert)
+            try:
+                verify = ssl.create_default_context(cafile=verify)
+            except (OSError, ssl.SSLError) as err:
+                raise ValueError(f"cannot read the CA file {verify}: {err}") from None
         self.client = httpx.Client(timeout=timeout, verify=verify)
         self.bytes_up = self.bytes_down = self.requests = 0
         self.cloud_split: int | None = None  # the split the cloud reported when the last session was created
@@ -96,6 +104,11 @@ class CloudTransport:
         try:
             response = self.client.send(request)
         except httpx.HTTPError as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):  # a configuration error, not an outage: never fall back
+                raise CloudRejected(
+                    f"the cloud at {self.url} presented a certificate this edge does not trust: give its CA "
+                    "(or self-signed certificate) with --ca-file PEM / CloudTransport(verify='ca.pem')"
+                ) from None
             raise CloudUnavailable(f"cannot reach the cloud at {self.url}: {type(err).__name__}") from None
         down = len(response.content) + _header_bytes(response.headers)
         time.sleep(self.shaper.down(down))

@@ -325,6 +325,11 @@ def serve(
     """Run the app with uvicorn (blocking); TLS through uvicorn's own certificate options."""
     import uvicorn
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ServerConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (PEM files)")
+    for path in (ssl_certfile, ssl_keyfile):
+        if path is not None and not os.path.isfile(path):
+            raise ServerConfigError(f"no such TLS file: {path}")
     torch.set_grad_enabled(False)
     uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, log_level=log_level)
 
@@ -332,7 +337,15 @@ def serve(
 class ServerThread:
     """uvicorn serving `app` in a background thread of this process (tests, benchmarks): `start()`, `stop()`."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ) -> None:
         import socket
 
         import uvicorn
@@ -341,13 +354,22 @@ class ServerThread:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
-        self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self.host, self.port, self.tls = host, port, ssl_certfile is not None
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+        )
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="depthprune-uvicorn", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "ServerThread":
         self.thread.start()
