@@ -410,6 +410,96 @@ def test_tls_through_uvicorns_options_and_the_edge_verifies_it(tmp_path, edge_mo
         srv.stop()
 
 
+def readme_haproxy_config(port: int, replicas: list[int]) -> str:
+    """The README's HAProxy configuration with this test's loopback addresses."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    config = text.split("```haproxy\n", 1)[1].split("```", 1)[0]
+    config = re.sub(r"bind \S+", f"bind 127.0.0.1:{port}", config)
+    lines = [line for line in config.splitlines() if not line.strip().startswith("server ")]
+    fast = "check inter 100ms fall 1 rise 1"
+    lines += [f"    server r{i} 127.0.0.1:{p} {fast}" for i, p in enumerate(replicas)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs HAProxy (Debian: apt-get install -y haproxy)")
+def test_two_replicas_behind_haproxy_a_killed_replica_changes_no_output(tmp_path, edge_model):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    replicas = [ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start() for _ in range(2)]
+    (tmp_path / "haproxy.cfg").write_text(readme_haproxy_config(port, [r.port for r in replicas]))
+    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    prompts = [prompt(11), prompt(12, 6)]
+    want = [greedy(edge_model, ids, 10) for ids in prompts]
+
+    def holder(sid):
+        return next((i for i, r in enumerate(replicas) if sid in r.server.config.app.state.manager.sessions), None)
+
+    def run_two(kill_after=None):
+        """Two edges at once through the balancer; with kill_after, the replica of the first edge's session is
+        stopped before its request number kill_after (mid-generation). -> outputs, replicas used, killed index"""
+        used, killed, outs = set(), [], [None, None]
+
+        def work(i):
+            c = client(url, edge_model, criterion=NEVER, codec="fp32", async_upload=False)
+            send, calls = c.transport.positions, {"n": 0}
+
+            def watch(sid, frame):
+                calls["n"] += 1
+                where = holder(sid)
+                used.add(where)
+                if i == 0 and calls["n"] == kill_after and where is not None:
+                    replicas[where].stop()
+                    killed.append(where)
+                return send(sid, frame)
+
+            c.transport.positions = watch
+            outs[i] = c.generate(prompts[i], 10)
+            c.close()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return outs, used, killed
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the balancer listens and sees both replicas up
+            try:
+                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        outs, used, _ = run_two()
+        assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0]  # affinity holds
+        assert used == {0, 1}  # round robin spread the two sessions
+        outs, used, killed = run_two(kill_after=4)
+        assert [o.tokens for o in outs] == want and len(killed) == 1  # identical greedy output after the kill
+        assert outs[0].rebuilds == 1 and outs[0].sources == ["cloud"] * 10
+        dead = killed[0]
+        replicas[dead] = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS), port=replicas[dead].port)
+        replicas[dead].start()  # restarted: empty, and back in rotation once the health check sees it
+        time.sleep(0.5)
+        outs, used, _ = run_two()
+        assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0] and used == {0, 1}
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        for r in replicas:
+            r.stop()
+
+
 def test_rate_limit_answers_429():
     srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, Limits(rate=0.5, burst=2))).start()
     try:

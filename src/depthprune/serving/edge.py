@@ -27,6 +27,7 @@ from depthprune.errors import DepthpruneError
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, parse_criterion
 from depthprune.serving.context import ContextError, ContextManager
+from depthprune.serving.server import SESSION_HEADER
 from depthprune.serving.split import EdgeState, check_split
 from depthprune.serving.transfer import STATE_CODECS, decode, encode
 
@@ -95,10 +96,11 @@ class CloudTransport:
         self.cloud_split: int | None = None  # the split the cloud reported when the last session was created
         self.lock = threading.Lock()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, sid: str | None = None, **kwargs: Any) -> Any:
         import httpx
 
-        request = self.client.build_request(method, self.url + path, headers=self._auth, **kwargs)
+        headers = self._auth if sid is None else {**self._auth, SESSION_HEADER: sid}  # affinity at a balancer
+        request = self.client.build_request(method, self.url + path, headers=headers, **kwargs)
         up = len(request.content or b"") + _header_bytes(request.headers)
         time.sleep(self.shaper.up(up))
         try:
@@ -132,11 +134,11 @@ class CloudTransport:
         return answer["session"]
 
     def positions(self, sid: str, frame: bytes) -> dict[str, Any]:
-        return self._call("POST", f"/v1/sessions/{sid}/positions", content=frame)
+        return self._call("POST", f"/v1/sessions/{sid}/positions", sid, content=frame)
 
     def close_session(self, sid: str) -> None:
         try:
-            self._call("DELETE", f"/v1/sessions/{sid}")
+            self._call("DELETE", f"/v1/sessions/{sid}", sid)
         except (SessionLost, CloudUnavailable):
             pass
 

@@ -3,6 +3,7 @@
 API (every route but /v1/health needs `Authorization: Bearer TOKEN`):
 - GET  /v1/health: model facts, no secrets.
 - POST /v1/sessions  JSON {"mode": "states" | "ids"} -> 201 {"session", "split", "hidden_size", "num_layers", "max_seq"}
+  and the header X-Session-Id (the edge sends it back on every request of the session: a load balancer's affinity key)
 - POST /v1/sessions/{id}/positions  body: a `transfer` frame (states [m, hidden] in any state codec, or ids [m])
   with meta {"start": first position, "want_token": bool} -> {"token": int | null, "length": positions held}.
   Without want_token the positions are only stored (filled lazily); with it, every stored position is computed and
@@ -38,6 +39,8 @@ from depthprune.serving.transfer import FrameError, FrameTooLarge, decode
 
 LOG = logging.getLogger("depthprune.serving")
 TOKENS_ENV = "DEPTHPRUNE_CLOUD_TOKENS"
+SESSION_HEADER = "X-Session-Id"
+"""Set on POST /v1/sessions answers and sent by the edge with every request of the session: session affinity."""
 _SID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -243,7 +246,7 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
         }
 
     @app.post("/v1/sessions", status_code=201)
-    async def create(request: Request) -> dict[str, Any]:
+    async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
         body = await read_body(request)
         mode = "states"
@@ -256,7 +259,7 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
                 raise HTTPException(422, "the body takes one field: mode ('states' or 'ids')")
             mode = data.get("mode", "states")
         session = manager.create(owner, mode)
-        return {
+        body = {
             "session": session.id,
             "mode": mode,
             "split": split,
@@ -264,6 +267,8 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
             "num_layers": manager.num_layers,
             "max_seq": manager.max_seq,
         }
+        # the header a load balancer keys session affinity on (the edge sends it back with every request)
+        return JSONResponse(body, status_code=201, headers={SESSION_HEADER: session.id})
 
     @app.post("/v1/sessions/{sid}/positions")
     async def positions(sid: str, request: Request) -> dict[str, Any]:
@@ -385,4 +390,13 @@ class ServerThread:
         self.thread.join(timeout)
 
 
-__all__ = ["Batcher", "Limits", "ServerConfigError", "ServerThread", "create_app", "load_tokens", "serve"]
+__all__ = [
+    "SESSION_HEADER",
+    "Batcher",
+    "Limits",
+    "ServerConfigError",
+    "ServerThread",
+    "create_app",
+    "load_tokens",
+    "serve",
+]
