@@ -9,7 +9,8 @@ calibration part of the book. Every request goes through the client's network sh
 (no stop at end of sequence) and is compared position by position with plain greedy `model.generate`.
 
 Configurations: cloud-only (the edge sends token ids; the cloud runs all layers; same server and transport),
-collaborative at several max_prob thresholds (1.0 never fires: every token from the cloud), collaborative with each
+with --calibrate-splits, K and the max_prob threshold chosen first by `calibrate_split` (Learn-then-Test on calibration
+prompts) and measured on held-out ones; collaborative at several max_prob thresholds (1.0 never fires), with each
 codec at the never-firing threshold (the transfer's own effect on agreement), standalone edge; then --concurrent edges
 at once (threads), a bounded run: errors, per-token latency p50/p95, the server's RSS.
 
@@ -42,6 +43,7 @@ from depthprune.exits.train.lm_exits import fit_lens
 from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import prompt_blocks
 from depthprune.io import load_model, load_tokenizer
+from depthprune.serving.calibrate import ExitView, calibrate_split
 from depthprune.serving.edge import CloudTransport, EdgeClient, Shaper
 
 TOKEN = "bench-" + "k" * 40
@@ -167,7 +169,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--new", type=int, default=20)
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.6, 0.4, 0.2])
-    p.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "bf16", "int8", "int8-outlier"])
     p.add_argument("--codec", default="fp16", help="the codec of the threshold sweep")
     p.add_argument("--rtt-ms", type=float, default=40.0)
     p.add_argument("--up-mbps", type=float, default=20.0)
@@ -176,6 +178,12 @@ def main() -> None:
     p.add_argument("--concurrent-new", type=int, default=12)
     p.add_argument("--concurrent-threshold", type=float, default=0.6)
     p.add_argument("--out", default="benchmarks/cloud_edge")
+    p.add_argument("--calibrate-splits", type=int, nargs="+", help="choose K and the threshold with calibrate_split")
+    p.add_argument("--cal-prompts", type=int, default=72)
+    p.add_argument("--cal-new", type=int, default=6)
+    p.add_argument("--cal-grid", type=float, nargs="+", default=[1.0, 0.9, 0.8])
+    p.add_argument("--delta", type=float, default=0.05)
+    p.add_argument("--epsilon", type=float, default=0.05)
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -183,18 +191,41 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    model = load_model(args.model, task="causal-lm").eval()
+    tokenizer = load_tokenizer(args.model)
+    t0 = time.perf_counter()
+    heads = DecoderExitHeads.for_model(model, args.exits, kind="lens")
+    blocks = token_blocks(tokenizer, calibration_text(), 256, args.fit_blocks)
+    residuals = fit_lens(model, heads, blocks, batch_size=4)
+    heads.eval()
+    fit_s = time.perf_counter() - t0
+    print(f"lens fit on {tuple(blocks.shape)} tokens in {fit_s:.0f} s: residuals {residuals}", flush=True)
+    calibration = None
+    if args.calibrate_splits:
+        t0 = time.perf_counter()
+        cal = prompt_blocks(tokenizer, calibration_text(), args.cal_prompts, args.prompt_len)
+        calibration = calibrate_split(
+            model,
+            heads,
+            cal,
+            splits=args.calibrate_splits,
+            grid=args.cal_grid,
+            delta=args.delta,
+            epsilon=args.epsilon,
+            max_new_tokens=args.cal_new,
+            codec=args.codec,
+            eos_token_id=[],
+        )
+        cal_s = time.perf_counter() - t0
+        print(calibration.guarantee(), f"({cal_s:.0f} s)", flush=True)
+        print(json.dumps(to_jsonable(calibration.candidates)), flush=True)
+        if calibration.split is not None:
+            args.split = calibration.split
+            args.thresholds = [calibration.threshold, *[t for t in args.thresholds if t != calibration.threshold]]
+    heads = ExitView(heads, args.split)
     proc = start_server(args.model, args.split, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        model = load_model(args.model, task="causal-lm").eval()
-        tokenizer = load_tokenizer(args.model)
-        t0 = time.perf_counter()
-        heads = DecoderExitHeads.for_model(model, args.exits, kind="lens")
-        blocks = token_blocks(tokenizer, calibration_text(), 256, args.fit_blocks)
-        residuals = fit_lens(model, heads, blocks, batch_size=4)
-        heads.eval()
-        fit_s = time.perf_counter() - t0
-        print(f"lens fit on {tuple(blocks.shape)} tokens in {fit_s:.0f} s: residuals {residuals}", flush=True)
         prompts = list(prompt_blocks(tokenizer, heldout_text(), args.prompts, args.prompt_len))
         t0 = time.perf_counter()
         reference = []
@@ -235,15 +266,17 @@ def main() -> None:
         standalone = maker("standalone", 1.0)
         row = run_config("standalone edge", standalone, prompts, args.new, reference, url)
         record(row)
-        conc = concurrent_run(
-            maker("collaborative", args.concurrent_threshold),
-            prompts,
-            args.concurrent_new,
-            args.concurrent,
-            url,
-            proc.pid,
-        )
-        print(json.dumps(conc), flush=True)
+        conc = None
+        if args.concurrent:
+            conc = concurrent_run(
+                maker("collaborative", args.concurrent_threshold),
+                prompts,
+                args.concurrent_new,
+                args.concurrent,
+                url,
+                proc.pid,
+            )
+            print(json.dumps(conc), flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -261,6 +294,8 @@ def main() -> None:
         "full_model_generate_ms_per_token": 1000 * full_s,
         "rows": rows,
         "concurrent": conc,
+        "calibration": None if calibration is None else calibration.to_dict(),
+        "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,11 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
     "generate smollm2 --skipdecode": [("", "--skip-cost nominal")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
+<<<<<<< HEAD
     "prune ~/.cache/depthprune/whisper-tiny.en": [("epochs=6", "epochs=1"), ("", "--option max_new_tokens=4")],
+=======
+    "calibrate-split": [("", "--prompts 12 --prompt-len 8 --max-new-tokens 2 --delta 0.3 --grid 1.0 0.5")],
+>>>>>>> serve
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
@@ -185,6 +189,9 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         results = json.loads((folder / "calibration.json").read_text())
         assert [r["criterion"] for r in results] == option["--criterion"].split(",")
         assert all(r["delta"] == float(option.get("--delta", 0.2)) for r in results)  # written by this command
+    elif command == "calibrate-split":
+        record = json.loads((work / option["--exits"] / "split_calibration.json").read_text())
+        assert record["candidates"] and ("with probability >= " in out or "no split certified" in out)
     elif command == "classify":
         assert "exit after" in out
     elif command == "train-router":

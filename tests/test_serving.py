@@ -5,7 +5,9 @@ an unreachable cloud as a user expects, without changing any other session's out
 
 import dataclasses
 import json
+import shutil
 import struct
+import subprocess
 import threading
 import time
 
@@ -64,6 +66,29 @@ def test_frames_round_trip_and_bounds():
     assert len(encode(x, "int8")) < len(encode(x, "fp16")) < len(encode(x, "fp32"))
     ids, codec, _ = decode(encode(torch.tensor([5, 7, 98]), "ids"))
     assert codec == "ids" and ids.tolist() == [5, 7, 98]
+
+
+def test_int8_outlier_frames_send_outlier_channels_in_fp16():
+    x = torch.randn(4, 32)
+    x[:, 5] *= 400  # an outlier feature in every row (as SmolLM2's feature 507)
+    x[2, 17] = -900.0  # and one in one row only
+    frame = encode(x, "int8-outlier")
+    y, codec, _ = decode(frame)
+    out = [5, 17]
+    assert codec == "int8-outlier" and json.loads(frame[8 : 8 + struct.unpack("<I", frame[4:8])[0]])["outliers"] == out
+    assert torch.equal(y[:, out], x[:, out].half().float())  # the outlier channels: fp16 exactly
+    rest = torch.ones(32, dtype=torch.bool)
+    rest[out] = False
+    bound = x[:, rest].abs().amax(-1, keepdim=True) / 254 + 1e-6  # the others: int8 on their own absmax
+    assert bool(((y[:, rest] - x[:, rest]).abs() <= bound).all())
+    plain, _, _ = decode(encode(x, "int8"))  # plain int8: the outlier sets every element's step
+    assert (plain - x)[:, rest].abs().mean() > 20 * (y - x)[:, rest].abs().mean()
+    assert len(frame) < len(encode(x, "fp16")) and decode(encode(torch.randn(3, 8), "int8-outlier"))[0].shape == (3, 8)
+    head = {"codec": "int8-outlier", "shape": [1, 4], "meta": {}}
+    for bad in ([3, 1], [4], [1, 1], ["a"]):
+        text = json.dumps({**head, "outliers": bad}).encode()
+        with pytest.raises(FrameError, match="outliers must be"):
+            decode(b"DPF1" + struct.pack("<I", len(text)) + text + bytes(16))
 
 
 def test_malformed_frames_say_what_is_wrong():
@@ -243,6 +268,14 @@ def test_wrong_token_and_foreign_session(server, edge_model):
     assert raw(server.url, "DELETE", f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_an_edge_with_another_split_is_told_which_one(server, edge_model):
+    transport = CloudTransport(server.url, ALICE, timeout=20)
+    c = EdgeClient(edge_model, 3, DecoderExitHeads.logit_lens(edge_model, [0]), NEVER, transport=transport)
+    with pytest.raises(CloudRejected, match=r"serves layers \[2, n\).*--split 2"):
+        c.generate(prompt(0), 2)
+    c.close()
+
+
 def test_oversized_and_malformed_payloads_get_4xx(server, edge_model):
     sid = raw(server.url, "POST", "/v1/sessions").json()["session"]
     path = f"/v1/sessions/{sid}/positions"
@@ -348,6 +381,125 @@ def test_two_replicas_an_edge_moved_to_the_other_rebuilds_there(server, edge_mod
     assert got.rebuilds == 1 and got.tokens == want.tokens and got.sources == want.sources
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_through_uvicorns_options_and_the_edge_verifies_it(tmp_path, edge_model):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    app = create_app(build("llama"), SPLIT, TOKENS, LIMITS)
+    srv = ServerThread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)).start()
+    try:
+        assert srv.url.startswith("https://")
+        ids = prompt(4)
+        transport = CloudTransport(srv.url, ALICE, verify=str(cert), timeout=20)
+        c = EdgeClient(edge_model, SPLIT, None, None, transport=transport, codec="fp32")
+        out = c.generate(ids, NEW)
+        c.close()
+        assert out.tokens == greedy(edge_model, ids) and out.sources == ["cloud"] * NEW  # TLS changes no token
+        untrusted = EdgeClient(edge_model, SPLIT, None, None, transport=CloudTransport(srv.url, ALICE, timeout=20))
+        with pytest.raises(CloudRejected, match="does not trust.*--ca-file"):  # not a silent standalone fallback
+            untrusted.generate(ids, 2)
+        untrusted.close()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer from the TLS port
+            httpx.get(srv.url.replace("https", "http") + "/v1/health", timeout=5)
+    finally:
+        srv.stop()
+
+
+def readme_haproxy_config(port: int, replicas: list[int]) -> str:
+    """The README's HAProxy configuration with this test's loopback addresses."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    config = text.split("```haproxy\n", 1)[1].split("```", 1)[0]
+    config = re.sub(r"bind \S+", f"bind 127.0.0.1:{port}", config)
+    lines = [line for line in config.splitlines() if not line.strip().startswith("server ")]
+    fast = "check inter 100ms fall 1 rise 1"
+    lines += [f"    server r{i} 127.0.0.1:{p} {fast}" for i, p in enumerate(replicas)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs HAProxy (Debian: apt-get install -y haproxy)")
+def test_two_replicas_behind_haproxy_a_killed_replica_changes_no_output(tmp_path, edge_model):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    replicas = [ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start() for _ in range(2)]
+    (tmp_path / "haproxy.cfg").write_text(readme_haproxy_config(port, [r.port for r in replicas]))
+    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    prompts = [prompt(11), prompt(12, 6)]
+    want = [greedy(edge_model, ids, 10) for ids in prompts]
+
+    def holder(sid):
+        return next((i for i, r in enumerate(replicas) if sid in r.server.config.app.state.manager.sessions), None)
+
+    def run_two(kill_after=None):
+        """Two edges at once through the balancer; with kill_after, the replica of the first edge's session is
+        stopped before its request number kill_after (mid-generation). -> outputs, replicas used, killed index"""
+        used, killed, outs = set(), [], [None, None]
+
+        def work(i):
+            c = client(url, edge_model, criterion=NEVER, codec="fp32", async_upload=False)
+            send, calls = c.transport.positions, {"n": 0}
+
+            def watch(sid, frame):
+                calls["n"] += 1
+                where = holder(sid)
+                used.add(where)
+                if i == 0 and calls["n"] == kill_after and where is not None:
+                    replicas[where].stop()
+                    killed.append(where)
+                return send(sid, frame)
+
+            c.transport.positions = watch
+            outs[i] = c.generate(prompts[i], 10)
+            c.close()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return outs, used, killed
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the balancer listens and sees both replicas up
+            try:
+                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        outs, used, _ = run_two()
+        assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0]  # affinity holds
+        assert used == {0, 1}  # round robin spread the two sessions
+        outs, used, killed = run_two(kill_after=4)
+        assert [o.tokens for o in outs] == want and len(killed) == 1  # identical greedy output after the kill
+        assert outs[0].rebuilds == 1 and outs[0].sources == ["cloud"] * 10
+        dead = killed[0]
+        replicas[dead] = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS), port=replicas[dead].port)
+        replicas[dead].start()  # restarted: empty, and back in rotation once the health check sees it
+        time.sleep(0.5)
+        outs, used, _ = run_two()
+        assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0] and used == {0, 1}
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        for r in replicas:
+            r.stop()
+
+
 def test_rate_limit_answers_429():
     srv = ServerThread(create_app(build("llama"), SPLIT, TOKENS, Limits(rate=0.5, burst=2))).start()
     try:
@@ -399,11 +551,19 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     tokenizer().save_pretrained(tmp_path / "model")
     DecoderExitHeads.for_model(model, [0], kind="lens").save(tmp_path / "heads")
+    calibrate = ["calibrate-split", str(tmp_path / "model"), "--exits", str(tmp_path / "heads"), "--splits", "2"]
+    sizes = ["--prompts", "12", "--prompt-len", "4", "--max-new-tokens", "2", "--delta", "0.3", "--grid", "1.0"]
+    assert main([*calibrate, *sizes, "--codec", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "split 2, max_prob:1 -- with probability >= 0.95" in printed and "split_calibration.json" in printed
+    record = json.loads((tmp_path / "heads" / "split_calibration.json").read_text())
+    assert (record["split"], record["threshold"], record["n"]) == (2, 1.0, 12)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, DEPTHPRUNE_CLOUD_TOKENS="edge1:" + ALICE, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "2"]
+    cmd = [sys.executable, "-m", "depthprune", "serve-cloud", str(tmp_path / "model"), "--split", "auto"]
+    cmd += ["--split-calibration", str(tmp_path / "heads" / "split_calibration.json")]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -420,7 +580,8 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
         base = ["edge", str(tmp_path / "model"), "--cloud", url, "--split", "2", "--prompt", "the white whale"]
         texts = {}
         for mode in ("collaborative", "cloud", "standalone"):
-            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "1.0", "--mode", mode]
+            args = [*base, "--exits", str(tmp_path / "heads"), "--threshold", "auto", "--mode", mode]
+            args[args.index("--split") + 1] = "auto"
             assert main([*args, "--max-new-tokens", "4", "--codec", "fp32", "--json"]) == 0
             report = json.loads(capsys.readouterr().out)
             texts[mode] = report["text"]
@@ -432,3 +593,57 @@ def test_serve_cloud_and_edge_commands(tmp_path, capsys, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---- calibration of the split (Learn-then-Test on collaborative continuations) -----------------------------------
+def test_calibrate_split_certifies_chooses_and_matches_the_server(edge_model):
+    from depthprune.ltt import binomial_cdf
+    from depthprune.serving.calibrate import calibrate_split, head_cost
+
+    heads = DecoderExitHeads.logit_lens(edge_model, [0, 1, 2])
+    prompts = torch.randint(3, 99, (12, 5), generator=torch.Generator().manual_seed(7))
+    grid = [1.0, 0.0145, 0.0135, 0.0125]  # the tiny lens' max_prob lies around 0.013: the low ones fire
+    res = calibrate_split(
+        edge_model, heads, prompts, splits=[2, 3], grid=grid, delta=0.3, max_new_tokens=3, codec="fp32", eos_token_id=[]
+    )
+    assert [c["split"] for c in res.candidates] == [2, 3] and res.candidates[0]["exits"] == [0, 1]
+    cost, n = head_cost(edge_model), 4
+    fired = False
+    for cand in res.candidates:
+        assert cand["epsilon"] == pytest.approx(0.05 / 2)  # Bonferroni over the two splits
+        table = cand["table"]
+        never = table[0]  # 1.0 never fires: every token from the cloud, identical to the full model
+        assert never["risk"] == 0 and never["identical"] == 1 and never["edge_share"] == 0
+        k = cand["split"]
+        fed, tokens = 12 * (5 + 3 - 1), 12 * 3
+        assert never["cloud_compute_vs_cloud_only"] == pytest.approx(
+            (fed * (n - k) + tokens * cost) / (fed * n + tokens * cost)
+        )
+        for row in table:  # exact binomial p-values, fixed-sequence testing
+            assert row["p_value"] == pytest.approx(binomial_cdf(round(row["risk"] * 12), 12, 0.3))
+            assert row["rejected"] == (row["p_value"] <= cand["epsilon"])
+            fired |= row["edge_share"] > 0
+        assert all(r["rejected"] for r in table[:-1])
+        rejected = [r["threshold"] for r in table if r["rejected"]]
+        assert cand["threshold"] == (rejected[-1] if rejected else None)
+    assert fired  # some tested threshold decided tokens on the edge
+    certified = [c for c in res.candidates if c["threshold"] is not None]
+    best = min(certified, key=lambda c: (c["cloud_compute"], c["split"]))
+    assert (res.split, res.threshold) == (best["split"], best["threshold"])
+    assert f"split {res.split}, max_prob:{res.threshold:g}" in res.guarantee() and "0.7" in res.guarantee()
+    # the calibration ran the real edge and cloud code: over HTTP the same prompts give the same continuations
+    k, row = 3, res.candidates[1]["table"][1]
+    assert row["edge_share"] > 0 and row["identical"] < 1
+    srv = ServerThread(create_app(build("llama"), k, TOKENS, LIMITS)).start()
+    try:
+        transport = CloudTransport(srv.url, ALICE, timeout=20)
+        c = EdgeClient(edge_model, k, heads, f"max_prob:{row['threshold']}", transport=transport, codec="fp32")
+        outs = [c.generate(ids, 3) for ids in prompts]
+        c.close()
+    finally:
+        srv.stop()
+    assert (
+        sum(o.tokens == greedy(edge_model, ids, 3) for o, ids in zip(outs, prompts, strict=True)) / 12
+        == row["identical"]
+    )
+    assert sum(o.edge_share() for o in outs) / 12 == pytest.approx(row["edge_share"])

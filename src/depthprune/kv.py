@@ -195,6 +195,16 @@ def stack_rows(
     return cache, masks
 
 
+def row_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache over one row's per-layer (keys, values) [heads, columns, head_dim] that holds views of them ([1, ...]),
+    not copies: the next `update` appends to them as a DynamicCache does, the only copy of a decoding step."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[None, :, :0], v[None, :, :0], i)  # an empty update initializes the layer (dtype, device)
+        cache.layers[i].keys, cache.layers[i].values = k[None], v[None]
+    return cache
+
+
 class RowView:
     """A Cache-like view of some rows of a DynamicCache, for a token at one position.
 

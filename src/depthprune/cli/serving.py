@@ -1,4 +1,5 @@
-"""Cloud-edge split inference commands (thin wrappers over depthprune.serving): `serve-cloud` and `edge`."""
+"""Cloud-edge split inference commands (thin wrappers over depthprune.serving): `calibrate-split`, `serve-cloud` and
+`edge`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,90 @@ import sys
 from depthprune.cli.common import MODEL_HELP, add_tokenizer_option, tokenizer_for
 
 TOKEN_ENV = "DEPTHPRUNE_EDGE_TOKEN"
+CODECS = [
+    "fp32",
+    "fp16",
+    "bf16",
+    "int8",
+    "int8-outlier",
+]  # serving.transfer.STATE_CODECS (not imported: the CLI starts light)
+CONSISTENCY = ["identical", "tokens", "rouge_l"]  # serving.calibrate.CONSISTENCY
+SPLIT_FILE = "split_calibration.json"
+"""Written beside the exit heads by `calibrate-split`; `--split auto` / `--threshold auto` read it."""
+
+
+def _split_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split takes a layer count K or 'auto', got {value!r}") from None
+
+
+def _threshold_arg(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold takes a number or 'auto', got {value!r}") from None
+
+
+def _calibration_record(path: str | None, exits: str | None) -> tuple[dict, str]:
+    """The saved split calibration (--split-calibration, else split_calibration.json beside --exits)."""
+    if path is None:
+        if exits is None:
+            raise ValueError("'auto' needs the split calibration: give --split-calibration FILE (or --exits DIR)")
+        path = os.path.join(exits, SPLIT_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"no split calibration at {path}: run `depthprune calibrate-split MODEL --exits DIR` first")
+    with open(path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    if record.get("split") is None:
+        raise ValueError(f"{path} certifies no split ({record.get('guarantee', 'no guarantee recorded')})")
+    return record, path
+
+
+def cmd_calibrate_split(args: argparse.Namespace) -> int:
+    from depthprune.bench.report import format_table
+    from depthprune.data import calibration_text
+    from depthprune.exits.lm_heads import DecoderExitHeads
+    from depthprune.fsutil import write_atomic
+    from depthprune.generation.calibrate import prompt_blocks
+    from depthprune.io import load_model
+    from depthprune.serving.calibrate import calibrate_split
+
+    model = load_model(args.model, task="causal-lm").eval()
+    tokenizer = tokenizer_for(args, args.model)
+    heads = DecoderExitHeads.load(args.exits, model).eval()
+    prompts = prompt_blocks(tokenizer, calibration_text(args.text), args.prompts, args.prompt_len)
+    result = calibrate_split(
+        model,
+        heads,
+        prompts,
+        splits=args.splits,
+        criterion=args.criterion,
+        grid=args.grid,
+        delta=args.delta,
+        epsilon=args.epsilon,
+        consistency=args.consistency,
+        max_new_tokens=args.max_new_tokens,
+        codec=args.codec,
+        max_edge_layers=args.max_edge_layers,
+        progress=not args.json,
+    )
+    out = args.output or os.path.join(args.exits, SPLIT_FILE)
+    path = write_atomic(out, json.dumps(result.to_dict(), indent=2, default=float))
+    if args.json:
+        print(json.dumps(result.to_dict(), default=float))
+        return 0
+    for cand in result.candidates:
+        rows = [{k: v for k, v in r.items() if k != "cloud_compute"} for r in cand["table"]]
+        print(format_table(rows, title=f"split {cand['split']} (exits {cand['exits']}, level {cand['epsilon']:.3g})"))
+    print(result.guarantee())
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_serve_cloud(args: argparse.Namespace) -> int:
@@ -17,6 +102,11 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
     from depthprune.serving.server import Limits, create_app, load_tokens, serve
 
     tokens = load_tokens(args.tokens_file)  # before the model loads: a missing token fails fast
+    split = args.split
+    if split == "auto":
+        record, path = _calibration_record(args.split_calibration, None)
+        split = int(record["split"])
+        print(f"split {split} from {path}: {record['guarantee']}", file=sys.stderr)
     limits = Limits(
         max_body=args.max_body,
         max_positions=args.max_positions,
@@ -28,8 +118,8 @@ def cmd_serve_cloud(args: argparse.Namespace) -> int:
         max_bytes=int(args.max_memory_mb * (1 << 20)),
     )
     model = load_model(args.model, task="causal-lm")
-    app = create_app(model, args.split, tokens, limits)
-    print(f"serving layers [{args.split}, n) of {args.model} for {len(tokens)} token(s) on {args.host}:{args.port}")
+    app = create_app(model, split, tokens, limits)
+    print(f"serving layers [{split}, n) of {args.model} for {len(tokens)} token(s) on {args.host}:{args.port}")
     serve(app, args.host, args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
@@ -45,6 +135,16 @@ def cmd_edge(args: argparse.Namespace) -> int:
             token = fh.read().strip()
     if args.mode != "standalone" and not token:
         raise SystemExit(f"give the API token with --token-file FILE or the environment variable {TOKEN_ENV}")
+    split, criterion, threshold = args.split, args.criterion, args.threshold
+    if "auto" in (split, threshold):
+        record, path = _calibration_record(args.split_calibration, args.exits)
+        if split == "auto":
+            split = int(record["split"])
+        if threshold == "auto":
+            if split != record["split"]:
+                raise ValueError(f"{path} calibrated the threshold at split {record['split']}, not {split}")
+            criterion, threshold = record["criterion"], float(record["threshold"])
+        print(f"from {path}: {record['guarantee']}", file=sys.stderr)
     model = load_model(args.model, task="causal-lm")
     tokenizer = tokenizer_for(args, args.model)
     heads = DecoderExitHeads.load(args.exits, model).eval() if args.exits else None
@@ -54,9 +154,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
         transport = CloudTransport(args.cloud, token, shaper=shaper, verify=args.ca_file or True)
     client = EdgeClient(
         model,
-        args.split,
+        split,
         heads,
-        f"{args.criterion}:{args.threshold}" if heads is not None else None,
+        f"{criterion}:{threshold}" if heads is not None else None,
         transport=transport,
         mode=args.mode,
         codec=args.codec,
@@ -84,6 +184,34 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
+        "calibrate-split",
+        help="choose the cloud-edge split K and the edge's exit threshold with a Learn-then-Test guarantee",
+        description="Runs the real edge and cloud code in this process (the codec's frames included) on calibration\n"
+        "prompts, tests each candidate split's thresholds with Learn-then-Test (Bonferroni over the splits) and\n"
+        "keeps the certified one with the least cloud compute. Writes split_calibration.json beside --exits, which\n"
+        "`serve-cloud --split auto` and `edge --split auto --threshold auto` read.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--exits", required=True, metavar="DIR", help="decoder exit heads (train-exits)")
+    p.add_argument("--splits", type=int, nargs="+", metavar="K", help="candidate splits (default: one after each exit)")
+    p.add_argument("--max-edge-layers", type=int, metavar="L", help="the edge device runs at most L layers")
+    p.add_argument("--criterion", default="max_prob", help="token criterion (depthprune list; default max_prob)")
+    p.add_argument("--grid", type=float, nargs="+", help="thresholds to test, most conservative first")
+    p.add_argument("--delta", type=float, default=0.05, help="allowed expected loss (default 0.05)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="allowed failure probability (default 0.05)")
+    p.add_argument("--consistency", default="identical", choices=CONSISTENCY, help="the loss (default identical)")
+    p.add_argument("--codec", default="fp16", choices=CODECS, help="states on the wire (default fp16)")
+    p.add_argument("--prompts", type=int, default=60, help="calibration prompts (default 60: delta 0.05 needs 59)")
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--text", metavar="PATH", help="a UTF-8 book (prompts from before 'CHAPTER 110.')")
+    p.add_argument("-o", "--output", metavar="FILE", help=f"where to write (default: DIR/{SPLIT_FILE})")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_tokenizer_option(p)
+    p.set_defaults(func=cmd_calibrate_split)
+
+    p = sub.add_parser(
         "serve-cloud",
         help="serve the cloud half of a split model (layers [K, n) + final step) over HTTP for many edges",
         description="CE-CoLLM's cloud: per-session KV caches of layers [K, n), lazily filled from the edges' layer-K\n"
@@ -92,7 +220,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--split", type=int, required=True, metavar="K", help="edge: layers [0, K); cloud: the rest")
+    p.add_argument(
+        "--split",
+        type=_split_arg,
+        required=True,
+        metavar="K",
+        help="edge: layers [0, K); cloud: the rest ('auto': the split --split-calibration certified)",
+    )
+    p.add_argument("--split-calibration", metavar="FILE", help="split_calibration.json (calibrate-split)")
     p.add_argument("--tokens-file", metavar="FILE", help="API tokens, one per line as name:token")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -117,12 +252,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--cloud", default="http://127.0.0.1:8000", metavar="URL")
-    p.add_argument("--split", type=int, required=True, metavar="K")
+    p.add_argument("--split", type=_split_arg, required=True, metavar="K", help="K, or 'auto' (calibrate-split)")
     p.add_argument("--exits", metavar="DIR", help="decoder exit heads (train-exits), all at layers below K")
     p.add_argument("--criterion", default="max_prob", help="token criterion (depthprune list; default max_prob)")
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=_threshold_arg, default=0.9, help="exit threshold, or 'auto': the certified one")
+    p.add_argument(
+        "--split-calibration", metavar="FILE", help=f"for 'auto' (default: {SPLIT_FILE} in the --exits folder)"
+    )
     p.add_argument("--mode", default="collaborative", choices=["collaborative", "standalone", "cloud"])
-    p.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "bf16", "int8"], help="states on the wire")
+    p.add_argument("--codec", default="fp16", choices=CODECS, help="states on the wire")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--token-file", metavar="FILE", help="this edge's API token")

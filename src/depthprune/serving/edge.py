@@ -26,8 +26,10 @@ from torch import nn
 from depthprune.errors import DepthpruneError
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, parse_criterion
+from depthprune.serving.context import ContextError, ContextManager
+from depthprune.serving.server import SESSION_HEADER
 from depthprune.serving.split import EdgeState, check_split
-from depthprune.serving.transfer import STATE_CODECS, encode
+from depthprune.serving.transfer import STATE_CODECS, decode, encode
 
 MODES = ("standalone", "collaborative", "cloud")
 
@@ -65,8 +67,9 @@ def _header_bytes(headers: Any) -> int:
 
 
 class CloudTransport:
-    """HTTP to one cloud server (httpx, one connection kept alive), with the shaper's delays and byte counts
-    (bodies plus headers, both directions)."""
+    """HTTP(S) to one cloud server (httpx, one connection kept alive), with the shaper's delays and byte counts
+    (bodies plus headers, both directions). verify: True (the system's CAs), a CA file path, or an SSLContext; a
+    certificate that fails verification raises CloudRejected (a configuration error: the edge does not fall back)."""
 
     def __init__(
         self,
@@ -77,23 +80,37 @@ class CloudTransport:
         timeout: float = 30.0,
         verify: bool | str = True,
     ) -> None:
+        import ssl
+
         import httpx
 
         self.url, self.shaper = url.rstrip("/"), shaper or Shaper()
         self._auth = {"Authorization": f"Bearer {token}"}
+        if isinstance(verify, str):  # a CA bundle: the cloud's private certificate authority (or a self-signed cert)
+            try:
+                verify = ssl.create_default_context(cafile=verify)
+            except (OSError, ssl.SSLError) as err:
+                raise ValueError(f"cannot read the CA file {verify}: {err}") from None
         self.client = httpx.Client(timeout=timeout, verify=verify)
         self.bytes_up = self.bytes_down = self.requests = 0
+        self.cloud_split: int | None = None  # the split the cloud reported when the last session was created
         self.lock = threading.Lock()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, sid: str | None = None, **kwargs: Any) -> Any:
         import httpx
 
-        request = self.client.build_request(method, self.url + path, headers=self._auth, **kwargs)
+        headers = self._auth if sid is None else {**self._auth, SESSION_HEADER: sid}  # affinity at a balancer
+        request = self.client.build_request(method, self.url + path, headers=headers, **kwargs)
         up = len(request.content or b"") + _header_bytes(request.headers)
         time.sleep(self.shaper.up(up))
         try:
             response = self.client.send(request)
         except httpx.HTTPError as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):  # a configuration error, not an outage: never fall back
+                raise CloudRejected(
+                    f"the cloud at {self.url} presented a certificate this edge does not trust: give its CA "
+                    "(or self-signed certificate) with --ca-file PEM / CloudTransport(verify='ca.pem')"
+                ) from None
             raise CloudUnavailable(f"cannot reach the cloud at {self.url}: {type(err).__name__}") from None
         down = len(response.content) + _header_bytes(response.headers)
         time.sleep(self.shaper.down(down))
@@ -112,19 +129,65 @@ class CloudTransport:
         return response.json() if response.content else None
 
     def create(self, mode: str) -> str:
-        return self._call("POST", "/v1/sessions", json={"mode": mode})["session"]
+        answer = self._call("POST", "/v1/sessions", json={"mode": mode})
+        self.cloud_split = answer.get("split")
+        return answer["session"]
 
     def positions(self, sid: str, frame: bytes) -> dict[str, Any]:
-        return self._call("POST", f"/v1/sessions/{sid}/positions", content=frame)
+        return self._call("POST", f"/v1/sessions/{sid}/positions", sid, content=frame)
 
     def close_session(self, sid: str) -> None:
         try:
-            self._call("DELETE", f"/v1/sessions/{sid}")
+            self._call("DELETE", f"/v1/sessions/{sid}", sid)
         except (SessionLost, CloudUnavailable):
             pass
 
     def close(self) -> None:
         self.client.close()
+
+
+class LocalTransport:
+    """The cloud's context manager in this process, behind the same interface as `CloudTransport` and through the
+    same frames, without HTTP: what a calibration run (`serving.calibrate`) and tests use to run the real edge and
+    cloud code side by side. bytes_up / bytes_down count frame bytes only (no HTTP headers)."""
+
+    OWNER = "local"
+
+    def __init__(self, manager: ContextManager) -> None:
+        self.manager, self.cloud_split = manager, manager.split
+        self.bytes_up = self.bytes_down = self.requests = 0
+        self.lock = threading.Lock()
+
+    def create(self, mode: str) -> str:
+        self.requests += 1
+        self.cloud_split = self.manager.split
+        return self.manager.create(self.OWNER, mode).id
+
+    def positions(self, sid: str, frame: bytes) -> dict[str, Any]:
+        tensor, _, meta = decode(frame)
+        try:
+            session = self.manager.get(sid, self.OWNER)
+            self.manager.append(session, int(meta["start"]), tensor)
+        except ContextError as err:
+            if err.status in (404, 409):
+                raise SessionLost(str(err)) from None
+            raise CloudRejected(f"the cloud refused the request ({err.status}): {err}") from None
+        with self.lock:
+            self.bytes_up += len(frame)
+            self.requests += 1
+        token = None
+        if meta.get("want_token"):
+            [token] = self.manager.compute([session])
+        return {"token": token, "length": session.total}
+
+    def close_session(self, sid: str) -> None:
+        try:
+            self.manager.close(sid, self.OWNER)
+        except ContextError:
+            pass
+
+    def close(self) -> None:
+        pass
 
 
 def _detail(response: Any) -> str:
@@ -170,7 +233,7 @@ class EdgeClient:
         heads: ExitHeadsLike | None = None,
         criterion: TokenCriterion | str | None = None,
         *,
-        transport: CloudTransport | None = None,
+        transport: CloudTransport | LocalTransport | None = None,
         mode: str = "collaborative",
         codec: str = "fp16",
         async_upload: bool = True,
@@ -198,6 +261,12 @@ class EdgeClient:
         while True:
             if run["sid"] is None:
                 run["sid"], run["synced"] = self.transport.create("ids" if self.mode == "cloud" else "states"), 0
+                served = getattr(self.transport, "cloud_split", None)
+                if self.mode != "cloud" and served is not None and served != self.split:
+                    raise CloudRejected(
+                        f"the cloud serves layers [{served}, n) but this edge runs layers [0, {self.split}): start "
+                        f"the edge with --split {served} (or the cloud with --split {self.split})"
+                    )
             start = run["synced"]
             chunk = torch.cat(history)[start:upto]
             codec = "ids" if self.mode == "cloud" else self.codec
@@ -318,6 +387,7 @@ __all__ = [
     "CloudUnavailable",
     "EdgeClient",
     "EdgeOutput",
+    "LocalTransport",
     "SessionLost",
     "Shaper",
 ]

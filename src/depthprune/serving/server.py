@@ -3,7 +3,8 @@
 API (every route but /v1/health needs `Authorization: Bearer TOKEN`):
 - GET  /v1/health: model facts, no secrets.
 - POST /v1/sessions  JSON {"mode": "states" | "ids"} -> 201 {"session", "split", "hidden_size", "num_layers", "max_seq"}
-- POST /v1/sessions/{id}/positions  body: a `transfer` frame (states [m, hidden] in fp32/fp16/bf16/int8, or ids [m])
+  and the header X-Session-Id (the edge sends it back on every request of the session: a load balancer's affinity key)
+- POST /v1/sessions/{id}/positions  body: a `transfer` frame (states [m, hidden] in any state codec, or ids [m])
   with meta {"start": first position, "want_token": bool} -> {"token": int | null, "length": positions held}.
   Without want_token the positions are only stored (filled lazily); with it, every stored position is computed and
   the next token returned. Requests of many sessions that wait at the same moment share one forward.
@@ -38,6 +39,8 @@ from depthprune.serving.transfer import FrameError, FrameTooLarge, decode
 
 LOG = logging.getLogger("depthprune.serving")
 TOKENS_ENV = "DEPTHPRUNE_CLOUD_TOKENS"
+SESSION_HEADER = "X-Session-Id"
+"""Set on POST /v1/sessions answers and sent by the edge with every request of the session: session affinity."""
 _SID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -243,7 +246,7 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
         }
 
     @app.post("/v1/sessions", status_code=201)
-    async def create(request: Request) -> dict[str, Any]:
+    async def create(request: Request) -> JSONResponse:
         owner = owner_of(request)
         body = await read_body(request)
         mode = "states"
@@ -256,7 +259,7 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
                 raise HTTPException(422, "the body takes one field: mode ('states' or 'ids')")
             mode = data.get("mode", "states")
         session = manager.create(owner, mode)
-        return {
+        body = {
             "session": session.id,
             "mode": mode,
             "split": split,
@@ -264,6 +267,8 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
             "num_layers": manager.num_layers,
             "max_seq": manager.max_seq,
         }
+        # the header a load balancer keys session affinity on (the edge sends it back with every request)
+        return JSONResponse(body, status_code=201, headers={SESSION_HEADER: session.id})
 
     @app.post("/v1/sessions/{sid}/positions")
     async def positions(sid: str, request: Request) -> dict[str, Any]:
@@ -276,7 +281,9 @@ def create_app(model: nn.Module, split: int, tokens: dict[str, str], limits: Lim
         if not isinstance(want, bool):
             raise HTTPException(422, f"meta.want_token must be true or false, got {want!r}")
         if (codec == "ids") != (session.first == 0):
-            kind = "token ids (codec 'ids')" if session.first == 0 else "layer states (fp32/fp16/bf16/int8)"
+            kind = (
+                "token ids (codec 'ids')" if session.first == 0 else "layer states (fp32/fp16/bf16/int8/int8-outlier)"
+            )
             raise HTTPException(422, f"this session takes {kind}, the frame holds codec {codec!r}")
         if tensor.shape[0] > limits.max_positions:
             raise HTTPException(413, f"{tensor.shape[0]} positions in one request; the limit is {limits.max_positions}")
@@ -323,6 +330,11 @@ def serve(
     """Run the app with uvicorn (blocking); TLS through uvicorn's own certificate options."""
     import uvicorn
 
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ServerConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (PEM files)")
+    for path in (ssl_certfile, ssl_keyfile):
+        if path is not None and not os.path.isfile(path):
+            raise ServerConfigError(f"no such TLS file: {path}")
     torch.set_grad_enabled(False)
     uvicorn.run(app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, log_level=log_level)
 
@@ -330,7 +342,15 @@ def serve(
 class ServerThread:
     """uvicorn serving `app` in a background thread of this process (tests, benchmarks): `start()`, `stop()`."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+    ) -> None:
         import socket
 
         import uvicorn
@@ -339,13 +359,22 @@ class ServerThread:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
-        self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self.host, self.port, self.tls = host, port, ssl_certfile is not None
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+        )
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="depthprune-uvicorn", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "ServerThread":
         self.thread.start()
@@ -361,4 +390,13 @@ class ServerThread:
         self.thread.join(timeout)
 
 
-__all__ = ["Batcher", "Limits", "ServerConfigError", "ServerThread", "create_app", "load_tokens", "serve"]
+__all__ = [
+    "SESSION_HEADER",
+    "Batcher",
+    "Limits",
+    "ServerConfigError",
+    "ServerThread",
+    "create_app",
+    "load_tokens",
+    "serve",
+]

@@ -10,7 +10,9 @@ puts several sessions' caches side by side so the cloud runs one forward for man
   token on the edge. `standalone_token` is the deepest edge exit's argmax, for standalone mode and the fallback.
 - `cloud_forward`: layers [first, n) for new positions of several sessions in one batched forward, from uploaded
   layer-k states (first = k) or from token ids (first = 0, the cloud-only baseline), against each session's cache;
-  returns the new cache entries and the next token of the sessions that asked for one.
+  returns the new cache entries and the next token of the sessions that asked for one. A lone session's cache is
+  run as it is (`kv.row_cache`: views, grown by the model's own cache update, the step's only copy of the history);
+  several sessions' are stacked side by side, right-padded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from depthprune import decoding
 from depthprune.errors import DepthpruneError
 from depthprune.exits.lm_heads import ExitHeadsLike
 from depthprune.exits.token_criteria import TokenCriterion, TokenState
-from depthprune.kv import decoder_cache, stack_rows
+from depthprune.kv import decoder_cache, row_cache, stack_rows
 from depthprune.runner import capture_stack
 
 
@@ -150,6 +152,12 @@ def cloud_forward(
     if width == 0:
         cache = decoder_cache(model, n, "cloud-edge split inference")
         hist_mask = torch.zeros((batch, 0), dtype=torch.long)
+    elif batch == 1:  # one session: its cache as it is (views), no padding, no stacking
+        it = items[0]
+        empty = param.new_zeros((kv_heads, it.length, head_dim))
+        marker = param.new_zeros((1, it.length, 1))  # layers [0, first): only their length is read (masks)
+        cache = row_cache([(marker, marker)] * first + (list(it.kv) if it.kv else [(empty, empty)] * (n - first)))
+        hist_mask = torch.ones((1, it.length), dtype=torch.long)
     else:
         rows = []
         for it in items:
@@ -178,6 +186,11 @@ def cloud_forward(
     results = []
     for r, it in enumerate(items):
         m = int(it.inputs.shape[0])
+        if batch == 1 and width > 0 and it.kv:  # the cache's own grown tensors: nothing left to copy
+            token = int(final_logits(hidden[:, m - 1 : m])[0, -1].argmax(-1)) if it.want_token else None
+            grown = [(layer.keys[0, :, : width + m], layer.values[0, :, : width + m]) for layer in cache.layers[first:]]
+            results.append((grown, token))
+            continue
         grown = []
         for j, layer in enumerate(cache.layers[first:]):
             k_new = layer.keys[r, :, width : width + m]
