@@ -80,7 +80,7 @@ def get_adapter(model_or_config: nn.Module | object) -> Adapter:
     _load_builtins()
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    adapter = _REGISTRY.get(model_type) if model_type else None
+    adapter = (_REGISTRY.get(model_type) or _BY_CLASS.get(model_type)) if model_type else None  # listed by class too
     if adapter is None:
         for cls in type(model_or_config).__mro__:
             if cls.__name__ in _BY_CLASS:
