@@ -405,3 +405,27 @@ def write_wavs(folder, n: int = 4, seconds: float = 0.6, rate: int = 16_000, see
         paths.append(folder / f"utt{i:02d}.wav")
         wavfile.write(paths[-1], rate, samples)
     return paths
+
+
+def build_dit(seed: int = 0, depth: int = 3, width: int = 32) -> nn.Module:
+    """A tiny class-conditional diffusers DiT (28x28 grey images, patch 4, 2 heads), random but reproducible, in eval
+    mode; every weight nudged off its init so that no modulation is exactly zero."""
+    from depthprune.diffusion.train import DiTShape
+    from depthprune.diffusion.train import build_dit as build
+
+    model = build(DiTShape(width=width, heads=2, depth=depth), seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def dit_inputs(batch: int = 3, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Noisy images, timesteps and class labels (the null class 10 included) for a tiny DiT."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 1, 28, 28, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+        "class_labels": torch.arange(batch) % 11,
+    }

@@ -39,6 +39,7 @@ class LayerCall:
     args: tuple[Any, ...]  # positional arguments after hidden_states
     kwargs: dict[str, Any]
     batch_size: int
+    row_kwargs: tuple[str, ...] = ()  # keyword arguments with one entry per row even when 1-D (the adapter's)
 
     def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Run one layer: [batch, seq, hidden] -> [batch, seq, hidden]."""
@@ -49,10 +50,13 @@ class LayerCall:
         """The call for a subset of the batch rows, in the order given (LongTensor of distinct row indices)."""
         if _all_rows(rows, self.batch_size):
             return self
+        kwargs = {}
+        for k, v in self.kwargs.items():
+            per_row = k in self.row_kwargs and isinstance(v, torch.Tensor) and v.dim() == 1
+            per_row = per_row and v.shape[0] == self.batch_size
+            kwargs[k] = v.index_select(0, rows.to(v.device)) if per_row else _take_rows(v, rows, self.batch_size)
         return LayerCall(
-            tuple(_take_rows(a, rows, self.batch_size) for a in self.args),
-            {k: _take_rows(v, rows, self.batch_size) for k, v in self.kwargs.items()},
-            int(rows.numel()),
+            tuple(_take_rows(a, rows, self.batch_size) for a in self.args), kwargs, int(rows.numel()), self.row_kwargs
         )
 
     def with_cache(self, view: Any) -> LayerCall:
@@ -76,7 +80,7 @@ class LayerCall:
                 "the model's forward passed no KV cache to its layers; cached decoding needs use_cache=True and a "
                 "DynamicCache reaching every layer"
             )
-        return LayerCall(args, kwargs, self.batch_size)
+        return LayerCall(args, kwargs, self.batch_size, self.row_kwargs)
 
 
 def _all_rows(rows: torch.Tensor, batch_size: int) -> bool:
@@ -239,7 +243,7 @@ def capture_stack(
     hidden = seen[0][0]
     calls: dict[int, LayerCall] = {}
     for p in sorted(set(first_of)):
-        calls[p] = LayerCall(seen[p][1], seen[p][2], hidden.shape[0])
+        calls[p] = LayerCall(seen[p][1], seen[p][2], hidden.shape[0], adapter.row_kwargs)
     for i, p in enumerate(first_of[: stop_after + 1]):
         if i != p and not _same_arguments(seen[i], seen[p]):
             raise RuntimeError(

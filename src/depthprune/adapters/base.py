@@ -72,6 +72,17 @@ class ClassificationHead:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageHead:
+    """A diffusion transformer's own final step, shared by every exit as an LM head is: `conditioning(model,
+    timestep [b], class_labels [b])` -> the per-sample modulation input [b, d] (computed once per denoising step),
+    `forward(model, hidden [b, tokens, d], conditioning)` -> the model output [b, c, h, w] (output norm + modulation,
+    projection, unpatchify), glued from the model's own modules exactly as its forward does."""
+
+    conditioning: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
 class Adapter:
     """How depthprune finds its way around one architecture family.
 
@@ -92,6 +103,12 @@ class Adapter:
         list (ALBERT runs its shared groups several times). Used when depthprune runs layers one at a time.
     logit_softcap: the config field of the soft-capping the model applies to its head's logits
         (tanh(logits / cap) * cap, Gemma's `final_logit_softcapping`); read from the text config when set there.
+    model_classes: class names this adapter serves, for models whose config has no `model_type` (diffusers models:
+        `DiTTransformer2DModel`); matched along the model's class hierarchy.
+    row_kwargs: layer keyword arguments that hold one entry per batch row even when 1-D (a DiT's `timestep` and
+        `class_labels`), so that running a subset of rows slices them (other 1-D tensors, e.g. cache positions, are
+        shared by every row).
+    image_head: the final step of a diffusion transformer (ImageHead), where the model has no LM/classifier head.
     """
 
     family: str
@@ -104,10 +121,13 @@ class Adapter:
     layer_sequence: Callable[[nn.Module, StackSpec], list[nn.Module]] | None = None
     logit_softcap: str | None = "final_logit_softcapping"
     classification_head: ClassificationHead | None = None
+    model_classes: tuple[str, ...] = ()
+    row_kwargs: tuple[str, ...] = ()
+    image_head: ImageHead | None = None
 
     def __post_init__(self) -> None:
-        if not self.model_types:
-            raise ValueError(f"adapter {self.family!r} names no model_type")
+        if not self.model_types and not self.model_classes:
+            raise ValueError(f"adapter {self.family!r} names no model_type and no model class")
         if not self.stacks:
             raise ValueError(f"adapter {self.family!r} names no layer stack")
         names = [s.name for s in self.stacks]
@@ -212,6 +232,15 @@ class Adapter:
 
 
 _MISSING = object()
+
+
+def set_config_value(owner: Any, name: str, value: Any) -> None:
+    """Set config field `name` of `owner` (a module with a `.config`): diffusers models keep a frozen config that only
+    `register_to_config` changes (and saves); transformers configs take a plain attribute."""
+    if hasattr(owner, "register_to_config") and isinstance(getattr(owner, "config", None), dict):
+        owner.register_to_config(**{name: value})
+    else:
+        setattr(owner.config, name, value)
 
 
 def backbone(model: nn.Module) -> nn.Module:

@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from depthprune.cli import train_layerskip, train_skipdecode
+    from depthprune.cli.diffusion import add_commands as add_diffusion_commands
     from depthprune.cli.exits import add_commands
     from depthprune.cli.fusion import add_commands as add_fusion_commands
     from depthprune.cli.generation import add_commands as add_generation_commands
@@ -374,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     from depthprune.cli.serving import add_commands as add_serving_commands
     from depthprune.cli.skipping import add_commands as add_skipping_commands
 
+    add_diffusion_commands(sub)
     add_fusion_commands(sub)
     add_commands(sub)
     add_generation_commands(sub)

@@ -11,7 +11,7 @@ import copy
 
 from torch import nn
 
-from depthprune.adapters.base import Adapter, StackSpec, backbone, get_path, has_path, set_path
+from depthprune.adapters.base import Adapter, StackSpec, backbone, get_path, has_path, set_config_value, set_path
 from depthprune.adapters.registry import get_adapter
 from depthprune.errors import PlanError
 from depthprune.io import tie_repeated_layers
@@ -70,8 +70,8 @@ def apply_plan(model: nn.Module, plan: LayerPlan | str, *, share_weights: bool =
     previous = source_plan(model)
     record = getattr(model.config, PLAN_CONFIG_KEY, None) or {}
     original_sizes = record.get("source_num_layers", sizes)
-    setattr(
-        new.config,
+    set_config_value(
+        new,
         PLAN_CONFIG_KEY,
         {
             "plan": (compose(plan, previous) if previous else plan).to_dict(),
@@ -124,9 +124,9 @@ def _update_config(root: nn.Module, stack: StackSpec, indices: list[int]) -> Non
         if field.per_layer:
             values = getattr(config, field.name, None)
             if values is not None:
-                setattr(config, field.name, [values[i] for i in indices])
+                set_config_value(owner, field.name, [values[i] for i in indices])
         elif hasattr(config, field.name):
-            setattr(config, field.name, len(indices))
+            set_config_value(owner, field.name, len(indices))
 
 
 __all__ = ["apply_plan", "clone_model", "layer_sizes", "share_clone", "source_plan", "tie_repeated_layers"]
