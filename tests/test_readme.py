@@ -46,11 +46,8 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
     "generate smollm2 --skipdecode": [("", "--skip-cost nominal")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
-<<<<<<< HEAD
     "prune ~/.cache/depthprune/whisper-tiny.en": [("epochs=6", "epochs=1"), ("", "--option max_new_tokens=4")],
-=======
     "calibrate-split": [("", "--prompts 12 --prompt-len 8 --max-new-tokens 2 --delta 0.3 --grid 1.0 0.5")],
->>>>>>> serve
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
