@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from heal_encoder import accuracy, fine_tune
+from heal_encoder import accuracy, fine_tune, fine_tuned_classifier
 
-import depthprune
 from depthprune.bench.generation import interleaved_seconds, speed_ratios
 from depthprune.bench.speed import machine_info
 from depthprune.data import token_blocks
-from depthprune.exits.data import load_data, split, tokenize_batches
+from depthprune.exits.data import tokenize_batches
 from depthprune.generation.cascade import calibrate_encoder_cascade, collect_classifier_records, encoder_cascade
 from depthprune.plan import LayerPlan
 from depthprune.static.apply import apply_plan, layer_sizes
@@ -81,18 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_data(args.data, progress=False)
-    parts = split(data, 0.6, 0.2, seed=0)
-    train = split(parts.train, args.limit_train, 0, seed=0).train
-    names = data.label_names
-    tokenizer = depthprune.load_tokenizer("minilm")
-    big = depthprune.load_model(
-        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    seconds = fine_tune(big, tokenizer, train, args)
-    big.eval()
+    parts, train, tokenizer, big, seconds = fine_tuned_classifier(args)
     calibration = batches_of(tokenizer, parts.calibration, 32, args.max_length)
     test = batches_of(tokenizer, parts.test, 32, args.max_length)
     result: dict = {

@@ -56,6 +56,23 @@ def fine_tune(model, tokenizer, train, args) -> float:
     return time.perf_counter() - start
 
 
+def fine_tuned_classifier(args):
+    """(splits, training subset, tokenizer, MiniLM fine-tuned on it in eval mode, seconds it took): the classifier
+    sections 2 and 6.2 measure, from --data, --limit-train, --epochs, --lr, --max-length."""
+    data = load_data(args.data, progress=False)
+    parts = split(data, 0.6, 0.2, seed=0)
+    train = split(parts.train, args.limit_train, 0, seed=0).train
+    names = data.label_names
+    tokenizer = depthprune.load_tokenizer("minilm")
+    model = depthprune.load_model(
+        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    seconds = fine_tune(model, tokenizer, train, args)
+    return parts, train, tokenizer, model.eval(), seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "spam-assassin.jsonl"))
@@ -73,18 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_data(args.data, progress=False)
-    parts = split(data, 0.6, 0.2, seed=0)
-    train = split(parts.train, args.limit_train, 0, seed=0).train
-    names = data.label_names
-    tokenizer = depthprune.load_tokenizer("minilm")
-    model = depthprune.load_model(
-        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base_seconds = fine_tune(model, tokenizer, train, args)
-    model.eval()
+    parts, train, tokenizer, model, base_seconds = fine_tuned_classifier(args)
     test = tokenize_batches(tokenizer, parts.test, 32, args.max_length)
     calib = list(token_blocks(tokenizer, "\n\n".join(parts.calibration.texts), args.max_length, 64).split(8))
     rows = [{"n_remove": 0, "scorer": "", "plan": "", "unhealed": accuracy(model, test), "healed": None}]
