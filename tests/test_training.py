@@ -10,7 +10,15 @@ import torch
 from tiny_models import build
 
 from depthprune.errors import OutputExistsError
-from depthprune.training import TrainRun, TrainStage, check_output_dir, latest_checkpoint, train, train_stages
+from depthprune.training import (
+    TrainRun,
+    TrainStage,
+    check_output_dir,
+    check_token_blocks,
+    latest_checkpoint,
+    train,
+    train_stages,
+)
 
 
 def _line_data(n: int = 24) -> torch.Tensor:
@@ -34,6 +42,32 @@ def test_a_loss_function_with_parameter_groups_and_metrics():
     assert len(last["metrics"]["pair"]) == 2 and last["steps"] == last["total_steps"] == 3
     assert run.checksums == [pytest.approx(float(w + b))] and run.samples_per_rank == [24 * 20]
     assert TrainRun.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    record = run.record()  # what every method's result keeps of the run
+    assert record["history"] == [h["loss"] for h in run.history] and record["num_processes"] == 1
+    assert [e["steps"] for e in record["epoch_losses"]] == [3] * 20
+    assert (
+        record["epoch_losses"][-1]["loss"] == last["loss"]
+        and record["epoch_losses"][-1]["abs"] == last["metrics"]["abs"]
+    )
+    assert record["train_seconds"] == run.train_seconds and record["output_dir"] is None
+
+
+@pytest.mark.parametrize(
+    "blocks, settings, message",
+    [
+        (torch.zeros(2, 4), (1, 1, 1e-3), "integer tensor"),
+        (torch.zeros(4, dtype=torch.long), (1, 1, 1e-3), "integer tensor"),
+        (torch.zeros(0, 4, dtype=torch.long), (1, 1, 1e-3), "at least one block of >= 2 tokens"),
+        (torch.zeros(2, 1, dtype=torch.long), (1, 1, 1e-3), r"shape \(2, 1\)"),
+        (torch.zeros(2, 4, dtype=torch.long), (-1, 1, 1e-3), "epochs must be >= 0"),
+        (torch.zeros(2, 4, dtype=torch.long), (1, 0, 1e-3), "batch_size >= 1"),
+        (torch.zeros(2, 4, dtype=torch.long), (1, 1, 0.0), "lr > 0"),
+    ],
+)
+def test_token_blocks_and_settings_are_checked_with_what_was_given(blocks, settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_token_blocks(blocks, *settings, min_len=2)
+    check_token_blocks(torch.zeros(2, 4, dtype=torch.long), 1, 1, 1e-3, min_len=2)  # a good call passes
 
 
 def test_flags_and_modes_come_back_and_stages_train_only_their_parameters():

@@ -108,9 +108,34 @@ class TrainRun:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """What a method's result records of the run: the processes, per stage-epoch the steps (all processes'),
+        mean loss and metrics, the loss of every optimizer step, the wall time and the output folder."""
+        return {
+            "num_processes": self.num_processes,
+            "epoch_losses": [
+                {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"], **e.get("metrics", {})}
+                for e in self.epoch_losses
+            ],
+            "history": [h["loss"] for h in self.history],
+            "train_seconds": self.train_seconds,
+            "output_dir": self.output_dir,
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRun:
         return cls(**data)
+
+
+def check_token_blocks(token_blocks: Any, epochs: int, batch_size: int, lr: float, *, min_len: int = 1) -> None:
+    """Refuse training data that is not an integer tensor [n_blocks, seq_len] with seq_len >= min_len, and settings
+    outside epochs >= 0, batch_size >= 1, lr > 0, with what was given."""
+    if not isinstance(token_blocks, torch.Tensor) or token_blocks.dim() != 2 or token_blocks.is_floating_point():
+        raise ValueError("token_blocks must be an integer tensor [n_blocks, seq_len]")
+    if len(token_blocks) == 0 or token_blocks.shape[1] < min_len:
+        raise ValueError(f"need at least one block of >= {min_len} tokens, got shape {tuple(token_blocks.shape)}")
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"epochs must be >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
 
 
 def model_source(module: nn.Module) -> Path | None:
@@ -463,6 +488,7 @@ __all__ = [
     "TrainRun",
     "TrainStage",
     "check_output_dir",
+    "check_token_blocks",
     "latest_checkpoint",
     "model_source",
     "no_accelerator",

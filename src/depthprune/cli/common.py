@@ -51,6 +51,52 @@ def add_calibration_options(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--stack", help="which stack to prune (encoder/decoder) on encoder-decoder models; default: last")
 
 
+def add_training_text_options(p: argparse.ArgumentParser | Any) -> None:
+    """--model and --data of the LoRA trainers (train-skipdecode, train-layerskip): the model and its training text."""
+    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
+        "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
+    )
+
+
+def add_lora_training_options(p: argparse.ArgumentParser | Any, *, lr: float = 1e-3) -> None:
+    """--lora-rank, --lora-alpha, --targets, --epochs, --lr, --batch-size, --seed: what every LoRA trainer takes
+    (`lora_training_kwargs` hands them on)."""
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
+    p.add_argument(
+        "--targets", nargs="+", default=None, help="projections to adapt, e.g. q_proj v_proj (default: every linear)"
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def lora_training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of a LoRA trainer (train_skipdecode, train_layerskip, ...) from
+    `add_lora_training_options`' options."""
+    names = ("lora_rank", "lora_alpha", "targets", "epochs", "lr", "batch_size", "seed")
+    return {name: getattr(args, name) for name in names}
+
+
+def training_blocks(args: argparse.Namespace, tokenizer: Any, p: argparse.ArgumentParser) -> Any:
+    """The training token blocks [n, --seq-len] of --data's calibration part, the first --max-blocks of them; a bad
+    value is reported through `p` (exit status 2)."""
+    from depthprune.data import calibration_text, token_blocks
+
+    if args.max_blocks is not None and args.max_blocks < 1:
+        p.error(f"argument --max-blocks: must be >= 1, got {args.max_blocks}")
+    try:
+        blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len)
+    except ValueError as err:
+        p.error(f"argument --data/--seq-len: {err}")
+    return blocks if args.max_blocks is None else blocks[: args.max_blocks]
+
+
 def calibration_from_args(args: argparse.Namespace, tokenizer: Any) -> list:
     """The calibration batches the options of `add_calibration_options` ask for (a clear error naming them)."""
     from depthprune.static.prune import calibration_batches

@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
+from depthprune.cli.common import (
+    add_lora_training_options,
+    add_tokenizer_option,
+    add_training_text_options,
+    check_output_folder,
+    lora_training_kwargs,
+    tokenizer_for,
+    training_blocks,
+)
 from depthprune.exits.train.layerskip import CURRICULA, DEPTH_SCALES, LOSS_SCALES, TIME_SCALES, LayerSkipConfig
 
 DESCRIPTION = (
@@ -28,14 +36,8 @@ def parser(prog: str = "depthprune train-layerskip") -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `depthprune train-layerskip`."""
-    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
+    add_training_text_options(p)
     p.add_argument("--recipe", default="layerskip", help="backbone recipe (see `depthprune list`; default layerskip)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
-        "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
-    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training block (default 256)")
     p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
     p.add_argument("--dropout-max", type=float, default=0.1, help="layer dropout of the last layer (default 0.1)")
@@ -47,15 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curriculum", choices=CURRICULA, default="rotational")
     p.add_argument("--rotation", type=int, default=4, help="rotational: every R-th exit is on at a step (default 4)")
     p.add_argument("--gradual-speed", type=float, default=2.0, help="gradual: all exits on after 1/this of training")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
-    p.add_argument(
-        "--targets", nargs="+", default=None, help="projections to adapt, e.g. q_proj v_proj (default: every linear)"
-    )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--seed", type=int, default=0)
+    add_lora_training_options(p)
     p.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="go on from the newest checkpoint in --output-dir")
     p.add_argument(
@@ -88,7 +82,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from depthprune.data import calibration_text, heldout_text, token_blocks
+    from depthprune.data import heldout_text, token_blocks
     from depthprune.decoding import decoder_parts
     from depthprune.errors import OutputExistsError
     from depthprune.exits.train.layerskip import exit_agreement_with
@@ -106,10 +100,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             check_output_folder(args.output_dir, args.overwrite, source=args.model)
         except OutputExistsError as err:
             p.error(f"argument --output-dir: {err}")
-    for option in ("max_blocks", "eval_blocks"):
-        value = getattr(args, option)
-        if value is not None and value < (1 if option == "max_blocks" else 0):
-            p.error(f"argument --{option.replace('_', '-')}: must be >= {1 if option == 'max_blocks' else 0}")
+    if args.eval_blocks < 0:
+        p.error(f"argument --eval-blocks: must be >= 0, got {args.eval_blocks}")
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
     model = load_model(args.model, task="causal-lm")
     tokenizer = tokenizer_for(args, args.model)
@@ -129,13 +121,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as err:
         p.error(str(err).replace("LayerSkip ", "argument --").replace("_", "-", 1))
+    blocks = training_blocks(args, tokenizer, p)
     try:
-        blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len)
         held = token_blocks(tokenizer, heldout_text(args.data), args.seq_len, args.eval_blocks or None)
     except ValueError as err:
         p.error(f"argument --data/--seq-len/--eval-blocks: {err}")
-    if args.max_blocks is not None:
-        blocks = blocks[: args.max_blocks]
     evaluation = {}
     if args.eval_blocks and state.is_main_process:
         evaluation["before"] = exit_agreement_with(model, model, held[: args.eval_blocks])
@@ -145,13 +135,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model,
         config,
         blocks,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        targets=args.targets,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        **lora_training_kwargs(args),
         base_model=args.model,
         merge=args.merge,
         output_dir=args.output_dir,

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from depthprune.cli.common import add_tokenizer_option, check_output_folder, tokenizer_for
+from depthprune.cli.common import (
+    add_lora_training_options,
+    add_tokenizer_option,
+    add_training_text_options,
+    check_output_folder,
+    lora_training_kwargs,
+    tokenizer_for,
+    training_blocks,
+)
 from depthprune.generation.skipdecode import SkipSchedule, floored_schedule, skipdecode_parts
 from depthprune.generation.skipdecode_train import train_skipdecode
 
@@ -22,13 +30,7 @@ def parser(prog: str = "depthprune train-skipdecode") -> argparse.ArgumentParser
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `depthprune train-skipdecode` (a subcommand of `depthprune`, or this module's own parser)."""
-    p.add_argument("--model", default="smollm2", help="model folder, hub id or embedded alias (default: smollm2)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="a UTF-8 text file, e.g. the whole book: only its calibration part is used (before 'CHAPTER 110.', else "
-        "the first 80%%), the rest stays held out (default: the packaged Moby-Dick calibration excerpt)",
-    )
+    add_training_text_options(p)
     p.add_argument(
         "--speedup",
         type=float,
@@ -53,15 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--min-prompt", type=int, default=1, help="shortest prompt (full depth) drawn per row (default 1)")
     p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
-    p.add_argument(
-        "--targets", nargs="+", default=None, help="projections to adapt, e.g. q_proj v_proj (default: every linear)"
-    )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
-    p.add_argument("--seed", type=int, default=0)
+    add_lora_training_options(p)
     p.add_argument(
         "-o",
         "--output-dir",
@@ -93,7 +87,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
-    from depthprune.data import calibration_text, token_blocks
     from depthprune.errors import OutputExistsError
     from depthprune.io import load_model
     from depthprune.training import no_accelerator
@@ -104,8 +97,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         p.error(f"argument --output-dir: {err}")
     if args.budget < 1:
         p.error(f"argument --budget: must be >= 1 generated token, got {args.budget}")
-    if args.max_blocks is not None and args.max_blocks < 1:
-        p.error(f"argument --max-blocks: must be >= 1, got {args.max_blocks}")
     if not 1 <= args.min_prompt < args.seq_len:
         p.error(f"need 1 <= --min-prompt < --seq-len, got {args.min_prompt} and {args.seq_len}")
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
@@ -118,25 +109,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except (TypeError, ValueError) as err:
         p.error(f"argument --speedup/--max-layers/--min-layers: {str(err).replace('min_layers=', '--min-layers ')}")
-    try:
-        blocks = token_blocks(tokenizer, calibration_text(args.data), args.seq_len)
-    except ValueError as err:
-        p.error(f"argument --data/--seq-len: {err}")
-    if args.max_blocks is not None:
-        blocks = blocks[: args.max_blocks]
+    blocks = training_blocks(args, tokenizer, p)
     set_seed(args.seed)  # the LoRA initialization too
     result = train_skipdecode(
         model,
         schedule,
         blocks,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        targets=args.targets,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
+        **lora_training_kwargs(args),
         min_prompt=args.min_prompt,
-        seed=args.seed,
         output_dir=args.output_dir,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -29,7 +29,7 @@ from torch import nn
 
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
 from depthprune.lora import lora_copy, lora_settings, lora_targets, merged_copy
-from depthprune.training import TrainRun, train
+from depthprune.training import TrainRun, check_token_blocks, train
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -146,12 +146,7 @@ def train_skipdecode(
     """
     if not isinstance(schedule, SkipSchedule):
         raise TypeError(f"schedule must be a SkipSchedule, got {type(schedule).__name__}")
-    if not isinstance(token_blocks, torch.Tensor) or token_blocks.dim() != 2 or token_blocks.is_floating_point():
-        raise ValueError("token_blocks must be an integer tensor [n_blocks, seq_len]")
-    if len(token_blocks) == 0:
-        raise ValueError("no training blocks")
-    if epochs < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"epochs must be >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    check_token_blocks(token_blocks, epochs, batch_size, lr)
     seq_len = int(token_blocks.shape[1])
     sample_layer_counts(schedule, 1, seq_len, min_prompt)  # validates min_prompt against seq_len
     _, layers, _ = skipdecode_parts(model)  # a full-attention decoder-only LM, or a clear error
@@ -172,13 +167,7 @@ def train_skipdecode(
             min_prompt=min_prompt,
             seed=seed,
             num_blocks=len(token_blocks),
-            num_processes=run.num_processes,
-            epoch_losses=[
-                {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"]} for e in run.epoch_losses
-            ],
-            history=[h["loss"] for h in run.history],
-            train_seconds=run.train_seconds,
-            output_dir=run.output_dir,
+            **run.record(),
             model=merged,
             lora_model=lora_model,
             peft_model=peft_model,

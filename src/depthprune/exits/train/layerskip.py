@@ -38,7 +38,7 @@ from torch import nn
 from depthprune.decoding import decoder_parts, mask_arg, positions_from_mask, prompt_mask
 from depthprune.lora import lora_copy, lora_settings, merged_copy
 from depthprune.runner import capture_stack
-from depthprune.training import TrainRun, train
+from depthprune.training import TrainRun, check_token_blocks, train
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -370,12 +370,7 @@ def train_layerskip(
     return (and save) the merged plain model. `model` is not modified."""
     if not isinstance(config, LayerSkipConfig):
         raise TypeError(f"config must be a LayerSkipConfig, got {type(config).__name__}")
-    if not isinstance(token_blocks, torch.Tensor) or token_blocks.dim() != 2 or token_blocks.is_floating_point():
-        raise ValueError("token_blocks must be an integer tensor [n_blocks, seq_len]")
-    if len(token_blocks) == 0 or token_blocks.shape[1] < 2:
-        raise ValueError(f"need at least one block of >= 2 tokens, got shape {tuple(token_blocks.shape)}")
-    if epochs < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"epochs must be >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    check_token_blocks(token_blocks, epochs, batch_size, lr, min_len=2)
     _, layers, _ = decoder_parts(model, "LayerSkip training")
     if config.num_layers != len(layers):
         raise ValueError(f"the recipe was built for {config.num_layers} layers, the model has {len(layers)}")
@@ -398,14 +393,7 @@ def train_layerskip(
             seed=seed,
             num_blocks=len(token_blocks),
             tokens=int(token_blocks.numel()) * epochs,
-            num_processes=run.num_processes,
-            epoch_losses=[
-                {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"], **e["metrics"]}
-                for e in run.epoch_losses
-            ],
-            history=[h["loss"] for h in run.history],
-            train_seconds=run.train_seconds,
-            output_dir=run.output_dir,
+            **run.record(),
             model=merged,
             peft_model=peft_model,
         )

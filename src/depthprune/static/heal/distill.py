@@ -230,14 +230,7 @@ def distill_heal(
         max_tokens=max_tokens,
         tokens=sum(run.samples_per_rank) * int(blocks.shape[1]),
         steps=run.global_step,
-        num_processes=run.num_processes,
-        epoch_losses=[
-            {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"], **e.get("metrics", {})}
-            for e in run.epoch_losses
-        ],
-        history=[h["loss"] for h in run.history],
-        train_seconds=run.train_seconds,
-        output_dir=run.output_dir,
+        **run.record(),
         model=merged,
     )
     record = {k: v for k, v in result.to_dict().items() if k not in ("history", "output_dir")}

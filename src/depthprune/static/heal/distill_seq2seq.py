@@ -351,6 +351,7 @@ class Seq2SeqDistillResult:
     tokens_per_epoch: int
     steps: int
     trained_parameters: int
+    num_processes: int
     epoch_losses: list[dict[str, Any]]
     history: list[float]
     cache_seconds: float
@@ -477,14 +478,8 @@ def distill_seq2seq(
         tokens_per_epoch=cache.tokens,
         steps=run.global_step,
         trained_parameters=sum(p.numel() for p in params),
-        epoch_losses=[
-            {"epoch": e["epoch"], "steps": e["total_steps"], "loss": e["loss"], **e.get("metrics", {})}
-            for e in run.epoch_losses
-        ],
-        history=[h["loss"] for h in run.history],
         cache_seconds=round(cache_seconds, 2),
-        train_seconds=run.train_seconds,
-        output_dir=run.output_dir,
+        **run.record(),
         model=student,
     )
     record = {k: v for k, v in result.to_dict().items() if k not in ("history", "output_dir")}
