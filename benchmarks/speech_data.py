@@ -109,6 +109,12 @@ def utterances(n: int, *, offset: int = 0, voices=VOICES, speeds=SPEEDS, split: 
     return out
 
 
+def log_mel(processor, utts: list[Utterance]) -> np.ndarray:
+    """Whisper's log-mel input features [n, mels, 3000] (float32) of the utterances, by the model's own processor."""
+    feats = processor.feature_extractor([u.audio for u in utts], sampling_rate=16_000, return_tensors="np")
+    return feats.input_features.astype(np.float32)
+
+
 def normalize(text: str) -> str:
     """Lower case, hyphens and dashes to spaces, every other non-letter (but the apostrophe) dropped."""
     text = text.lower().replace("’", "'")

@@ -252,6 +252,14 @@ def convert(out: Path | None = None, *, force: bool = False) -> Path:
     return out
 
 
+def load_whisper(folder: Path | None = None):
+    """(model, processor): the converted Whisper tiny.en (`convert()`'s cached folder, or `folder`) in eval mode."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    folder = convert() if folder is None else folder
+    return WhisperForConditionalGeneration.from_pretrained(folder).eval(), WhisperProcessor.from_pretrained(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="folder (default: the cache)")

@@ -25,18 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speech_data import utterances, wer  # noqa: E402
-from whisper_ct2_to_hf import convert  # noqa: E402
+from speech_data import log_mel, utterances, wer  # noqa: E402
+from whisper_ct2_to_hf import load_whisper  # noqa: E402
 from whisper_shallow import run  # noqa: E402
 
 
 def feature_batches(processor, utts, batch: int) -> list[dict[str, torch.Tensor]]:
-    feats = processor.feature_extractor([u.audio for u in utts], sampling_rate=16_000, return_tensors="pt")
-    x = feats.input_features.float()
+    x = torch.from_numpy(log_mel(processor, utts))
     return [{"input_features": x[i : i + batch]} for i in range(0, len(x), batch)]
 
 
@@ -73,16 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import WhisperForConditionalGeneration
 
     from depthprune.plan import LayerPlan
     from depthprune.static.apply import layer_sizes
     from depthprune.static.export import save_model
     from depthprune.static.heal.distill_seq2seq import EncoderCache, distill_seq2seq, encode_cache
 
-    folder = convert()
-    full = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-    processor = WhisperProcessor.from_pretrained(folder)
+    full, processor = load_whisper()
     args.models.mkdir(parents=True, exist_ok=True)
     sizes = layer_sizes(full)
 
@@ -161,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     utts = utterances(args.n)
     refs = [u.text for u in utts]
-    feats = processor.feature_extractor([u.audio for u in utts], sampling_rate=16_000, return_tensors="np")
-    features = feats.input_features.astype(np.float32)
+    features = log_mel(processor, utts)
     models = {"full": full}
     for name in names:
         models[name] = WhisperForConditionalGeneration.from_pretrained(args.models / name).eval()

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speech_data import utterances, wer  # noqa: E402
-from whisper_ct2_to_hf import convert  # noqa: E402
+from speech_data import log_mel, utterances, wer  # noqa: E402
+from whisper_ct2_to_hf import load_whisper  # noqa: E402
 
 
 def run(model, processor, features: np.ndarray, batch: int, max_new_tokens: int, fixed: bool = False) -> dict:
@@ -70,16 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
     from depthprune.static.apply import apply_plan
 
-    folder = convert()
-    full = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-    processor = WhisperProcessor.from_pretrained(folder)
+    full, processor = load_whisper()
     utts = utterances(args.n)
-    feats = processor.feature_extractor([u.audio for u in utts], sampling_rate=16_000, return_tensors="np")
-    features = feats.input_features.astype(np.float32)
+    features = log_mel(processor, utts)
     refs = [u.text for u in utts]
     rows, pseudo = [], None
     run(full, processor, features[:1], 1, args.max_new_tokens)  # warm-up: first calls pay for lazy set-up

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speech_data import normalize, utterances, wer  # noqa: E402
+from speech_data import log_mel, normalize, utterances, wer  # noqa: E402
 from whisper_ct2_to_hf import convert, source_folder  # noqa: E402
 
 
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = convert()
     processor = WhisperProcessor.from_pretrained(folder)
     utts = utterances(args.n)
-    features = processor.feature_extractor(
-        [u.audio for u in utts], sampling_rate=16_000, return_tensors="np"
-    ).input_features.astype(np.float32)
+    features = log_mel(processor, utts)
     texts = [u.text for u in utts]
     t0 = time.perf_counter()
     hf = hf_transcribe(folder, features, args.batch)

@@ -48,7 +48,7 @@ def test_prune_heals_a_speech_model_on_a_folder_of_wavs(speech, tmp_path, capsys
         (lambda d: (d / "a.wav").write_text("not audio"), HEAL, "not a readable WAV"),
         (lambda d: (d / "a.txt").write_text("x"), HEAL, "no .wav files"),
         (lambda d: wavfile.write(d / "a.wav", 16000, np.zeros(20000, np.int16)), HEAL, "longer than"),
-        (lambda d: write_wavs(d, 1), [], "add --heal distill"),
+        (lambda d: write_wavs(d, 1), [], "add --heal distill, or choose the layers on it with --remove N"),
     ],
 )
 def test_unusable_audio_gets_a_clear_error(speech, tmp_path, capsys, make, args, message):
@@ -61,14 +61,12 @@ def test_unusable_audio_gets_a_clear_error(speech, tmp_path, capsys, make, args,
     assert not (tmp_path / "out").exists()
 
 
-def test_audio_needs_a_speech_model_and_a_plan(speech, tmp_path, capsys):
+def test_audio_needs_a_speech_model(speech, tmp_path, capsys):
     llama = tmp_path / "llama"
     build("llama").save_pretrained(llama)
     wavs = ["--audio", str(speech / "wavs"), "-o", str(tmp_path / "o")]
     assert main(["prune", str(llama), "--plan", "0,1", *HEAL, *wavs]) != 0
     assert "speech encoder-decoder" in capsys.readouterr().err
-    assert main(["prune", str(speech / "whisper"), "--remove", "1", *HEAL, *wavs]) != 0
-    assert "give --plan" in capsys.readouterr().err
 
 
 def test_read_wav_scales_integers_and_downmixes_channels(tmp_path):
@@ -78,3 +76,41 @@ def test_read_wav_scales_integers_and_downmixes_channels(tmp_path):
     wavfile.write(tmp_path / "m.wav", 16000, np.full(10, 16384, np.int16))
     assert np.allclose(read_wav(tmp_path / "m.wav"), 0.5, atol=1e-4)
     assert issubclass(AudioError, ValueError)
+
+
+@pytest.mark.parametrize("scorer", [None, "angular"])  # None: the default with --audio, block_influence
+def test_prune_chooses_decoder_layers_on_speech_and_the_models_own_transcripts(speech, tmp_path, capsys, scorer):
+    out = tmp_path / "scored"
+    argv = ["prune", str(speech / "whisper"), "--remove", "1", "--audio", str(speech / "wavs")]
+    assert main([*argv, *(["--scorer", scorer] if scorer else []), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"chosen by {scorer or 'block_influence'} on 4 utterances" in printed and "healed" not in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder_layers"] == 2 and config["encoder_layers"] == 3  # the decoder: the last stack by default
+    assert transformers.AutoFeatureExtractor.from_pretrained(out) is not None
+
+
+def test_with_transcripts_gives_the_models_greedy_transcripts_as_decoder_inputs(speech):
+    from depthprune.static.heal.distill_seq2seq import with_transcripts
+
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(speech / "whisper").eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(speech / "whisper")
+    (batch,) = speech_batches(extractor, speech / "wavs")
+    (scored,) = with_transcripts(model, [batch], max_new_tokens=4)
+    ids = scored["decoder_input_ids"]
+    assert torch.equal(scored["input_features"], batch["input_features"]) and ids.shape[0] == 4
+    with torch.no_grad():
+        greedy = model.generate(batch["input_features"], do_sample=False, max_new_tokens=4)
+    start = model.generation_config.decoder_start_token_id
+    assert (ids[:, 0] == start).all()
+    for row, g in zip(ids.tolist(), greedy.tolist(), strict=True):  # each row: the prompt, then generate's tokens
+        text = [t for t in g if t not in (start, model.generation_config.eos_token_id)]
+        assert all(t in row for t in text)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        with_transcripts(model, [batch], max_new_tokens=0)
+
+
+def test_a_scorer_that_needs_a_causal_lm_head_is_refused_on_speech(speech, tmp_path, capsys):
+    argv = ["prune", str(speech / "whisper"), "--remove", "1", "--scorer", "lookahead_kl"]
+    assert main([*argv, "--audio", str(speech / "wavs"), "-o", str(tmp_path / "o")]) != 0
+    assert "use block_influence or angular" in capsys.readouterr().err

@@ -163,7 +163,10 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
             assert record["method"] == method and f"healed by {method}" in out
             extra = len(record.get("replacements", []))
         if "--audio" in argv:  # a speech model: the decoder plan, healed on the WAV folder, with its feature extractor
-            assert config["decoder_layers"] == LayerPlan.parse(option["--plan"]).num_layers()["decoder"]
+            if "--plan" in option:
+                assert config["decoder_layers"] == LayerPlan.parse(option["--plan"]).num_layers()["decoder"]
+            else:  # chosen on the speech
+                assert config["decoder_layers"] == 4 - int(option["--remove"]) and "chosen by block_influence" in out
             assert config["depthprune_healing"]["method"] == "distill" and "healed by distill" in out
             assert (folder / "preprocessor_config.json").is_file()
         elif "--plan" in argv:

@@ -27,7 +27,9 @@ def _add_removal(p: argparse.ArgumentParser, scorer: str, plans: str) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--remove", type=float, help="layers to remove: a count (8) or a fraction (0.25)")
     how.add_argument("--plan", help=f"explicit layer plan, e.g. {plans}")
-    p.add_argument("--scorer", default=scorer, help=f"scorer choosing the layers (default {scorer})")
+    speech = " (block_influence with --audio)" if scorer == "lookahead_kl" else ""
+    p.add_argument("--scorer", help=f"scorer choosing the layers (default {scorer}{speech})")
+    p.set_defaults(default_scorer=scorer)
     p.add_argument("-o", "--output", required=True, help=GGUF_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (atomically)")
     add_gguf_option(p)
@@ -108,6 +110,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from depthprune.static.prune import prune
 
     gguf_source = check_output(args)  # before minutes of loading and scoring
+    if args.scorer is None:  # lookahead_kl reads a causal LM head: speech models are scored by block influence
+        args.scorer = "block_influence" if args.audio is not None else args.default_scorer
     if args.plan is not None:
         LayerPlan.parse(args.plan)  # a malformed plan fails before the model loads
     options = parse_options(args.option)
@@ -153,7 +157,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_source: str | None) -> int:
-    """`prune SPEECH_MODEL --plan ... --heal distill --audio DIR`: heal on the WAV files of DIR, the encoder frozen."""
+    """`prune SPEECH_MODEL --plan ... --heal distill --audio DIR`: heal on the WAV files of DIR, the encoder frozen;
+    `--remove N [--scorer S] [--stack decoder|encoder]`: the plan chosen by the scorer on DIR's speech and the model's
+    own transcripts of it (healed too with --heal)."""
     from transformers import AutoFeatureExtractor
 
     from depthprune.audio import audio_files, speech_batches
@@ -161,10 +167,11 @@ def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_sou
     from depthprune.plan import LayerPlan
     from depthprune.static.heal import heal
 
-    if not args.heal:
-        raise ValueError("--audio is the calibration speech of a healer: add --heal distill (or drop --audio)")
-    if args.plan is None:
-        raise ValueError("--audio heals an explicit plan: give --plan (e.g. decoder=0,3: the first and last layer)")
+    if not args.heal and args.plan is not None:
+        raise ValueError(
+            "--audio is the calibration speech of a healer or a scorer: add --heal distill, or choose the layers on it "
+            "with --remove N instead of --plan (or drop --audio)"
+        )
     if gguf_source is not None:
         raise ValueError("a speech model exports to a folder, not GGUF: give -o FOLDER")
     audio_files(args.audio)  # a missing or empty folder fails before the model loads
@@ -181,11 +188,25 @@ def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_sou
     batches = speech_batches(extractor, args.audio, batch_size=8)
     source = args.tokenizer or args.model
     tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
-    plan = LayerPlan.parse(args.plan)
-    healed = heal(model, plan, batches, method=args.heal, progress=True, **options)
-    out = save_output(healed, Preprocessors(tokenizer, extractor), args, None)
     utterances = sum(len(b["input_features"]) for b in batches)
-    print(f"plan {plan.to_text()}, healed by {args.heal} on {utterances} utterances of {args.audio}")
+    if args.plan is not None:
+        plan, chosen = LayerPlan.parse(args.plan), ""
+    else:
+        from depthprune.static.heal.distill_seq2seq import with_transcripts
+        from depthprune.static.prune import prune
+
+        scored = with_transcripts(model, batches)  # the decoder runs on the model's own transcripts
+        plan = prune(model, remove=args.remove, scorer=args.scorer, batches=scored, stack=args.stack).plan
+        chosen = f" (chosen by {args.scorer} on {utterances} utterances)"
+    if args.heal:
+        pruned = heal(model, plan, batches, method=args.heal, progress=True, **options)
+        healed = f", healed by {args.heal} on {utterances} utterances of {args.audio}"
+    else:
+        from depthprune.static.apply import apply_plan
+
+        pruned, healed = apply_plan(model, plan), ""
+    out = save_output(pruned, Preprocessors(tokenizer, extractor), args, None)
+    print(f"plan {plan.to_text()}{chosen}{healed}")
     print(f"saved to {out}; load it with from_pretrained({str(out)!r}) or pipeline('automatic-speech-recognition')")
     return 0
 
@@ -197,6 +218,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from depthprune.static.prune import prune
 
     gguf_source = check_output(args)
+    args.scorer = args.scorer or args.default_scorer
     options = parse_options(args.option)
     stage_options(args.method, options)
     if args.plan is not None:
@@ -318,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--audio",
         metavar="DIR",
-        help="speech models (Whisper): a folder of 16 kHz WAV files to heal on, instead of calibration text; the "
-        "full model's transcripts are the targets (with --plan and --heal distill)",
+        help="speech models (Whisper): a folder of 16 kHz WAV files to heal (--heal distill) and score (--remove N) "
+        "on, instead of calibration text; the full model's transcripts are the targets",
     )
     add_tokenizer_option(p)
     p.set_defaults(func=cmd_prune)

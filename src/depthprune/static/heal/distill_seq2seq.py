@@ -268,6 +268,33 @@ def encode_cache(
     return EncoderCache(torch.cat(hidden), ids, lengths, torch.cat(logits), torch.cat(masks) if masks else None)
 
 
+@torch.no_grad()
+def with_transcripts(model: nn.Module, batches: Any, *, max_new_tokens: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Each batch of encoder inputs with the model's own greedy transcripts as `decoder_input_ids` (prompt + text +
+    end of text, right-padded): what a scorer of decoder layers runs the model on (the pseudo-labels the healing
+    trains on). `model` is left in the mode it was in."""
+    require_encoder_decoder(model, "with_transcripts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    batches = check_batches(model, batches)
+    prompt = decoder_prompt(model)
+    positions = getattr(model.config, "max_target_positions", None)
+    if positions is not None:
+        max_new_tokens = min(max_new_tokens, int(positions) - len(prompt) - 1)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = []
+        for b in batches:
+            generated = model.generate(**b, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+            ids, _ = _padded(model, _to_labels(model, generated, prompt))
+            out.append({**b, "decoder_input_ids": ids})
+        return out
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def _padded(model: nn.Module, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows as right-padded ids [n, t] and their lengths [n]."""
     t = max(len(r) for r in rows)
@@ -506,4 +533,5 @@ __all__ = [
     "heal",
     "require_encoder_decoder",
     "seq2seq_distill_loss",
+    "with_transcripts",
 ]
