@@ -114,3 +114,43 @@ def test_a_scorer_that_needs_a_causal_lm_head_is_refused_on_speech(speech, tmp_p
     argv = ["prune", str(speech / "whisper"), "--remove", "1", "--scorer", "lookahead_kl"]
     assert main([*argv, "--audio", str(speech / "wavs"), "-o", str(tmp_path / "o")]) != 0
     assert "use block_influence or angular" in capsys.readouterr().err
+
+
+def test_eval_audio_gives_wer_and_speed_beside_the_untouched_model(speech, tmp_path, capsys):
+    from depthprune.bench.speech import transcribe
+
+    pruned = tmp_path / "pruned"
+    argv = ["prune", str(speech / "whisper"), "--remove", "1", "--audio", str(speech / "wavs"), "-o", str(pruned)]
+    assert main(argv) == 0
+    wavs = tmp_path / "wavs"
+    write_wavs(wavs)
+    (wavs / "texts.json").write_text(json.dumps([{"file": f"utt{i:02d}.wav", "text": "w1 w2 w3"} for i in range(4)]))
+    capsys.readouterr()
+    argv = ["eval", str(pruned), "--audio", str(wavs), "--batch-sizes", "1,2", "--repeats", "1", "--json"]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    untouched, mine = report["rows"]
+    assert report["baseline"] == "untouched" and report["utterances"] == 4
+    assert untouched["decoder_layers"] == 3 and mine["decoder_layers"] == 2
+    assert untouched["speedup_b1"] == 1 and untouched["speedup_b2"] == 1
+    # the tiny random Whisper writes tokens its word tokenizer decodes to nothing: every reference word is missed
+    assert report["transcripts"]["untouched"] == [""] * 4 and untouched["wer_vs_untouched"] is None
+    assert untouched["wer_refs"] == mine["wer_refs"] == 100.0
+    assert {"wer_refs", "s_per_utt_b1", "s_per_utt_b2", "speedup_b2"} <= set(mine) and mine["s_per_utt_b1"] > 0
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(pruned).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(pruned)
+    tok = transformers.AutoTokenizer.from_pretrained(pruned)
+    x = torch.cat([b["input_features"] for b in speech_batches(extractor, wavs)])
+    assert report["transcripts"]["model"] == transcribe(model, tok, x, 4, max_new_tokens=4)[0]
+    (wavs / "texts.json").write_text(json.dumps([{"file": "utt00.wav", "text": "w1"}]))
+    assert main(["eval", str(pruned), "--audio", str(wavs)]) != 0
+    assert "no reference text for 3 of 4 WAV files" in capsys.readouterr().err
+
+
+def test_word_error_rate_normalises_both_sides():
+    from depthprune.bench.speech import word_error_rate
+
+    assert word_error_rate(["The cat sat."], ["the  cat, sat"]) == 0
+    assert word_error_rate(["a b c d"], ["a x c"]) == 50.0  # one substitution, one deletion
+    with pytest.raises(ValueError, match="as many hypotheses"):
+        word_error_rate(["a"], [])

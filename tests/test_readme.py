@@ -109,7 +109,10 @@ def _write_data(work: Path) -> None:
     mails = [("ham", f"Subject: {w}\n\nthe boat sails at noon {w}") for w in WORDS]
     mails += [("spam", f"Subject: WIN\n\nbuy the white whale now {w}!!!") for w in WORDS]
     (data / "spam-assassin.jsonl").write_text("\n".join(json.dumps({"label": y, "raw": r}) for y, r in mails))
-    write_wavs(work / "out" / "speech")  # what benchmarks/speech_data.py --out out/speech writes (noise here)
+    for folder in ("speech", "speech-heldout"):  # what benchmarks/speech_data.py --out out/... writes (noise here)
+        write_wavs(work / "out" / folder)
+    texts = [{"file": f"utt{i:02d}.wav", "text": "call me ishmael"} for i in range(4)]
+    (work / "out" / "speech-heldout" / "texts.json").write_text(json.dumps(texts))
     for name in BENCHMARK_SAMPLES:
         (work / "benchmarks" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(README.parent / "benchmarks" / name, work / "benchmarks" / name)
@@ -180,7 +183,7 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         config = json.loads((folder / "config.json").read_text())
         assert config["num_hidden_layers"] == 30 - int(option["--remove"]) and "calibration NLL" in out
     elif command == "eval":
-        assert "perplexity" in out
+        assert ("WER (%) and seconds per utterance" if "--audio" in argv else "perplexity") in out
     elif command == "train-layerskip":
         assert {"adapter_config.json", "layerskip.json"} <= {p.name for p in folder.iterdir()} and "LoRA rank" in out
     elif command == "train-exits":

@@ -244,6 +244,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.lm_eval:
         return harness.run(args)
+    if args.audio is not None:
+        return _eval_speech(args)
     from depthprune.bench.evaluate import evaluate_models
     from depthprune.data import heldout_text, token_blocks
     from depthprune.io import load_model
@@ -272,6 +274,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(report.table(title=f"held-out perplexity ({blocks.numel()} tokens) and speed vs {next(iter(models))!r}"))
+    return 0
+
+
+def _eval_speech(args: argparse.Namespace) -> int:
+    """`eval SPEECH_MODEL --audio DIR`: WER and end-to-end transcription speed beside the baseline."""
+    import torch
+    from transformers import AutoFeatureExtractor
+
+    from depthprune.audio import audio_files, speech_batches
+    from depthprune.bench.report import format_table
+    from depthprune.bench.speech import evaluate_speech, references
+    from depthprune.io import load_model, local_folder
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.max_new_tokens < 1 or args.repeats < 1 or any(b < 1 for b in sizes):
+        raise ValueError("--max-new-tokens, --repeats and every --batch-sizes entry must be >= 1")
+    audio_files(args.audio)  # a missing or empty folder fails before the model loads
+    refs = references(args.audio)
+    model = load_model(args.model)
+    if not getattr(model.config, "is_encoder_decoder", False) or model.main_input_name != "input_features":
+        raise ValueError(
+            f"--audio evaluates a speech encoder-decoder (Whisper); {args.model} is a {type(model).__name__}"
+        )
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(local_folder(args.model))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{args.model} has no feature extractor (preprocessor_config.json): {err}") from None
+    tokenizer = tokenizer_for(args, args.model)
+    features = torch.cat([b["input_features"] for b in speech_batches(extractor, args.audio)])
+    models = {"model": model}
+    baseline_name = args.baseline or (getattr(model.config, "depthprune", None) or {}).get("source")
+    if baseline_name and not args.no_baseline:
+        models = {"untouched": load_model(baseline_name), "model": model}
+    report = evaluate_speech(models, tokenizer, features, refs, baseline=next(iter(models)), batch_sizes=sizes,
+                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        title = (
+            f"{len(features)} utterances of {args.audio}: WER (%) and seconds per utterance vs {report['baseline']!r}"
+        )
+        print(format_table(report["rows"], title=title))
+        if refs is None:
+            print("no reference texts in the folder (texts.json or NAME.txt): WER against the baseline only")
     return 0
 
 
@@ -375,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-speed", action="store_true", help="perplexity only")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--audio",
+        metavar="DIR",
+        help="speech models (Whisper): WER and transcription speed on the 16 kHz WAV files of DIR, against their "
+        "references (texts.json or NAME.txt, if any) and the baseline's transcripts",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=96, help="--audio: transcript length cap (default 96)")
     add_tokenizer_option(p)
     harness.add_arguments(p)
     p.set_defaults(func=cmd_eval)
