@@ -72,11 +72,9 @@ def transcribe(
 ) -> tuple[list[str], float]:
     """Greedy transcripts (the model's own `generate`) of features [n, mels, frames], `batch_size` at a time, and the
     seconds it took. max_new_tokens is capped by the decoder's positions behind its prompt."""
-    from depthprune.static.heal.distill_seq2seq import decoder_prompt
+    from depthprune.static.heal.distill_seq2seq import transcript_budget
 
-    positions = getattr(model.config, "max_target_positions", None)
-    if positions is not None:
-        max_new_tokens = min(max_new_tokens, int(positions) - len(decoder_prompt(model)) - 1)
+    max_new_tokens = transcript_budget(model, max_new_tokens)
     t0 = time.perf_counter()
     texts: list[str] = []
     for i in range(0, len(features), batch_size):

@@ -156,14 +156,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speech_model(name: str, otherwise: str) -> tuple:
+    """(model, feature extractor) of the speech encoder-decoder `name` for `--audio`, or a clear error: `otherwise`
+    says what to do with a model that is not one."""
+    from transformers import AutoFeatureExtractor
+
+    from depthprune.io import load_model, local_folder
+
+    model = load_model(name)
+    if not getattr(model.config, "is_encoder_decoder", False) or model.main_input_name != "input_features":
+        kind = type(model).__name__
+        raise ValueError(f"--audio needs a speech encoder-decoder (Whisper); {name} is a {kind}: {otherwise}")
+    try:
+        return model, AutoFeatureExtractor.from_pretrained(local_folder(name))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name} has no feature extractor (preprocessor_config.json): {err}") from None
+
+
 def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_source: str | None) -> int:
     """`prune SPEECH_MODEL --plan ... --heal distill --audio DIR`: heal on the WAV files of DIR, the encoder frozen;
     `--remove N [--scorer S] [--stack decoder|encoder]`: the plan chosen by the scorer on DIR's speech and the model's
     own transcripts of it (healed too with --heal)."""
-    from transformers import AutoFeatureExtractor
 
     from depthprune.audio import audio_files, speech_batches
-    from depthprune.io import has_tokenizer, load_model, local_folder
+    from depthprune.io import has_tokenizer
     from depthprune.plan import LayerPlan
     from depthprune.static.heal import heal
 
@@ -175,16 +191,7 @@ def _prune_speech(args: argparse.Namespace, options: dict[str, object], gguf_sou
     if gguf_source is not None:
         raise ValueError("a speech model exports to a folder, not GGUF: give -o FOLDER")
     audio_files(args.audio)  # a missing or empty folder fails before the model loads
-    model = load_model(args.model)
-    if not getattr(model.config, "is_encoder_decoder", False) or model.main_input_name != "input_features":
-        raise ValueError(
-            f"--audio needs a speech encoder-decoder (Whisper); {args.model} is a {type(model).__name__}: "
-            "heal it on calibration text (drop --audio)"
-        )
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(local_folder(args.model))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{args.model} has no feature extractor (preprocessor_config.json): {err}") from None
+    model, extractor = _speech_model(args.model, "heal or score it on calibration text (drop --audio)")
     batches = speech_batches(extractor, args.audio, batch_size=8)
     source = args.tokenizer or args.model
     tokenizer = tokenizer_for(args, source) if args.tokenizer or has_tokenizer(source) else None
@@ -280,27 +287,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_speech(args: argparse.Namespace) -> int:
     """`eval SPEECH_MODEL --audio DIR`: WER and end-to-end transcription speed beside the baseline."""
     import torch
-    from transformers import AutoFeatureExtractor
 
     from depthprune.audio import audio_files, speech_batches
     from depthprune.bench.report import format_table
     from depthprune.bench.speech import evaluate_speech, references
-    from depthprune.io import load_model, local_folder
+    from depthprune.io import load_model
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.max_new_tokens < 1 or args.repeats < 1 or any(b < 1 for b in sizes):
         raise ValueError("--max-new-tokens, --repeats and every --batch-sizes entry must be >= 1")
     audio_files(args.audio)  # a missing or empty folder fails before the model loads
     refs = references(args.audio)
-    model = load_model(args.model)
-    if not getattr(model.config, "is_encoder_decoder", False) or model.main_input_name != "input_features":
-        raise ValueError(
-            f"--audio evaluates a speech encoder-decoder (Whisper); {args.model} is a {type(model).__name__}"
-        )
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(local_folder(args.model))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{args.model} has no feature extractor (preprocessor_config.json): {err}") from None
+    model, extractor = _speech_model(args.model, "evaluate it on held-out text (drop --audio)")
     tokenizer = tokenizer_for(args, args.model)
     features = torch.cat([b["input_features"] for b in speech_batches(extractor, args.audio)])
     models = {"model": model}

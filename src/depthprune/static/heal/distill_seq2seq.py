@@ -210,6 +210,17 @@ def _to_labels(model: nn.Module, generated: torch.Tensor, prompt: list[int]) -> 
     return rows
 
 
+def transcript_budget(model: nn.Module, max_new_tokens: int) -> int:
+    """max_new_tokens (>= 1, else a clear error) capped so that a transcript fits the decoder's positions behind its
+    prompt, with its end of text."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    positions = getattr(model.config, "max_target_positions", None)
+    if positions is None:
+        return max_new_tokens
+    return min(max_new_tokens, int(positions) - len(decoder_prompt(model)) - 1)
+
+
 @torch.no_grad()
 def encode_cache(
     model: nn.Module,
@@ -223,13 +234,9 @@ def encode_cache(
     its teacher-forced logits on those transcripts (in `logits_dtype`): the cache every training step reads instead
     of running the teacher again."""
     require_encoder_decoder(model, "encode_cache")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = transcript_budget(model, max_new_tokens)
     batches = check_batches(model, batches)
     prompt = decoder_prompt(model)
-    positions = getattr(model.config, "max_target_positions", None)
-    if positions is not None:  # a transcript must fit the decoder's positions behind the prompt, with its end
-        max_new_tokens = min(max_new_tokens, int(positions) - len(prompt) - 1)
     from transformers.modeling_outputs import BaseModelOutput
 
     hidden, labels, masks, logits = [], [], [], []
@@ -274,13 +281,9 @@ def with_transcripts(model: nn.Module, batches: Any, *, max_new_tokens: int = 12
     end of text, right-padded): what a scorer of decoder layers runs the model on (the pseudo-labels the healing
     trains on). `model` is left in the mode it was in."""
     require_encoder_decoder(model, "with_transcripts")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = transcript_budget(model, max_new_tokens)
     batches = check_batches(model, batches)
     prompt = decoder_prompt(model)
-    positions = getattr(model.config, "max_target_positions", None)
-    if positions is not None:
-        max_new_tokens = min(max_new_tokens, int(positions) - len(prompt) - 1)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -533,5 +536,6 @@ __all__ = [
     "heal",
     "require_encoder_decoder",
     "seq2seq_distill_loss",
+    "transcript_budget",
     "with_transcripts",
 ]
