@@ -120,6 +120,50 @@ def test_exit_losses_are_the_shared_head_on_the_exit_states():
     torch.testing.assert_close(out["loss"], w[0] * ce[0] + w[1] * ce[1] + w[2] * final)
 
 
+def test_kl_term_is_the_kl_to_the_teacher_on_the_last_layer():
+    model = build("llama")
+    ids, _ = input_ids(2, 7, pad_first_row=0)
+    config = LayerSkipConfig(num_layers=4, dropout_max=0.0, exit_scale=0.0, kl_weight=2.0, curriculum="none")
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+    # the untouched model as its own teacher: KL 0, the loss is the plain LM loss
+    out = layerskip_loss(model, ids, config, teacher_logits=own)
+    assert float(out["kl"]) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(out["loss"], model(input_ids=ids, labels=ids).loss)
+    # another teacher: the hand-computed KL(teacher || model) over the next-token positions, times the weight
+    teacher = torch.randn_like(own)
+    out = layerskip_loss(model, ids, config, teacher_logits=teacher)
+    t = teacher[:, :-1].log_softmax(-1)
+    kl = (t.exp() * (t - own[:, :-1].log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(out["kl"], kl)
+    torch.testing.assert_close(out["loss"], model(input_ids=ids, labels=ids).loss + 2.0 * kl)
+    with pytest.raises(ValueError, match="pass teacher_logits"):
+        layerskip_loss(model, ids, config)
+
+
+def test_kl_term_holds_the_last_layer_to_the_untouched_model():
+    """The same run with and without the KL term: with it, the adapted model's output stays closer to the input
+    model's (KL measured on the training blocks), and the input model is untouched."""
+    model = build("llama")
+    blocks = torch.randint(3, 99, (8, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids=blocks).logits.log_softmax(-1)
+
+    def kl_after(kl_weight):
+        config = LayerSkipConfig(num_layers=4, dropout_max=0.0, exit_scale=1.0, kl_weight=kl_weight, curriculum="none")
+        result = train_layerskip(
+            model, config, blocks, lora_rank=4, lr=2e-2, batch_size=2, epochs=3, merge=True, progress=False
+        )
+        if kl_weight:
+            assert "kl" in result.epoch_losses[0]
+        with torch.no_grad():
+            adapted = result.model(input_ids=blocks).logits.log_softmax(-1)
+        return float((reference.exp() * (reference - adapted)).sum(-1).mean())
+
+    free, held = kl_after(0.0), kl_after(20.0)
+    assert held < 0.5 * free, (held, free)
+
+
 def test_schedules_are_what_they_say():
     c = LayerSkipConfig(num_layers=5, dropout_max=0.2, dropout_scale="exp")
     rates = dropout_rates(c)
@@ -163,6 +207,8 @@ def test_schedules_are_what_they_say():
         ({"rotation": 0}, "rotation must be an int >= 1"),
         ({"exit_scale": -1.0}, "exit_scale must be a finite number >= 0"),
         ({"loss_scale": "square"}, "loss_scale must be one of one, l, sum_l"),
+        ({"kl_weight": -0.5}, "kl_weight must be a finite number >= 0"),
+        ({"kl_weight": float("inf")}, "kl_weight must be a finite number >= 0"),
     ],
 )
 def test_bad_options_error_clearly(options, message):

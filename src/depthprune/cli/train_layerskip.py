@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout-scale", choices=list(DEPTH_SCALES), default="exp", help="rise with depth (default exp)")
     p.add_argument("--dropout-ramp", choices=list(TIME_SCALES), default="constant", help="rise over training")
     p.add_argument("--exit-scale", type=float, default=1.0, help="weight of the early-exit losses (0: none)")
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="weight of a KL term holding the last layer to the untouched model (not in LayerSkip; default 0)",
+    )
     p.add_argument("--loss-scale", choices=list(LOSS_SCALES), default="l", help="per-exit weight by depth (default l)")
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="exit layers, 0-based (default: all)")
     p.add_argument("--curriculum", choices=CURRICULA, default="rotational")
@@ -113,6 +119,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             dropout_scale=args.dropout_scale,
             dropout_ramp=args.dropout_ramp,
             exit_scale=args.exit_scale,
+            kl_weight=args.kl_weight,
             loss_scale=args.loss_scale,
             exit_layers=None if args.exit_layers is None else tuple(args.exit_layers),
             curriculum=args.curriculum,

@@ -14,12 +14,17 @@ Two parts, both on the model's own modules:
   shifted by one each step), "gradual" (exits switched on from the last layer downwards, all on by 1/gradual_speed of
   training).
 
-At dropout_max = 0 and exit_scale = 0 the loss is the plain next-token cross-entropy of the model. Only LoRA weights
-train (peft, `depthprune.lora.lora_copy`), through the one loop (`depthprune.training.train`); the input model is
-never modified. The output folder holds the peft adapter (`adapter_config.json` + `adapter_model.safetensors`, the
-base model recorded in it: `depthprune.io.load_model(folder)` loads base + adapter merged), layerskip.json (the
-recipe) and train_log.json; with `merge=True` the merged model's weights too (an ordinary HF folder). From the
-command line: `depthprune train-layerskip --model smollm2 -o out/smollm2-layerskip`.
+- optionally (not in LayerSkip; `kl_weight` > 0) a KL term that holds the last layer to the untouched model:
+  kl_weight * KL(untouched || adapted) of the next-token distributions after the last layer, the untouched model being
+  the same LoRA model with its adapter disabled (peft's `disable_adapter`, no second copy in memory). Measured on
+  SmolLM2 (benchmarks/RESULTS.md 13) the exit losses alone cost the last layer 10% of held-out perplexity.
+
+At dropout_max = 0, exit_scale = 0 and kl_weight = 0 the loss is the plain next-token cross-entropy of the model.
+Only LoRA weights train (peft, `depthprune.lora.lora_copy`), through the one loop (`depthprune.training.train`); the
+input model is never modified. The output folder holds the peft adapter (`adapter_config.json` +
+`adapter_model.safetensors`, the base model recorded in it: `depthprune.io.load_model(folder)` loads base + adapter
+merged), layerskip.json (the recipe) and train_log.json; with `merge=True` the merged model's weights too (an ordinary
+HF folder). From the command line: `depthprune train-layerskip --model smollm2 -o out/smollm2-layerskip`.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class LayerSkipConfig:
     curriculum: str = "rotational"
     rotation: int = 4
     gradual_speed: float = 2.0
+    kl_weight: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(option: str, value: Any, want: str) -> ValueError:
@@ -111,6 +117,8 @@ class LayerSkipConfig:
             raise bad("loss_scale", self.loss_scale, f"one of {', '.join(LOSS_SCALES)}")
         if not (self.exit_scale >= 0 and math.isfinite(self.exit_scale)):
             raise bad("exit_scale", self.exit_scale, "a finite number >= 0 (0: no early-exit loss)")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise bad("kl_weight", self.kl_weight, "a finite number >= 0 (0: no KL term to the untouched model)")
         if self.curriculum not in CURRICULA:
             raise bad("curriculum", self.curriculum, f"one of {', '.join(CURRICULA)}")
         if not isinstance(self.rotation, int) or self.rotation < 1:
@@ -224,9 +232,14 @@ def layerskip_loss(
     skip: torch.Tensor | None = None,
     exits: Sequence[int] = (),
     attention_mask: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{"loss": sum_l w_l CE_l, "final": the last layer's CE, "exits": each exit's CE [len(exits)]}: next-token
-    cross-entropy over input_ids [batch, seq] (padding, if a mask is given, not scored), w = exit_loss_weights."""
+    """{"loss": sum_l w_l CE_l (+ kl_weight * KL), "final": the last layer's CE, "exits": each exit's CE
+    [len(exits)], "kl": the KL term (0 without teacher_logits)}: next-token cross-entropy over input_ids [batch, seq]
+    (padding, if a mask is given, not scored), w = exit_loss_weights. teacher_logits [batch, seq, vocab]: the untouched
+    model's logits, needed when config.kl_weight > 0; KL(teacher || last layer) is averaged over scored positions."""
+    if config.kl_weight > 0 and teacher_logits is None:
+        raise ValueError("the recipe has kl_weight > 0: pass teacher_logits (the untouched model's logits)")
     _, _, final_logits = decoder_parts(model, "LayerSkip training")
     exits = [int(e) for e in exits]
     last, states = layerskip_hidden(model, input_ids, skip, exits, attention_mask)
@@ -249,16 +262,36 @@ def layerskip_loss(
         value = ce(states[e])
         per_exit.append(value.detach())
         loss = loss + w * value
-    return {"loss": loss, "final": final.detach(), "exits": torch.stack(per_exit) if per_exit else final.new_zeros(0)}
+    kl = torch.zeros((), device=last.device)
+    if config.kl_weight > 0:
+        student = nn.functional.log_softmax(final_logits(last[:, :-1]).float(), -1).flatten(0, 1)  # [pos, vocab]
+        teacher = nn.functional.log_softmax(teacher_logits[:, :-1].float(), -1).flatten(0, 1)
+        per_pos = nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [pos]
+        scored = target != -100
+        kl = per_pos[scored].mean()
+        loss = loss + config.kl_weight * kl
+    return {
+        "loss": loss,
+        "final": final.detach(),
+        "exits": torch.stack(per_exit) if per_exit else final.new_zeros(0),
+        "kl": kl.detach(),
+    }
 
 
 class _LayerSkipLoss(nn.Module):
     """The LoRA model plus the recipe, as one module whose forward DDP can wrap. The loop tells it the optimizer step
     (`set_step`) before each batch; the skip mask comes from torch's global RNG, which the loop seeds per step."""
 
-    def __init__(self, model: nn.Module, config: LayerSkipConfig, total_steps: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LayerSkipConfig,
+        total_steps: int,
+        teacher: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         super().__init__()
         self.model = model
+        self.teacher = teacher  # ids -> the untouched model's logits (only called when the recipe has a KL term)
         self.config = config
         self.total_steps = total_steps
         self.step = 0
@@ -269,9 +302,13 @@ class _LayerSkipLoss(nn.Module):
     def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         skip = sample_skip_mask(self.config, ids.shape[0], self.step, self.total_steps).to(ids.device)
         exits = active_exits(self.config, self.step, self.total_steps)
-        out = layerskip_loss(self.model, ids, self.config, skip=skip, exits=exits)
-        out["layers_run"] = (~skip).sum(-1).double().mean()
-        return {"loss": out["loss"], "final": out["final"], "layers_run": out["layers_run"]}
+        teacher = self.teacher(ids) if self.config.kl_weight > 0 else None
+        out = layerskip_loss(self.model, ids, self.config, skip=skip, exits=exits, teacher_logits=teacher)
+        layers_run = (~skip).sum(-1).double().mean()
+        report = {"loss": out["loss"], "final": out["final"], "layers_run": layers_run}
+        if self.config.kl_weight > 0:
+            report["kl"] = out["kl"]
+        return report
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------------
@@ -379,7 +416,14 @@ def train_layerskip(
     peft_model.peft_config["default"].base_model_name_or_path = base
     lora_model = peft_model.get_base_model()  # the HF class with LoRA inside: what the runner runs
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    loss = _LayerSkipLoss(lora_model, config, total_steps=max(1, epochs * math.ceil(len(token_blocks) / batch_size)))
+
+    @torch.no_grad()
+    def untouched_logits(ids: torch.Tensor) -> torch.Tensor:
+        with peft_model.disable_adapter():  # the same weights without the LoRA update: the untouched model
+            return lora_model(input_ids=ids, use_cache=False).logits
+
+    total = max(1, epochs * math.ceil(len(token_blocks) / batch_size))
+    loss = _LayerSkipLoss(lora_model, config, total_steps=total, teacher=untouched_logits)
 
     def make_result(run: TrainRun, merged: nn.Module | None) -> LayerSkipTrainResult:
         return LayerSkipTrainResult(
