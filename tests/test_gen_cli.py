@@ -383,6 +383,7 @@ def test_train_skipdecode_clear_errors(folders, capsys, tmp_path):
         ),
         (["--speedup", "0.5", "--output-dir", str(tmp_path / "a")], "speed-up 0.5 out of range"),
         (["--min-prompt", "12", "--output-dir", str(tmp_path / "a")], "need 1 <= --min-prompt < --seq-len"),
+        (["--kl-weight", "-1", "--output-dir", str(tmp_path / "a")], "argument --kl-weight: must be a finite number"),
     ]:
         with pytest.raises(SystemExit) as exc:
             skipdecode_main([*base, *argv])

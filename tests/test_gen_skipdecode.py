@@ -22,6 +22,7 @@ from depthprune.generation.skipdecode_train import (
     load_schedule,
     lora_copy,
     merged_copy,
+    skip_lm_loss,
     skipdecode_loss,
     train_skipdecode,
 )
@@ -380,6 +381,40 @@ def test_training_lowers_the_loss_and_saves_a_plain_model(tmp_path):
     after = state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_kl_term_is_the_kl_to_the_untouched_full_depth_model():
+    """skip_lm_loss with a teacher: CE + w x KL(teacher || skipped model) by hand; the untouched model at full depth is
+    its own teacher (KL 0); a trained run with the term keeps the full-depth model's distributions closer to the
+    input model's than the same run without it."""
+    model = model_of("llama6")
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, VOCAB, (8, 12), generator=g)
+    with torch.no_grad():
+        own = model(input_ids=blocks).logits
+        full = skip_lm_loss(model, blocks, [6] * 12)
+        assert float(skip_lm_loss(model, blocks, [6] * 12, own, 3.0)) == pytest.approx(float(full), abs=1e-5)
+        depth = SkipSchedule.linear(6, 5, 2, 8).for_sequence(4, 12)
+        logits = skipdecode_logits(model, blocks, depth)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten())
+        t = own[:, :-1].log_softmax(-1)
+        kl = (t.exp() * (t - logits[:, :-1].log_softmax(-1))).sum(-1).mean()
+        torch.testing.assert_close(skip_lm_loss(model, blocks, depth, own, 0.5), ce + 0.5 * kl)
+    with pytest.raises(ValueError, match="needs teacher_logits"):
+        skip_lm_loss(model, blocks, depth, None, 0.5)
+    with pytest.raises(ValueError, match="kl_weight must be a finite number >= 0"):
+        train_skipdecode(model, SkipSchedule.linear(6, 5, 2, 8), blocks, kl_weight=-1.0)
+
+    def drift(kl_weight):
+        kw = {"lora_rank": 4, "epochs": 3, "lr": 2e-2, "batch_size": 2, "min_prompt": 2, "progress": False}
+        result = train_skipdecode(model, SkipSchedule.linear(6, 5, 2, 8), blocks, kl_weight=kl_weight, **kw)
+        assert result.kl_weight == kl_weight
+        with torch.no_grad():
+            t = own.log_softmax(-1)
+            return float((t.exp() * (t - result.model(input_ids=blocks).logits.log_softmax(-1))).sum(-1).mean())
+
+    free, held = drift(0.0), drift(20.0)
+    assert held < 0.5 * free, (held, free)
 
 
 # ---- sliding-window decoders -----------------------------------------------------------------------------------------

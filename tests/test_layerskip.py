@@ -317,3 +317,7 @@ def test_cli_bad_dropout_is_a_usage_error(trained, capsys):
         main(["train-layerskip", "--model", str(root / "model"), "--dropout-max", "1.5", "-o", str(root / "y")])
     assert err.value.code == 2
     assert "dropout-max must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["train-layerskip", "--model", str(root / "model"), "--kl-weight", "-2", "-o", str(root / "y")])
+    assert err.value.code == 2
+    assert "argument --kl-weight must be a finite number >= 0" in capsys.readouterr().err

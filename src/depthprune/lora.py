@@ -9,9 +9,10 @@ no method.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from depthprune.decoding import decoder_parts
@@ -76,7 +77,31 @@ def merged_copy(peft_model: nn.Module) -> nn.Module:
     return merged
 
 
-__all__ = ["lora_copy", "lora_targets", "merged_copy"]
+def untouched_logits(peft_model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [batch, seq] -> logits [batch, seq, vocab] of the model `peft_model` was copied from: the same weights with
+    the adapter disabled (peft's `disable_adapter`), no second copy in memory, no gradients. The teacher of a KL term
+    that holds an adapted model to the untouched one."""
+
+    @torch.no_grad()
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        with peft_model.disable_adapter():
+            return peft_model.get_base_model()(input_ids=ids, use_cache=False).logits
+
+    return logits
+
+
+def kl_to_teacher(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, scored: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, summed over the vocabulary and averaged over positions
+    (logits and teacher_logits [..., vocab]; scored: a bool mask over the positions, None: every one)."""
+    student = nn.functional.log_softmax(logits.float(), -1).flatten(0, -2)
+    teacher = nn.functional.log_softmax(teacher_logits.float(), -1).flatten(0, -2)
+    per_pos = nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [positions]
+    return per_pos.mean() if scored is None else per_pos[scored.flatten()].mean()
+
+
+__all__ = ["kl_to_teacher", "lora_copy", "lora_targets", "merged_copy", "untouched_logits"]
 
 
 def lora_settings(rank: int, alpha: float | None, targets: Sequence[str] | None) -> dict[str, Any]:

@@ -76,6 +76,16 @@ def add_lora_training_options(p: argparse.ArgumentParser | Any, *, lr: float = 1
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_kl_weight_option(p: argparse.ArgumentParser | Any) -> None:
+    """--kl-weight: a LoRA trainer's KL term to the untouched model (its adapter disabled), 0 by default."""
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=0.0,
+        help="weight of a KL term holding the adapted model to the untouched one's distributions (default 0: none)",
+    )
+
+
 def lora_training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of a LoRA trainer (train_skipdecode, train_layerskip, ...) from
     `add_lora_training_options`' options."""

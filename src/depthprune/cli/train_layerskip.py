@@ -11,6 +11,7 @@ import argparse
 import json
 
 from depthprune.cli.common import (
+    add_kl_weight_option,
     add_lora_training_options,
     add_tokenizer_option,
     add_training_text_options,
@@ -44,12 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout-scale", choices=list(DEPTH_SCALES), default="exp", help="rise with depth (default exp)")
     p.add_argument("--dropout-ramp", choices=list(TIME_SCALES), default="constant", help="rise over training")
     p.add_argument("--exit-scale", type=float, default=1.0, help="weight of the early-exit losses (0: none)")
-    p.add_argument(
-        "--kl-weight",
-        type=float,
-        default=0.0,
-        help="weight of a KL term holding the last layer to the untouched model (not in LayerSkip; default 0)",
-    )
+    add_kl_weight_option(p)  # not in LayerSkip: it holds the last layer to the untouched model
     p.add_argument("--loss-scale", choices=list(LOSS_SCALES), default="l", help="per-exit weight by depth (default l)")
     p.add_argument("--exit-layers", type=int, nargs="+", default=None, help="exit layers, 0-based (default: all)")
     p.add_argument("--curriculum", choices=CURRICULA, default="rotational")

@@ -6,8 +6,10 @@ Also runs on several processes: `accelerate launch --multi_gpu --num_processes N
 from __future__ import annotations
 
 import argparse
+import math
 
 from depthprune.cli.common import (
+    add_kl_weight_option,
     add_lora_training_options,
     add_tokenizer_option,
     add_training_text_options,
@@ -56,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-prompt", type=int, default=1, help="shortest prompt (full depth) drawn per row (default 1)")
     p.add_argument("--max-blocks", type=int, default=None, help="train on the first N token blocks only")
     add_lora_training_options(p)
+    add_kl_weight_option(p)
     p.add_argument(
         "-o",
         "--output-dir",
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         p.error(f"argument --budget: must be >= 1 generated token, got {args.budget}")
     if not 1 <= args.min_prompt < args.seq_len:
         p.error(f"need 1 <= --min-prompt < --seq-len, got {args.min_prompt} and {args.seq_len}")
+    if not (args.kl_weight >= 0 and math.isfinite(args.kl_weight)):
+        p.error(f"argument --kl-weight: must be a finite number >= 0 (0: no KL term), got {args.kl_weight}")
     state = PartialState(cpu=no_accelerator())  # as the trainer's Accelerator, so both see the same processes
     model = load_model(args.model, task="causal-lm")
     tokenizer = tokenizer_for(args, args.model)
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         blocks,
         **lora_training_kwargs(args),
         min_prompt=args.min_prompt,
+        kl_weight=args.kl_weight,
         output_dir=args.output_dir,
         overwrite=args.overwrite,
         progress=not args.no_progress,

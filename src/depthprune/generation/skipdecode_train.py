@@ -4,12 +4,14 @@ The model learns to predict well when the generated positions skip their lower l
 at a random prompt length per row (uniform in min_prompt .. seq_len-1); the prompt runs all layers and the positions
 after it run the top `schedule.layers_at(k)` layers, k counting from the prompt's end, as in decoding. The loss is
 the ordinary next-token cross-entropy over every position, computed by `skipdecode_logits` (teacher forcing, the
-same computation as decoding). Only LoRA weights train (peft's `LoraConfig` / `get_peft_model` on a copy of the model);
-at the end they are merged (`merge_and_unload`, on another copy) into an ordinary Hugging Face model that
-`skipdecode_generate` runs with the same schedule. The input model is never modified. The loop is
-`depthprune.training.train` (checkpoints every `checkpoint_every` steps hold only the LoRA weights; `resume=True`).
-`output_dir`: the main process writes the merged model (save_pretrained, the schedule recorded in its
-config as `skipdecode_schedule`), skip_schedule.json and train_log.json there, atomically.
+same computation as decoding), plus, with kl_weight > 0, kl_weight x KL(untouched || adapted) of the next-token
+distributions (the untouched model's full-depth logits as soft targets: `depthprune.lora.untouched_logits`). Only
+LoRA weights train (peft's `LoraConfig` / `get_peft_model` on a copy of the model); at the end they are merged
+(`merge_and_unload`, on another copy) into an ordinary Hugging Face model that `skipdecode_generate` runs with the
+same schedule. The input model is never modified. The loop is `depthprune.training.train` (checkpoints every
+`checkpoint_every` steps hold only the LoRA weights; `resume=True`). `output_dir`: the main process writes the merged
+model (save_pretrained, the schedule recorded in its config as `skipdecode_schedule`), skip_schedule.json and
+train_log.json there, atomically.
 
 Same call on one CPU, one GPU or many processes (`accelerate launch`): batch_size is per process. From the command
 line: `depthprune train-skipdecode --speedup 2 --output-dir out/smollm2-skip2` (or `accelerate launch -m depthprune
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from depthprune.generation.skipdecode import SkipSchedule, skipdecode_logits, skipdecode_parts
-from depthprune.lora import lora_copy, lora_settings, lora_targets, merged_copy
+from depthprune.lora import kl_to_teacher, lora_copy, lora_settings, lora_targets, merged_copy, untouched_logits
 from depthprune.training import TrainRun, check_token_blocks, train
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ class SkipDecodeTrainResult:
     batch_size: int
     seq_len: int
     min_prompt: int
+    kl_weight: float
     seed: int
     num_blocks: int
     num_processes: int
@@ -85,25 +90,48 @@ def sample_layer_counts(
     return torch.where(k < 0, schedule.num_layers, steps[k.clamp_min(0)])
 
 
-def skip_lm_loss(model: nn.Module, ids: torch.Tensor, depth: torch.Tensor | list[int]) -> torch.Tensor:
-    """Mean next-token cross-entropy of ids [batch, seq] when position p runs the top depth[.., p] layers."""
+def skip_lm_loss(
+    model: nn.Module,
+    ids: torch.Tensor,
+    depth: torch.Tensor | list[int],
+    teacher_logits: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ids [batch, seq] when position p runs the top depth[.., p] layers, plus
+    kl_weight x the mean KL(teacher || model) over the predicting positions when teacher_logits [batch, seq, vocab]
+    (the untouched model's) are given."""
     logits = skipdecode_logits(model, ids, depth)  # [batch, seq, vocab]
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if kl_weight > 0:
+        if teacher_logits is None:
+            raise ValueError("kl_weight > 0 needs teacher_logits (the untouched model's logits)")
+        loss = loss + kl_weight * kl_to_teacher(logits[:, :-1], teacher_logits[:, :-1])
+    return loss
 
 
 class _SkipLoss(nn.Module):
     """The LoRA model plus the loss, as one module whose forward DDP can wrap. Each batch draws its rows' prompt
     lengths from torch's global RNG, which the loop seeds per step (so a resumed run draws the same)."""
 
-    def __init__(self, model: nn.Module, schedule: SkipSchedule, min_prompt: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: SkipSchedule,
+        min_prompt: int,
+        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        kl_weight: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.schedule = schedule
         self.min_prompt = min_prompt
+        self.teacher = teacher
+        self.kl_weight = kl_weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         counts = sample_layer_counts(self.schedule, ids.shape[0], ids.shape[1], self.min_prompt).to(ids.device)
-        return skip_lm_loss(self.model, ids, counts)
+        teacher = self.teacher(ids) if self.kl_weight > 0 and self.teacher is not None else None
+        return skip_lm_loss(self.model, ids, counts, teacher, self.kl_weight)
 
 
 @torch.no_grad()
@@ -137,13 +165,17 @@ def train_skipdecode(
     seed: int = 0,
     warmup: float = 0.0,
     weight_decay: float = 0.0,
+    kl_weight: float = 0.0,
     **run_kwargs: Unpack[RunKwargs],
 ) -> SkipDecodeTrainResult:
     """Train LoRA adapters (rank `lora_rank`, scale lora_alpha / rank, on `targets` or every linear projection of
     the decoder layers) of a copy of `model` under `schedule` on token blocks [n_blocks, seq_len]; return the result
     with the merged model. AdamW, linear warm-up (`warmup` of the steps) then decay; the model runs in eval mode (no
-    dropout). `model` is not modified.
+    dropout). kl_weight: weight of the KL term to the untouched model's distributions (0: cross-entropy only).
+    `model` is not modified.
     """
+    if not (kl_weight >= 0 and math.isfinite(kl_weight)):
+        raise ValueError(f"kl_weight must be a finite number >= 0 (0: no KL term), got {kl_weight!r}")
     if not isinstance(schedule, SkipSchedule):
         raise TypeError(f"schedule must be a SkipSchedule, got {type(schedule).__name__}")
     check_token_blocks(token_blocks, epochs, batch_size, lr)
@@ -165,6 +197,7 @@ def train_skipdecode(
             batch_size=batch_size,
             seq_len=seq_len,
             min_prompt=min_prompt,
+            kl_weight=kl_weight,
             seed=seed,
             num_blocks=len(token_blocks),
             **run.record(),
@@ -189,7 +222,7 @@ def train_skipdecode(
         (folder / LOG_NAME).write_text(json.dumps(make_result(run, None).to_dict(), indent=1))
 
     run = train(
-        _SkipLoss(lora_model, schedule, min_prompt),
+        _SkipLoss(lora_model, schedule, min_prompt, untouched_logits(peft_model), kl_weight),
         trainable,
         token_blocks.long(),
         epochs=epochs,
@@ -200,7 +233,12 @@ def train_skipdecode(
         batch_size=batch_size,
         seed=seed,
         save=save,
-        fingerprint={"schedule": schedule.to_dict(), "lora_rank": lora_rank, "targets": targets and list(targets)},
+        fingerprint={
+            "schedule": schedule.to_dict(),
+            "lora_rank": lora_rank,
+            "targets": targets and list(targets),
+            **({"kl_weight": kl_weight} if kl_weight else {}),  # runs without the term resume as before
+        },
         desc="skipdecode LoRA",
         **run_kwargs,
     )

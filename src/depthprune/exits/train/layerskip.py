@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from depthprune.decoding import decoder_parts, mask_arg, positions_from_mask, prompt_mask
-from depthprune.lora import lora_copy, lora_settings, merged_copy
+from depthprune.lora import kl_to_teacher, lora_copy, lora_settings, merged_copy, untouched_logits
 from depthprune.runner import capture_stack
 from depthprune.training import TrainRun, check_token_blocks, train
 
@@ -264,11 +264,7 @@ def layerskip_loss(
         loss = loss + w * value
     kl = torch.zeros((), device=last.device)
     if config.kl_weight > 0:
-        student = nn.functional.log_softmax(final_logits(last[:, :-1]).float(), -1).flatten(0, 1)  # [pos, vocab]
-        teacher = nn.functional.log_softmax(teacher_logits[:, :-1].float(), -1).flatten(0, 1)
-        per_pos = nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [pos]
-        scored = target != -100
-        kl = per_pos[scored].mean()
+        kl = kl_to_teacher(final_logits(last[:, :-1]), teacher_logits[:, :-1], target != -100)
         loss = loss + config.kl_weight * kl
     return {
         "loss": loss,
@@ -416,14 +412,8 @@ def train_layerskip(
     peft_model.peft_config["default"].base_model_name_or_path = base
     lora_model = peft_model.get_base_model()  # the HF class with LoRA inside: what the runner runs
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def untouched_logits(ids: torch.Tensor) -> torch.Tensor:
-        with peft_model.disable_adapter():  # the same weights without the LoRA update: the untouched model
-            return lora_model(input_ids=ids, use_cache=False).logits
-
     total = max(1, epochs * math.ceil(len(token_blocks) / batch_size))
-    loss = _LayerSkipLoss(lora_model, config, total_steps=total, teacher=untouched_logits)
+    loss = _LayerSkipLoss(lora_model, config, total_steps=total, teacher=untouched_logits(peft_model))
 
     def make_result(run: TrainRun, merged: nn.Module | None) -> LayerSkipTrainResult:
         return LayerSkipTrainResult(
