@@ -132,3 +132,55 @@ def test_bad_plans_get_clear_errors():
     assert phase_plans(4, prefill="0,1").missing == (2, 3)
     with pytest.raises(ValueError, match="encoder"):
         phase_generate(build("bert"), torch.ones(1, 3, dtype=torch.long), max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tiny_models import tokenizer
+
+    root = tmp_path_factory.mktemp("phases_cli") / "model"
+    model = build("llama")
+    model.generation_config.eos_token_id = []  # a random model stops at random places otherwise
+    model.save_pretrained(root)
+    tokenizer().save_pretrained(root)
+    return root
+
+
+def _cli(capsys, *argv):
+    from depthprune.cli.main import main
+
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_generate_runs_the_phase_plans(folder, capsys):
+    import json
+
+    from depthprune.io import load_model, load_tokenizer
+
+    argv = ["generate", folder, "--prefill-plan", "0,1", "--kv", "recompute", "--prompt", "the whale", "--json"]
+    rc, out, _ = _cli(capsys, *argv, "--max-new-tokens", "5")
+    assert rc == 0
+    report = json.loads(out)
+    assert (report["prefill"], report["decode"], report["kv"]) == ("0,1", "0-3", "recompute")
+    tok = load_tokenizer(str(folder))
+    ids = tok(["the whale"], return_tensors="pt").input_ids
+    expected = phase_generate(load_model(str(folder)), ids, prefill_plan="0,1", kv="recompute", max_new_tokens=5)
+    assert report["results"][0]["tokens"] == expected.sequences[0, ids.shape[1] :].tolist()
+    rc, out, _ = _cli(capsys, "generate", folder, "--decode-plan", "0,3", "--prompt", "a sea", "--max-new-tokens", "3")
+    assert rc == 0 and "generated tokens 0,3 (2 of 4)" in out and "'a sea' ->" in out
+
+
+def test_cli_bad_plans_get_clear_errors(folder, capsys):
+    cases = [
+        (["--decode-plan", "0-9"], "has layers 0-3, but the plan asks for layer(s) [4, 5, 6, 7, 8, 9]"),
+        (["--decode-plan", ""], "--decode-plan: empty layer plan"),
+        (["--prefill-plan", "0,x"], "--prefill-plan: cannot read 'x'"),
+        (["--decode-plan", "0,1", "--speculative"], "pick one"),
+        (["--decode-plan", "0,1", "--exit", "fixed:1"], "drop --exit or --decode-plan"),
+        (["--decode-plan", "0,2,3", "--prefill-plan", "0,1,2", "--kv", "recompute"], "use kv='propagate'"),
+    ]
+    for extra, message in cases:
+        rc, _, err = _cli(capsys, "generate", folder, *extra, "--prompt", "the whale")
+        assert rc == 2 and message in err, (extra, err)
