@@ -1,8 +1,8 @@
 """Different depths per generation phase on tiny random decoders (Llama, and Gemma 3 with a sliding window shorter than
 the sequences): identity plans are plain greedy generate; deep prefill / shallow decode is the decode plan's static
 model decoding over the full prefill's cache; shallow prefill / deep decode with recompute is the prefill plan's first
-token, then plain generate; a batch equals each row alone; teacher forcing equals decoding; bad plans get clear
-errors."""
+token, then plain generate; propagate's entries are what static models store from the state below; a batch equals
+each row alone; teacher forcing equals decoding; bad plans get clear errors, on the command line too."""
 
 import pytest
 import torch
@@ -78,7 +78,9 @@ def test_shallow_prefill_deep_decode_recompute_is_plain_generate_after_the_first
     ids, mask = input_ids(batch=3, seq=6)
     out = phase_generate(model, ids, mask, prefill_plan="0,1,3", kv="recompute", max_new_tokens=NEW, eos_token_id=())
     with torch.no_grad():
-        first = apply_plan(model, "0,1,3")(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate derives them
+        static = apply_plan(model, "0,1,3")
+        first = static(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
         assert torch.equal(out.sequences[:, 6], first)
         rest = model.generate(
             out.sequences[:, :7], attention_mask=torch.cat([mask, mask.new_ones((3, 1))], 1), do_sample=False,
@@ -184,3 +186,25 @@ def test_cli_bad_plans_get_clear_errors(folder, capsys):
     for extra, message in cases:
         rc, _, err = _cli(capsys, "generate", folder, *extra, "--prompt", "the whale")
         assert rc == 2 and message in err, (extra, err)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_propagate_gives_skipped_layers_the_kv_of_the_state_below(name):
+    """Shallow prefill 0,2 with propagate: layer 1's prompt entries are its K/V of layer 0's output, layer 3's those
+    of layer 2's output (CALM) - what the static models 0,1 and 0,2,3 (plain HF forwards) store there."""
+    from depthprune.decoding import positions_from_mask
+    from depthprune.generation.phases import PhaseRunner
+
+    model = model_of(name)
+    ids, mask = input_ids(batch=2, seq=6)
+    runner = PhaseRunner(model, phase_plans(4, prefill="0,2", kv="propagate"))
+    with torch.no_grad():
+        runner.prefill(ids, mask, positions_from_mask(mask))
+    for plan, source, position in (("0,1", 1, 1), ("0,2,3", 3, 2)):
+        static = apply_plan(model, plan)
+        cache = decoder_cache(static, len(plan.split(",")))
+        with torch.no_grad():
+            static(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+                   **{cache_kwarg(static): cache})  # fmt: skip
+        assert torch.equal(runner.cache.layers[source].keys, cache.layers[position].keys)
+        assert torch.equal(runner.cache.layers[source].values, cache.layers[position].values)
