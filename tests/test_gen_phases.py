@@ -41,12 +41,12 @@ def _static_decode(model, plan, ids, mask, n):
     (static/apply.py) decoding greedily over the cache of its layers."""
     cache = decoder_cache(model, 4)
     key = cache_kwarg(model)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{key: cache})
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate derives them
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache})
     token = out.logits[:, -1].argmax(-1)
     pruned = apply_plan(model, ",".join(map(str, plan)))
     small = DynamicCache()
     small.layers[:] = [cache.layers[i] for i in plan]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     tokens = [token]
     for _ in range(n - 1):
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -61,8 +61,7 @@ def _static_decode(model, plan, ids, mask, n):
 @pytest.mark.parametrize("name", NAMES)
 def test_deep_prefill_shallow_decode_is_the_static_model_over_the_full_cache(name):
     model = model_of(name)
-    # unpadded rows: padding is covered by the batched test (a left-padded batch equals each row alone)
-    ids, mask = input_ids(batch=3, seq=6, pad_first_row=0)
+    ids, mask = input_ids(batch=3, seq=6)  # row 0 left-padded
     plan = [0, 1, 3]
     out = phase_generate(model, ids, mask, decode_plan="0,1,3", max_new_tokens=NEW, eos_token_id=())
     assert torch.equal(out.sequences[:, 6:], _static_decode(model, plan, ids, mask, NEW))
