@@ -211,9 +211,13 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
             assert "mean layers per generated token" in out
         elif "--cascade" in argv:
             assert "the little model decided" in out
+        elif "--decode-plan" in argv or "--prefill-plan" in argv:
+            # the random 30-layer model's greedy tokens here (id 54) lie outside the tiny tokenizer's words: no text
+            assert "phases: the prompt runs layers" in out and "'Call me Ishmael.' ->" in out
         else:
             assert "mean layers per token" in out
-        assert out.split("->\n", 1)[1].strip()
+        if "--decode-plan" not in argv and "--prefill-plan" not in argv:
+            assert out.split("->\n", 1)[1].strip()
         if "--compare" in argv:
             assert "tokens/s" in out and "plain generate" in out
     else:

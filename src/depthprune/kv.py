@@ -272,10 +272,35 @@ def propagate(
 
     `stack` is the full-batch StackCall the model gave this step's tokens.
     """
+    _store_only(stack, layer_idx, hidden, rows, StoreAndStop(cache, rows, position, stack.batch_size))
+
+
+class AppendAndStop:
+    """A Cache-like stand-in whose `update` appends a block of positions' keys/values to the real cache's layer (as
+    DynamicCache.update does) and raises `KVStored`: the layer computes nothing more."""
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self.cache = cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        self.cache.update(key_states, value_states, layer_idx)
+        raise KVStored
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(layer_idx)
+
+
+def propagate_block(stack: StackCall, layer_idx: int, cache: DynamicCache, hidden: torch.Tensor) -> None:
+    """CALM state propagation for every position of a block at once (a prompt that a shallow prefill ran): append
+    layer `layer_idx`'s keys/values of `hidden` [batch, seq, hidden] to its (empty) cache layer, computed by the
+    layer's own forward with the block's arguments (`stack`: the StackCall the model gave the block) and stopped before
+    attention."""
+    _store_only(stack, layer_idx, hidden, None, AppendAndStop(cache))
+
+
+def _store_only(stack: StackCall, layer_idx: int, hidden: torch.Tensor, rows: torch.Tensor | None, view: Any) -> None:
     try:
-        stack.run(
-            hidden, layer_idx, layer_idx + 1, rows=rows, cache=StoreAndStop(cache, rows, position, stack.batch_size)
-        )
+        stack.run(hidden, layer_idx, layer_idx + 1, rows=rows, cache=view)
     except KVStored:
         return
     raise RuntimeError(

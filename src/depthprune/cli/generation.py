@@ -258,18 +258,28 @@ def _decoder(args: argparse.Namespace) -> str:
         raise ValueError("give --prompt TEXT (one or more)")
     if args.speculative and args.skipdecode is not None:
         raise ValueError("--speculative and --skipdecode are two different decoders; pick one")
-    decoder = "speculative" if args.speculative else "skipdecode" if args.skipdecode is not None else "exit"
+    phases = args.decode_plan is not None or args.prefill_plan is not None
+    if phases and (args.speculative or args.skipdecode is not None):
+        raise ValueError(
+            "--decode-plan / --prefill-plan run a static layer plan per phase; --speculative and --skipdecode are "
+            "other decoders: pick one"
+        )
+    decoder = (
+        "phases" if phases else "speculative" if args.speculative else "skipdecode" if args.skipdecode is not None
+        else "exit"
+    )  # fmt: skip
     if decoder != "exit":
-        flag = f"--{decoder}"
+        flag = {"phases": "--decode-plan"}.get(decoder, f"--{decoder}")
         how = {
             "speculative": "drafts with the first layers and verifies with the full model",
             "skipdecode": "runs a fixed schedule of top layers per position",
+            "phases": "runs fixed layer plans for the prompt and for the generated tokens",
         }[decoder]
         used = [
             name
             for name, value in (
                 ("--exit", args.exit),
-                ("--kv", args.kv),
+                ("--kv", args.kv if decoder != "phases" else None),  # phases: the prompt's missing KV entries
                 ("--shallow-prefill", args.shallow_prefill),
                 ("--uncalibrated", getattr(args, "uncalibrated", False)),
             )
@@ -284,6 +294,22 @@ def _decoder(args: argparse.Namespace) -> str:
         raise ValueError(
             "--skipdecode uses no exit heads (every position runs the top layers of its schedule); drop --heads"
         )
+    if decoder == "phases":
+        from depthprune.generation.phases import PROMPT_KV
+        from depthprune.plan import LayerPlan
+
+        if args.heads:
+            raise ValueError(
+                "--decode-plan / --prefill-plan use no exit heads (each phase runs its plan); drop --heads"
+            )
+        for flag, plan in (("--decode-plan", args.decode_plan), ("--prefill-plan", args.prefill_plan)):
+            if plan is not None:
+                try:
+                    LayerPlan.parse(plan)  # a malformed plan fails before the model loads
+                except ValueError as err:
+                    raise ValueError(f"{flag}: {err}") from None
+        if args.kv is not None and args.kv not in PROMPT_KV:
+            raise ValueError(f"--kv {args.kv}: phase generation fills the prompt's entries by {' or '.join(PROMPT_KV)}")
     if decoder != "speculative":
         used = [
             n
@@ -510,6 +536,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{out.acceptance_rate():.2f}, {out.rounds} rounds)"
         )
         name = f"self-speculative (E={exit_layer + 1}, k={k})"
+    elif decoder == "phases":
+        from depthprune.generation.phases import DEFAULT_KV, phase_generate, phase_plans
+
+        plans = phase_plans(depth, args.decode_plan, args.prefill_plan, args.kv or DEFAULT_KV)
+        settings = {"decode_plan": plans.decode, "prefill_plan": plans.prefill, "kv": plans.kv}
+
+        def run():
+            return phase_generate(model, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, **settings)
+
+        out = run()
+        rows = _rows(tokenizer, args.prompt, out.sequences[:, p:], keep=_kept(out.sequences[:, p:], eos))
+        report.update(plans.to_dict())
+        shown = plans.to_dict()
+        header = (
+            f"phases: the prompt runs layers {shown['prefill']} ({len(plans.prefill)} of {depth}), generated tokens "
+            f"{shown['decode']} ({len(plans.decode)} of {depth})"
+            + (f"; the prompt's entries in layers {list(plans.missing)} by {plans.kv}" if plans.missing else "")
+        )
+        name = f"phases ({len(plans.prefill)}/{len(plans.decode)} layers)"
     else:
         from depthprune.generation.skipdecode import skipdecode_generate
 
@@ -587,9 +632,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="greedy generation by early exit (default), self-speculative decoding or SkipDecode",
-        description="Greedy text generation with one of three decoders: token-level early exit (--exit, or the\n"
+        description="Greedy text generation with one of four decoders: token-level early exit (--exit, or the\n"
         "threshold calibrated for --heads; prints the exit layers), LayerSkip-style self-speculative decoding\n"
-        "(--speculative: token-identical to plain generate), or SkipDecode (--skipdecode SPEEDUP). --compare times it\n"
+        "(--speculative: token-identical to plain generate), SkipDecode (--skipdecode SPEEDUP), or a layer plan per\n"
+        "phase (--decode-plan / --prefill-plan, e.g. --decode-plan 0-19,22,24-29). --compare times it\n"
         "against plain greedy generate on the same prompts. Early exit runs thresholds calibrated for the heads:\n\n"
         "  depthprune train-exits smollm2 --kind lens --layers 7 11 15 19 23 --fit --epochs 0 --fit-blocks 64 \\\n"
         "      -o out/smollm2-lens\n"
@@ -610,7 +656,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run an --exit threshold no calibration certified, with a warning stating the exits' measured agreement",
     )
-    p.add_argument("--kv", default=None, choices=KV_STRATEGIES.names(), help="skipped layers' KV cache (propagate)")
+    p.add_argument(
+        "--kv",
+        default=None,
+        choices=KV_STRATEGIES.names(),
+        help="skipped layers' KV cache (propagate); with --prefill-plan: the prompt's entries in the layers it skipped",
+    )
     p.add_argument("--shallow-prefill", action="store_true", help="the prompt's last token may exit too")
     g = p.add_argument_group("self-speculative decoding (LayerSkip exit drafts, verified by the full model)")
     g.add_argument("--speculative", action="store_true", help="draft with the first layers + an exit head, verify")
@@ -660,6 +711,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--repeats", type=int, default=3, help="timed rounds of each, interleaved (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    g = p.add_argument_group("different depths per phase (depthprune.generation.phases)")
+    g.add_argument(
+        "--decode-plan",
+        metavar="PLAN",
+        help="layers the generated tokens run, in order, e.g. 0-19,22,24-29 (default all)",
+    )
+    g.add_argument("--prefill-plan", metavar="PLAN", help="layers the prompt runs (default all)")
     p.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s), generated as one batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
