@@ -58,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---- train-exits -------------------------------------------------------------------------------------------------
 def cmd_train_exits(args: argparse.Namespace) -> int:
+    import torch
+
     from depthprune.diffusion.data import load_fashion_mnist
     from depthprune.diffusion.exit_train import train_uems
     from depthprune.diffusion.io import save_uems
@@ -86,7 +88,8 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
 
         with atomic_folder(Path(args.output_dir).expanduser()) as tmp:
             tmp.mkdir()
-            save_diffusion(tmp, trained, scheduler, {**meta, "exits": record})
+            save_diffusion(tmp, trained, scheduler, {**meta, "exits": record},
+                           dtype=torch.float16 if args.fp16 else None)  # fmt: skip
         target = args.output_dir
     save_uems(uems, target, extra=record)
     print(json.dumps({"uems": f"{target}/uem", **record}))
@@ -281,6 +284,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--backbone-lr", type=float, default=1e-4)
+    p.add_argument("--fp16", action="store_true", help="joint mode: save the new model's weights in float16")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train_exits)
 
