@@ -1,7 +1,8 @@
 """DeeDiff benchmark: sampling wall-clock vs the full model (same DDIM scheduler, steps and seeds), mean blocks per
 step, FID on the domain classifier's features and class accuracy, for uncertainty thresholds and the static baselines;
 a PNG of the mean exit layer against the timestep. After a warm-up, policies run one after another; with
---rounds R they run R times in turn (interleaved) and each one's time is its median, so load drift hits all alike.
+--rounds R they run R times in turn (interleaved) and each one's time is its median, so load drift hits all alike;
+the process's CPU time is recorded beside the wall-clock (`cpu_speedup`: what one thread computes, whatever the load).
 --baseline MODEL: the FID of that model's full samples (the untouched DiT, when --model was trained further, e.g.
 jointly with its exits) is the reference of `fid_increase_vs_baseline`.
 
@@ -56,11 +57,13 @@ def main() -> None:
     curves = {}
     times: dict[str, list[float]] = {policy: [] for policy in policies}
     times_b1: dict[str, list[float]] = {policy: [] for policy in policies}
+    cpu: dict[str, list[float]] = {policy: [] for policy in policies}  # this process's CPU time: robust to load
     for r in range(args.rounds):
         for policy in policies:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = sample_batches(model, sched, labels, policy=policy, **kw)
             times[policy].append(time.perf_counter() - t0)
+            cpu[policy].append(time.process_time() - c0)
             if not args.no_b1:
                 t1 = time.perf_counter()
                 sample_batches(model, sched, labels[:2], policy=policy, **{**kw, "batch_size": 1})
@@ -74,6 +77,7 @@ def main() -> None:
     for row in rows:
         row["seconds"] = round(statistics.median(times[row["policy"]]), 2)
         row["seconds_all"] = [round(t, 2) for t in times[row["policy"]]]
+        row["cpu_seconds"] = round(statistics.median(cpu[row["policy"]]), 2)
         if not args.no_b1:
             row["seconds_per_sample_b1"] = round(statistics.median(times_b1[row["policy"]]), 3)
     baseline_fid = None
@@ -84,6 +88,7 @@ def main() -> None:
     full = rows[0]
     for r in rows:
         r["speedup"] = round(full["seconds"] / r["seconds"], 3)
+        r["cpu_speedup"] = round(full["cpu_seconds"] / r["cpu_seconds"], 3)
         if not args.no_b1:
             r["speedup_b1"] = round(full["seconds_per_sample_b1"] / r["seconds_per_sample_b1"], 3)
         r["fid_increase"] = round(r["fid"] / full["fid"] - 1, 4)
