@@ -114,3 +114,15 @@ def test_training_can_go_on_from_a_trained_dit_and_leaves_it_alone():
     moved, _, _ = train_dit(images, labels, init=model, epochs=3, lr=1e-3, batch_size=4, progress=False)
     assert any(not torch.equal(v, moved.state_dict()[k]) for k, v in before.items())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
+
+
+def test_the_x0_target_is_small_where_the_clean_image_is_predicted_well():
+    from depthprune.diffusion.exit_train import exit_loss
+
+    model, sched = build_dit(), build_scheduler()
+    uems = UEMStack(UEMConfig(num_layers=3, width=32, rank=8, time_dim=16, target="x0"))
+    images, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8) % 10
+    torch.manual_seed(0)
+    out = exit_loss(model, sched, uems, mode="frozen")((images, labels))
+    assert out["loss"].requires_grad and out["exit_mae"].shape == (3,)
+    assert float(out["exit_mae"].max()) <= float(torch.tanh(torch.tensor(2.0)))  # clamped images differ by <= 2

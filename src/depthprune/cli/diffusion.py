@@ -277,7 +277,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a folder written by `diffusion train`")
     p.add_argument("--mode", choices=("frozen", "joint"), default="frozen")
     p.add_argument("-o", "--output-dir", default=None, help="joint mode: the new model's folder")
-    p.add_argument("--target", choices=("noise", "final"), default="noise", help="UEM target (DeeDiff: noise)")
+    p.add_argument("--target", choices=("noise", "final", "x0"), default="noise",
+                   help="UEM target: error vs the noise (DeeDiff), vs the full output, or of the clean-image "
+                   "prediction (x0)")  # fmt: skip
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit", type=int, default=None)
