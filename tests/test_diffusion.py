@@ -101,3 +101,28 @@ def test_frechet_distance():
     a = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
     assert abs(frechet_distance(a, a)) < 1e-8
     assert frechet_distance(a, a + 1) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_training_can_go_on_from_a_trained_dit_and_leaves_it_alone():
+    from depthprune.diffusion.train import shape_of, train_dit
+
+    model = build_dit(depth=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8) % 10
+    same, _, _ = train_dit(images, labels, init=model, epochs=0, batch_size=8, progress=False)  # no step: the init
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in before.items()) and shape_of(same) == shape_of(model)
+    moved, _, _ = train_dit(images, labels, init=model, epochs=3, lr=1e-3, batch_size=4, progress=False)
+    assert any(not torch.equal(v, moved.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the input model is untouched
+
+
+def test_the_x0_target_is_small_where_the_clean_image_is_predicted_well():
+    from depthprune.diffusion.exit_train import exit_loss
+
+    model, sched = build_dit(), build_scheduler()
+    uems = UEMStack(UEMConfig(num_layers=3, width=32, rank=8, time_dim=16, target="x0"))
+    images, labels = torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8) % 10
+    torch.manual_seed(0)
+    out = exit_loss(model, sched, uems, mode="frozen")((images, labels))
+    assert out["loss"].requires_grad and out["exit_mae"].shape == (3,)
+    assert float(out["exit_mae"].max()) <= float(torch.tanh(torch.tensor(2.0)))  # clamped images differ by <= 2

@@ -26,7 +26,7 @@ import pytest
 import torch
 import transformers
 from gguf_files import write_tiny_gguf
-from tiny_models import CASES, WORDS, build, save_speech_model, tokenizer, write_wavs
+from tiny_models import CASES, WORDS, build, save_speech_model, tokenizer, write_fashion_mnist, write_wavs
 
 from depthprune.cli.main import main
 from depthprune.data import calibration_text, heldout_text
@@ -48,6 +48,14 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],
     "prune ~/.cache/depthprune/whisper-tiny.en": [("epochs=6", "epochs=1"), ("", "--option max_new_tokens=4")],
     "calibrate-split": [("", "--prompts 12 --prompt-len 8 --max-new-tokens 2 --delta 0.3 --grid 1.0 0.5")],
+    # DeeDiff on a tiny DiT and tiny random Fashion-MNIST files ($DEPTHPRUNE_FASHION_MNIST); 30 calibration samples:
+    # enough for zero losses to certify delta 0.1 at epsilon 0.05, so `--exit uncertainty:auto` has a threshold
+    "diffusion train": [("--epochs 2", "--epochs 1 --limit 32 --batch-size 16 --width 32 --heads 2 --depth 2 --quiet")],
+    "diffusion train-classifier": [("", "--limit 64 --epochs 1 --quiet")],
+    "diffusion train-exits": [("--limit 12800", "--limit 32 --batch-size 16 --rank 8 --quiet")],
+    "diffusion calibrate": [("", "--steps 2 --per-class 3 --heldout-per-class 2 --reference 32")],
+    "diffusion sample": [("--steps 20", "--steps 2 --per-class 1")],
+    "diffusion eval": [("--steps 20", "--steps 2 --per-class 1 --reference 32")],
 }
 NEEDS = {"--lm-eval": "lm_eval"}
 """An option of a README command -> the module of the extra it needs (the command is skipped without it: make test
@@ -139,6 +147,8 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert "copied byte for byte" in out and reader.get_field("depthprune.plan") is not None
         if "--gguf-type" in argv:
             assert f"written anew ({option['--gguf-type']})" in out
+    elif command == "diffusion":
+        _diffusion_effect(argv, out, work)
     elif command == "report":
         page = folder.read_text()
         assert page.count("<table>") >= 3 and "<img " in page and folder.with_suffix(".md").is_file()
@@ -224,6 +234,29 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         raise AssertionError(f"no effect to check for README command {command!r}: add one to _effect")
 
 
+def _diffusion_effect(argv: list[str], out: str, work: Path) -> None:
+    sub, option = argv[1], dict(zip(argv, [*argv[1:], None], strict=True))
+    model = work / (option.get("-o") or option.get("--output-dir") or argv[2])
+    if sub == "train":
+        assert json.loads(out)["steps"] > 0 and (model / "transformer" / "config.json").is_file()
+    elif sub == "train-classifier":
+        assert "test_accuracy" in json.loads(out) and (model / "classifier_config.json").is_file()
+    elif sub == "train-exits":
+        assert json.loads(out)["mode"] == option.get("--mode", "frozen")
+        assert (model / "uem" / "uem_config.json").is_file() and (model / "transformer").is_dir()
+    elif sub == "calibrate":
+        (record,) = json.loads((model / "uem" / "calibration.json").read_text())
+        assert record["delta"] == float(option["--delta"]) and record["settings"]["max_fid_increase"] == 0.1
+        assert record["threshold"] is not None and "Learn-then-Test" in out and "fid_increase" in record["heldout"]
+    elif sub == "sample":
+        assert (work / option["-o"]).read_bytes()[:4] == b"\x89PNG" and json.loads(out)["policy"].startswith("unc")
+    elif sub == "eval":
+        rows = json.loads(out)
+        assert [r["policy"] for r in rows][0] == "full" and all("fid" in r for r in rows)
+    else:
+        raise AssertionError(f"no effect to check for README command diffusion {sub!r}: add one to _diffusion_effect")
+
+
 @pytest.mark.parametrize("section", readme_blocks())
 def test_readme_block_runs(section, models, tmp_path, monkeypatch, capsys):
     """The commands of one code block, in order, in a fresh working folder."""
@@ -233,6 +266,7 @@ def test_readme_block_runs(section, models, tmp_path, monkeypatch, capsys):
     _write_data(work)
     monkeypatch.chdir(work)
     monkeypatch.setenv("DEPTHPRUNE_CACHE", str(tmp_path / "cache"))  # the GGUF conversion's cache
+    monkeypatch.setenv("DEPTHPRUNE_FASHION_MNIST", str(write_fashion_mnist(tmp_path / "fashion-mnist")))
     for command in block:
         argv = _argv(command, models)
         missing = [mod for opt, mod in NEEDS.items() if opt in argv and importlib.util.find_spec(mod) is None]

@@ -429,3 +429,26 @@ def dit_inputs(batch: int = 3, seed: int = 2) -> dict[str, torch.Tensor]:
         "timestep": torch.randint(0, 1000, (batch,), generator=generator),
         "class_labels": torch.arange(batch) % 11,
     }
+
+
+def write_fashion_mnist(folder, train: int = 64, test: int = 32, seed: int = 0):
+    """Tiny Fashion-MNIST IDX .gz files (random 28x28 bytes, labels cycling over the 10 classes) in `folder`, named as
+    Debian's package names them; point $DEPTHPRUNE_FASHION_MNIST at it."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+
+    from depthprune.diffusion.data import FILES
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        images, labels = FILES[split]
+        pixels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()
+        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        (folder / images).write_bytes(gzip.compress(header + pixels))
+        classes = (np.arange(n) % 10).astype(np.uint8).tobytes()
+        (folder / labels).write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + classes))
+    return folder

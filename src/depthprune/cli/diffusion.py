@@ -1,10 +1,12 @@
-"""DeeDiff commands (thin wrappers over depthprune.diffusion): `depthprune diffusion train | train-exits | sample |
-eval | train-classifier`.
+"""DeeDiff commands (thin wrappers over depthprune.diffusion): `depthprune diffusion train | train-exits | calibrate |
+sample | eval | train-classifier`.
 
     depthprune diffusion train -o out/dit --epochs 2
+    depthprune diffusion train-classifier -o out/classifier
     depthprune diffusion train-exits out/dit --mode frozen
-    depthprune diffusion sample out/dit --exit uncertainty:0.05 --steps 50 -o grid.png
-    depthprune diffusion eval out/dit --exit uncertainty:0.05 --classifier out/dit/classifier
+    depthprune diffusion calibrate out/dit --classifier out/classifier --max-fid-increase 0.1 --delta 0.1
+    depthprune diffusion sample out/dit --exit uncertainty:auto --steps 20 -o grid.png
+    depthprune diffusion eval out/dit --exit uncertainty:auto --classifier out/classifier
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from depthprune.diffusion.data import load_fashion_mnist
-    from depthprune.diffusion.train import train_dit
+    from depthprune.diffusion.train import load_diffusion, train_dit
 
     _threads(args)
     shape = _shape(args)  # checked before any data is read
-    check_output_folder(args.output_dir, args.overwrite, resume=args.resume)
-    images, labels = load_fashion_mnist("train", size=args.size, root=args.data, limit=args.limit)
+    check_output_folder(args.output_dir, args.overwrite, resume=args.resume, source=args.init_from)
+    init = load_diffusion(args.init_from) if args.init_from else (None, None, None)
+    size = init[0].config.sample_size if args.init_from else args.size
+    images, labels = load_fashion_mnist("train", size=size, root=args.data, limit=args.limit)
     _, _, run = train_dit(
         images, labels, shape=shape, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         output_dir=args.output_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
         overwrite=args.overwrite, progress=not args.quiet, save_dtype=torch.float16 if args.fp16 else None,
+        init=init[0], init_scheduler=init[1], init_record=init[2],
     )  # fmt: skip
     last = run.epoch_losses[-1]["loss"] if run.epoch_losses else float("nan")
     print(json.dumps({"output_dir": run.output_dir, "steps": run.global_step, "seconds": run.train_seconds,
@@ -53,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---- train-exits -------------------------------------------------------------------------------------------------
 def cmd_train_exits(args: argparse.Namespace) -> int:
+    import torch
+
     from depthprune.diffusion.data import load_fashion_mnist
     from depthprune.diffusion.exit_train import train_uems
     from depthprune.diffusion.io import save_uems
@@ -81,7 +88,8 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
 
         with atomic_folder(Path(args.output_dir).expanduser()) as tmp:
             tmp.mkdir()
-            save_diffusion(tmp, trained, scheduler, {**meta, "exits": record})
+            save_diffusion(tmp, trained, scheduler, {**meta, "exits": record},
+                           dtype=torch.float16 if args.fp16 else None)  # fmt: skip
         target = args.output_dir
     save_uems(uems, target, extra=record)
     print(json.dumps({"uems": f"{target}/uem", **record}))
@@ -90,14 +98,24 @@ def cmd_train_exits(args: argparse.Namespace) -> int:
 
 # ---- sample / eval ------------------------------------------------------------------------------------------------
 def _load(args: argparse.Namespace):
+    from depthprune.diffusion.calibrate import AUTO, calibrated_threshold
     from depthprune.diffusion.io import load_uems
-    from depthprune.diffusion.sample import parse_exit
+    from depthprune.diffusion.sample import ExitPolicy, parse_exit
     from depthprune.diffusion.train import load_diffusion
 
-    model, scheduler, _ = load_diffusion(args.model)
-    policy = parse_exit(args.exit, model.config.num_layers)  # checked before sampling
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    model, scheduler, _ = load_diffusion(args.model)
+    if args.exit == AUTO:  # the threshold `diffusion calibrate` wrote beside the UEMs
+        threshold, record = calibrated_threshold(args.model)
+        policy = ExitPolicy("uncertainty", threshold)
+        settings = record["settings"]
+        if (settings["steps"], settings["scheduler"]) != (args.steps, args.scheduler):
+            print(f"warning: the threshold was calibrated for {settings['steps']} {settings['scheduler']} steps, "
+                  f"this run takes {args.steps} {args.scheduler} steps: its guarantee does not carry over",
+                  file=sys.stderr)  # fmt: skip
+    else:
+        policy = parse_exit(args.exit, model.config.num_layers)  # checked before sampling
     uems = load_uems(args.model, num_layers=model.config.num_layers) if policy.kind == "uncertainty" else None
     return model, scheduler, policy, uems
 
@@ -147,6 +165,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- calibrate --------------------------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from depthprune.bench.report import format_table
+    from depthprune.cli.common import calibrate_check_write
+    from depthprune.diffusion import calibrate as cal
+    from depthprune.diffusion.classifier import load_classifier
+    from depthprune.diffusion.data import load_fashion_mnist
+    from depthprune.diffusion.fid import classifier_features, frechet_distance
+    from depthprune.diffusion.io import load_uems
+    from depthprune.diffusion.train import load_diffusion
+
+    _threads(args)
+    grid = args.grid or cal.GRID
+    cal.check_settings(delta=args.delta, epsilon=args.epsilon, max_fid_increase=args.max_fid_increase,
+                       steps=args.steps, grid=grid, risk=args.risk, tolerance=args.tolerance)  # fmt: skip
+    if min(args.per_class, args.heldout_per_class) < 1 or args.reference < 2:
+        raise ValueError("--per-class and --heldout-per-class must be >= 1 and --reference >= 2")
+    model, scheduler, _ = load_diffusion(args.model)
+    uems = load_uems(args.model, num_layers=model.config.num_layers)
+    classifier, _ = load_classifier(args.classifier)
+    reference, _ = load_fashion_mnist("test", size=model.config.sample_size, root=args.data, limit=args.reference)
+    classes = torch.arange(model.config.num_embeds_ada_norm)
+    labels, held_labels = classes.repeat_interleave(args.per_class), classes.repeat_interleave(args.heldout_per_class)
+    kw = dict(steps=args.steps, kind=args.scheduler, batch_size=args.batch_size)
+    held_seed = args.seed + 1  # held-out samples: other noise (generators are seeded by seed and index)
+    held_full = cal.draw(model, scheduler, uems, classifier, held_labels, None, seed=held_seed, **kw)
+    tolerance = args.tolerance
+    if args.risk == "features" and tolerance is None:  # from the held-out full samples: fixed before calibration
+        fid_full = frechet_distance(held_full.features, classifier_features(classifier, reference))
+        tolerance = cal.feature_tolerance(args.max_fid_increase, fid_full, len(held_labels))
+        if not args.json:
+            print(f"tolerance {tolerance:.4g}: the feature distance that keeps FID within +{args.max_fid_increase:g} "
+                  f"of the full model's held-out FID {fid_full:.4g} if no sample moves further")  # fmt: skip
+
+    def calibrate_one(_name: str):
+        result = cal.calibrate_threshold(model, scheduler, uems, classifier, labels, delta=args.delta,
+                                         epsilon=args.epsilon, risk=args.risk, tolerance=tolerance, seed=args.seed,
+                                         grid=grid, **kw)  # fmt: skip
+        result.settings.update({"uems_sha256": cal.uem_fingerprint(args.model),
+                                "max_fid_increase": args.max_fid_increase})  # fmt: skip
+        return result
+
+    def check_one(_name: str, threshold: float) -> dict:
+        return cal.check_threshold(model, scheduler, uems, classifier, held_labels, threshold, full=held_full,
+                                   risk=args.risk, tolerance=tolerance, reference=reference, seed=held_seed,
+                                   **kw)  # fmt: skip
+
+    def show(result) -> None:
+        print(format_table(result.table, title=f"DeeDiff thresholds (risk {result.risk}, delta {result.delta:g})"))
+
+    calibrate_check_write(["uncertainty"], calibrate_one, check_one, cal.calibration_path(args.model).parent,
+                          title="held-out check (other seeds)", as_json=args.json, show=show)  # fmt: skip
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     import time
 
@@ -192,6 +267,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--fp16", action="store_true", help="save the weights in float16 (half the size)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="go on training a copy of this trained DiT (a `diffusion train` folder; its shape, not "
+                   "--size/--width/...)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = dsub.add_parser("train-exits", help="train DeeDiff's UEMs (backbone frozen, or jointly with the model)")
@@ -199,20 +277,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a folder written by `diffusion train`")
     p.add_argument("--mode", choices=("frozen", "joint"), default="frozen")
     p.add_argument("-o", "--output-dir", default=None, help="joint mode: the new model's folder")
-    p.add_argument("--target", choices=("noise", "final"), default="noise", help="UEM target (DeeDiff: noise)")
+    p.add_argument("--target", choices=("noise", "final", "x0"), default="noise",
+                   help="UEM target: error vs the noise (DeeDiff), vs the full output, or of the clean-image "
+                   "prediction (x0)")  # fmt: skip
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--backbone-lr", type=float, default=1e-4)
+    p.add_argument("--fp16", action="store_true", help="joint mode: save the new model's weights in float16")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train_exits)
 
     def sampling(p: argparse.ArgumentParser) -> None:
         common(p)
         p.add_argument("model", help="a folder written by `diffusion train` (+ `train-exits` for uncertainty:T)")
-        p.add_argument("--exit", default="full", help="full, uncertainty:T, fixed:K, late:K, early:K")
+        p.add_argument("--exit", default="full", help="full, uncertainty:T, uncertainty:auto (the threshold "
+                       "`diffusion calibrate` wrote), fixed:K, late:K, early:K")  # fmt: skip
         p.add_argument("--steps", type=int, default=50)
         p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
         p.add_argument("--batch-size", type=int, default=64)
@@ -230,6 +312,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--reference", type=int, default=2000, help="test images for the Frechet reference")
     p.set_defaults(func=cmd_eval)
+
+    p = dsub.add_parser("calibrate", help="choose the uncertainty threshold by Learn-then-Test (then --exit "
+                        "uncertainty:auto)")  # fmt: skip
+    common(p)
+    p.add_argument("model", help="a folder written by `diffusion train` + `train-exits`")
+    p.add_argument("--classifier", required=True, help="a folder written by `diffusion train-classifier`")
+    p.add_argument("--max-fid-increase", type=float, default=0.1,
+                   help="FID budget that sets the per-sample feature tolerance (default 0.1: +10%%)")  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=None, help="the feature distance itself (instead)")
+    p.add_argument("--risk", choices=("features", "class"), default="features",
+                   help="per-sample loss: features beyond the tolerance (default) or another class than the full "
+                   "model's sample")  # fmt: skip
+    p.add_argument("--delta", type=float, default=0.1, help="share of samples allowed to fail (default 0.1)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="1 - confidence (default 0.05)")
+    p.add_argument("--grid", type=float, nargs="+", default=None, help="candidate thresholds (tested ascending)")
+    p.add_argument("--per-class", type=int, default=10, help="calibration samples per class")
+    p.add_argument("--heldout-per-class", type=int, default=10, help="held-out samples per class (other seeds)")
+    p.add_argument("--reference", type=int, default=2000, help="test images for the Frechet reference")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    p.set_defaults(func=cmd_calibrate)
 
     p = dsub.add_parser("train-classifier", help="train the Fashion-MNIST CNN whose features FID and accuracy use")
     common(p)

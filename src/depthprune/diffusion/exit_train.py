@@ -49,9 +49,17 @@ def exit_loss(model, scheduler, uems: UEMStack, *, mode: str = "frozen", lambda_
         with torch.set_grad_enabled(mode == "joint"):
             outputs = layer_outputs(model, noisy, t, labels)
         features = uems.time_features(t)
-        reference = noise if uems.config.target == "noise" else outputs[-1][1].detach()
         u = torch.stack([uems(i, h.detach(), features) for i, (h, _) in enumerate(outputs)])  # [layers, b]
-        target = torch.stack([uncertainty_target(g.detach(), reference) for _, g in outputs])
+        if uems.config.target == "x0":  # the clean image the sampler would derive from each exit's noise
+            a = scheduler.alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1).to(noisy.dtype)
+
+            def clean(eps: torch.Tensor) -> torch.Tensor:
+                return ((noisy - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+
+            target = torch.stack([uncertainty_target(clean(g.detach()), images) for _, g in outputs])
+        else:
+            reference = noise if uems.config.target == "noise" else outputs[-1][1].detach()
+            target = torch.stack([uncertainty_target(g.detach(), reference) for _, g in outputs])
         l_u = (u - target).pow(2).mean()
         parts = {"uem_mse": l_u.detach(), "exit_mae": target.mean(dim=1).detach()}
         if mode == "frozen":

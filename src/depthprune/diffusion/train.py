@@ -116,6 +116,14 @@ def load_diffusion(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     return model, scheduler, json.loads((folder / META).read_text())
 
 
+def shape_of(model) -> DiTShape:
+    """The DiTShape of a diffusers DiT (the inverse of `build_dit`)."""
+    c = model.config
+    return DiTShape(sample_size=c.sample_size, patch_size=c.patch_size, channels=c.in_channels,
+                    width=c.num_attention_heads * c.attention_head_dim, heads=c.num_attention_heads, depth=c.num_layers,
+                    num_classes=c.num_embeds_ada_norm)  # fmt: skip
+
+
 def train_dit(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -131,22 +139,32 @@ def train_dit(
     overwrite: bool = False,
     progress: bool = True,
     save_dtype: torch.dtype | None = None,
+    init=None,
+    init_scheduler=None,
+    init_record: dict[str, Any] | None = None,
 ):
     """Train a class-conditional DiT on `images` [n, c, h, w] in [-1, 1] with `labels` [n]; returns
-    (model, scheduler, TrainRun). With output_dir, the folder is written atomically at the end (see module doc)."""
+    (model, scheduler, TrainRun). With output_dir, the folder is written atomically at the end (see module doc).
+    `init` (+ `init_scheduler`, `init_record`: what `load_diffusion` gives): go on training a copy of a trained DiT
+    (its shape; the input model is left as it was) instead of a fresh one."""
+    import copy
+
     from depthprune.training import train
 
-    shape = shape or DiTShape(sample_size=images.shape[-1], channels=images.shape[1])
+    if init is not None:
+        shape = shape_of(init)
     if images.ndim != 4 or images.shape[1] != shape.channels or images.shape[-1] != shape.sample_size:
         raise ValueError(f"images must be [n, {shape.channels}, {shape.sample_size}, {shape.sample_size}], got "
                          f"{tuple(images.shape)}")  # fmt: skip
     if labels.shape != images.shape[:1] or int(labels.min()) < 0 or int(labels.max()) >= shape.num_classes:
         raise ValueError(f"labels must be [n] in [0, {shape.num_classes}), got {tuple(labels.shape)}")
-    model = build_dit(shape, seed=seed)
-    scheduler = build_scheduler()
+    model = build_dit(shape, seed=seed) if init is None else copy.deepcopy(init).float().train()
+    scheduler = build_scheduler() if init_scheduler is None else init_scheduler
     data = torch.utils.data.TensorDataset(images, labels)
     meta = {"shape": dataclasses.asdict(shape), "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
             "examples": len(data), "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    if init is not None:
+        meta["init_from"] = {k: v for k, v in (init_record or {}).items() if k != "epoch_losses"}
 
     def save(folder: Path, run) -> None:
         record = {
@@ -179,4 +197,4 @@ def train_dit(
 
 
 __all__ = ["DiTShape", "build_dit", "build_scheduler", "denoising_loss", "load_diffusion", "noise_batch",
-           "save_diffusion", "train_dit"]  # fmt: skip
+           "save_diffusion", "shape_of", "train_dit"]  # fmt: skip

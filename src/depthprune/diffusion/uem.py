@@ -19,7 +19,9 @@ from torch import nn
 class UEMConfig:
     """num_layers: one UEM after each block (the last block's is trained too, never used to exit); width: the
     model's hidden size; rank: the UEM's inner width; time_dim: the sinusoidal timestep features;
-    target: "noise" (DeeDiff: error against the true noise) or "final" (error against the full model's output)."""
+    target: "noise" (DeeDiff: error against the true noise), "final" (error against the full model's output) or "x0"
+    (error of the clamped clean-image prediction the sampler derives from the exit's noise, against the clean image:
+    the noise error scaled by sqrt((1 - a_t) / a_t), so large at the noisy steps, where it moves the sample most)."""
 
     num_layers: int
     width: int
@@ -30,8 +32,8 @@ class UEMConfig:
     def __post_init__(self) -> None:
         if min(self.num_layers, self.width, self.rank, self.time_dim) < 1:
             raise ValueError(f"UEMConfig sizes must be >= 1: {self}")
-        if self.target not in ("noise", "final"):
-            raise ValueError(f"target must be 'noise' (DeeDiff) or 'final', got {self.target!r}")
+        if self.target not in ("noise", "final", "x0"):
+            raise ValueError(f"target must be 'noise' (DeeDiff), 'final' or 'x0', got {self.target!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
