@@ -25,6 +25,7 @@ import depthprune
 from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
 from depthprune.bench.perplexity import perplexity
 from depthprune.data import calibration_text, heldout_text, token_blocks
+from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import greedy_continuations, prompt_blocks, token_consistency
 from depthprune.plan import LayerPlan
 from depthprune.skipping.calibrate import routed_continuations
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--compute-weight", type=float, default=10.0)
+    p.add_argument(
+        "--init",
+        choices=("uniform", "static"),
+        default="static",
+        help="router init (static: block_influence's plan of each target, scored as static pruning's)",
+    )
     p.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of 128 tokens (default 8)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts for greedy agreement (default 8)")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -86,26 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
     print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
     fold_batches = list(token_blocks(tok, calib, 128, 16).split(4))
+    dump(args.json, result)
     routed: dict[float, tuple] = {}
+    static: dict[float, torch.nn.Module] = {}
     for target in args.targets:
-        t0 = time.perf_counter()
-        res = train_routers(
-            model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            compute_weight=args.compute_weight, progress=False,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)
-        tf = routed_perplexity(model, res.routers, held, threshold, batch_size=4)
-        conts, gen_depth = routed_continuations(model, res.routers, prompts, threshold, args.new_tokens,
-                                                eos_token_id=eos)  # fmt: skip
-        row = {
-            "method": "routers", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
-            "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
-            "threshold": threshold, "train_seconds": seconds, "train_log": res.epoch_losses,
-        }  # fmt: skip
-        result["rows"].append(row)
-        routed[target] = (res.routers, threshold, gen_depth)
-        print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
         n_remove = round(n_layers - target)
         remove = sorted(get_scorer("block_influence")(model, fold_batches, n_remove=n_remove, stack="decoder").remove)
         plan = LayerPlan.drop({"decoder": n_layers}, {"decoder": remove})
@@ -116,7 +107,45 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
                    "removed": remove, **tf, "greedy_agreement": agreement(conts, refs)}  # fmt: skip
             result["rows"].append(row)
+            static.setdefault(target, pruned)
             print(json.dumps(row), flush=True)
+            dump(args.json, result)
+        init = {"init": args.init, "score_batches": fold_batches}  # the static init: the same plan as above
+        if args.init == "static":  # untrained (0 steps): the static plan exactly, at threshold 0.5
+            zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, **init)
+            tf = routed_perplexity(model, zero.routers, held, 0.5, batch_size=4)
+            row = {
+                "method": "routers, static init, 0 steps",
+                "target": target,
+                "layers": tf["mean_layers"],
+                "ppl": tf["ppl"],
+                "agreement": tf["agreement"],
+                "threshold": 0.5,
+                "removed": zero.init_removed,
+            }
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            dump(args.json, result)
+        t0 = time.perf_counter()
+        res = train_routers(
+            model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            compute_weight=args.compute_weight, progress=False, **init,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)
+        tf = routed_perplexity(model, res.routers, held, threshold, batch_size=4)
+        conts, gen_depth = routed_continuations(model, res.routers, prompts, threshold, args.new_tokens,
+                                                eos_token_id=eos)  # fmt: skip
+        row = {
+            "method": f"routers, {args.init} init", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
+            "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
+            "threshold": threshold, "train_seconds": seconds, "train_steps": len(res.history),
+            "train_tokens": int(train_blocks.numel()) * args.epochs, "train_log": res.epoch_losses,
+        }  # fmt: skip
+        result["rows"].append(row)
+        routed[target] = (res.routers, threshold, gen_depth)
+        print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
+        dump(args.json, result)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for batch in (1, 8):
         ids = prompts[:batch]
@@ -131,19 +160,30 @@ def main(argv: list[str] | None = None) -> dict:
             runs[f"routers {target:g}"] = lambda ids=ids, r=r, t=t: new_tokens(
                 skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
                 .sequences[:, ids.shape[1]:], eos)  # fmt: skip
+            runs[f"static {target:g}"] = lambda ids=ids, mask=mask, m=static[target]: new_tokens(
+                plain_greedy(m, ids, mask, args.new_tokens, eos, pad)[:, ids.shape[1]:], eos)  # fmt: skip
         timing = compare_tokens_per_s(runs, "generate", repeats=args.repeats, warmup=1)
         for target, (r, t, _) in routed.items():
             out = skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
             depth = out.mean_layers()  # every new token, the first (full prefill) included, as the timing counts
             entry = timing[f"routers {target:g}"]
             entry.update(mean_layers=depth, layer_ratio=n_layers / depth, vs_ratio=entry["ratio"] * depth / n_layers)
+        for target in routed:
+            entry = timing[f"static {target:g}"]
+            entry.update(layer_ratio=n_layers / round(target), vs_ratio=entry["ratio"] * round(target) / n_layers)
         result["speed"].append({"batch": batch, "new_tokens": args.new_tokens, **timing})
+        dump(args.json, result)
         print(json.dumps({"batch": batch, **{k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
                                              for k, v in timing.items()}}), flush=True)  # fmt: skip
     result["seconds"] = time.perf_counter() - began
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    dump(args.json, result)
     return result
+
+
+def dump(path: str | None, result: dict) -> None:
+    """Write the results so far (atomically: a timeout loses only the row in progress)."""
+    if path:
+        write_atomic(path, json.dumps(result, indent=1, default=float))
 
 
 if __name__ == "__main__":
