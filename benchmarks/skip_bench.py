@@ -10,6 +10,9 @@ same depth: the block_influence (ShortGPT) plan, unhealed and fold-healed (depth
 Calibration text: Moby-Dick before chapter 110; held-out: from chapter 110 on (depthprune.data).
 
     python benchmarks/skip_bench.py --json benchmarks/skip_bench.json
+    # or in two runs, each under its own timeout: train + quality, then speed from the saved routers
+    python benchmarks/skip_bench.py --phase quality --routers-dir out/skip --json benchmarks/skip_bench_q.json
+    python benchmarks/skip_bench.py --phase speed --routers-dir out/skip --json benchmarks/skip_bench_speed.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import depthprune
 from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
 from depthprune.bench.perplexity import perplexity
+from depthprune.bench.speed import machine_info
 from depthprune.data import calibration_text, heldout_text, token_blocks
 from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import greedy_continuations, prompt_blocks, token_consistency
@@ -31,6 +35,7 @@ from depthprune.plan import LayerPlan
 from depthprune.skipping.calibrate import routed_continuations
 from depthprune.skipping.dense import routed_perplexity, threshold_for_depth
 from depthprune.skipping.inference import skip_generate
+from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.train import train_routers
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.heal import heal
@@ -75,7 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (default 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--phase",
+        choices=("all", "quality", "speed"),
+        default="all",
+        help="quality: train and measure (saving routers in --routers-dir); speed: time the saved ones",
+    )
+    p.add_argument("--routers-dir", default=None, help="where each target's routers and threshold are saved / read")
     args = p.parse_args(argv)
+    if args.phase != "all" and not args.routers_dir:
+        p.error("--phase quality/speed hands routers over through --routers-dir: give one")
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model = depthprune.load_model("smollm2").eval()
@@ -86,20 +100,29 @@ def main(argv: list[str] | None = None) -> dict:
     held = token_blocks(tok, heldout_text(args.text), 128, args.heldout_blocks)
     prompts = prompt_blocks(tok, heldout_text(args.text), args.prompts, 32)
     eos = ()  # no early stop: every row generates new_tokens (equal work for every decoder)
-    refs = greedy_continuations(model, prompts, args.new_tokens, eos_token_id=eos)
     n_layers = layer_sizes(model)["decoder"]
-    result: dict = {"settings": vars(args), "num_layers": n_layers, "rows": [], "speed": []}
-    base = teacher_forced(model, model, held)
-    result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
-    print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
+    result: dict = {"settings": vars(args), "machine": machine_info().to_dict(), "num_layers": n_layers, "rows": [],
+                    "speed": []}  # fmt: skip
     fold_batches = list(token_blocks(tok, calib, 128, 16).split(4))
-    dump(args.json, result)
     routed: dict[float, tuple] = {}
     static: dict[float, torch.nn.Module] = {}
+    quality = args.phase != "speed"
+    if quality:
+        refs = greedy_continuations(model, prompts, args.new_tokens, eos_token_id=eos)
+        base = teacher_forced(model, model, held)
+        result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
+        print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
+        dump(args.json, result)
     for target in args.targets:
         n_remove = round(n_layers - target)
         remove = sorted(get_scorer("block_influence")(model, fold_batches, n_remove=n_remove, stack="decoder").remove)
         plan = LayerPlan.drop({"decoder": n_layers}, {"decoder": remove})
+        saved = Path(args.routers_dir or ".") / f"target_{target:g}"
+        if not quality:
+            static[target] = apply_plan(model, plan)
+            threshold = json.loads((saved / "threshold.json").read_text())["threshold"]
+            routed[target] = (load_routers(saved, model), threshold, None)
+            continue
         for method in ("unhealed", "fold"):
             pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
             tf = teacher_forced(pruned, model, held)
@@ -146,6 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
         routed[target] = (res.routers, threshold, gen_depth)
         print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
         dump(args.json, result)
+        if args.routers_dir:
+            save_routers(res.routers, saved, overwrite=True)
+            write_atomic(saved / "threshold.json", json.dumps({"threshold": threshold, "row": row}, default=float))
+    if args.phase == "quality":
+        result["seconds"] = time.perf_counter() - began
+        dump(args.json, result)
+        return result
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for batch in (1, 8):
         ids = prompts[:batch]
