@@ -9,6 +9,7 @@ from tiny_models import build, input_ids, inputs
 from depthprune.errors import RouterError
 from depthprune.plan import LayerPlan
 from depthprune.skipping.dense import routed_pass
+from depthprune.skipping.inference import skip_generate
 from depthprune.skipping.init import rank_biases, static_init
 from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.routers import build_routers
@@ -36,6 +37,26 @@ def test_untrained_static_init_is_the_static_plan(target, batch):
     assert torch.equal(out.logits, want)
     assert not torch.equal(out.logits, full)  # the plan changes the output: the equality says something
     assert torch.equal(out.executed, torch.full_like(out.executed, target))
+
+
+@pytest.mark.parametrize("kv", ["propagate", "recompute"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_untrained_static_init_generates_the_static_plan(batch, kv):
+    """With a routed prefill, routed generation is the pruned model's greedy generation, token for token (a
+    left-padded row at batch 4); threshold 0 with a routed prefill is still plain greedy."""
+    model = build("llama")
+    res = train_routers(model, DATA, target_layers=2.0, layers=ALL, init="static", epochs=0, progress=False)
+    pruned = apply_plan(model, LayerPlan.drop({"decoder": 4}, res.init_removed))
+    ids, mask = input_ids(batch=batch, seq=6)
+    for m, t in ((pruned, 0.5), (model, 0.0)):
+        with torch.no_grad():
+            want = m.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, eos_token_id=None)
+        out = skip_generate(model, res.routers, ids, mask, threshold=t, max_new_tokens=6, kv=kv, prefill="routed",
+                            eos_token_id=())  # fmt: skip
+        assert torch.equal(out.sequences, want)
+        assert torch.equal(out.executed, torch.full_like(out.executed, 2 if t else 4))
+    with pytest.raises(RouterError, match="unknown prefill"):
+        skip_generate(model, res.routers, ids, mask, max_new_tokens=2, prefill="half")
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -143,6 +143,10 @@ def add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(  # --threshold on generate belongs to the cascades (depthprune.cli.cascade)
         "--router-threshold", type=float, help="router threshold in [0, 1] (default: the calibrated one)"
     )
+    g.add_argument(
+        "--router-prefill", choices=("full", "routed"), default="full",
+        help="full: the prompt runs every layer (default); routed: the prompt's tokens follow the routers too",
+    )  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -164,7 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     enc = tokenizer(args.prompt, return_tensors="pt", padding=True)
     kv = args.kv or "propagate"
     out = skip_generate(model, routers, enc["input_ids"], enc["attention_mask"], threshold=threshold,
-                        max_new_tokens=args.max_new_tokens, kv=kv, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                        max_new_tokens=args.max_new_tokens, kv=kv, prefill=args.router_prefill,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     new = out.sequences[:, enc["input_ids"].shape[1] :]
     rows = []
     for prompt, seq, ran in zip(args.prompt, new.tolist(), out.executed.tolist(), strict=True):
