@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--compute-weight", type=float, default=10.0)
+    p.add_argument("--noise", type=float, default=1.0, help="scale of the gates' logistic noise in training")
     p.add_argument(
         "--init",
         choices=("uniform", "static"),
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
         choices=("all", "quality", "speed"),
         default="all",
         help="quality: train and measure (saving routers in --routers-dir); speed: time the saved ones",
+    )
+    p.add_argument(
+        "--routers-only",
+        action="store_true",
+        help="quality phase: only the trained routers' row (the static rows come from an earlier run)",
     )
     p.add_argument("--routers-dir", default=None, help="where each target's routers and threshold are saved / read")
     args = p.parse_args(argv)
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             threshold = json.loads((saved / "threshold.json").read_text())["threshold"]
             routed[target] = (load_routers(saved, model), threshold, None)
             continue
-        for method in ("unhealed", "fold"):
+        for method in () if args.routers_only else ("unhealed", "fold"):
             pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
             tf = teacher_forced(pruned, model, held)
             conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
@@ -134,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row), flush=True)
             dump(args.json, result)
         init = {"init": args.init, "score_batches": fold_batches}  # the static init: the same plan as above
-        if args.init == "static":  # untrained (0 steps): the static plan exactly, at threshold 0.5
+        if (
+            args.init == "static" and not args.routers_only
+        ):  # untrained (0 steps): the static plan exactly, at threshold 0.5
             zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, **init)
             tf = routed_perplexity(model, zero.routers, held, 0.5, batch_size=4)
             row = {
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            compute_weight=args.compute_weight, progress=False, **init,
+            compute_weight=args.compute_weight, noise=args.noise, progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)

@@ -41,10 +41,11 @@ if TYPE_CHECKING:
 LOG_NAME = "router_train_log.json"
 
 
-def straight_through_gate(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Hard 0/1 gates in the forward pass, the gradient of the noisy sigmoid in the backward pass."""
+def straight_through_gate(logits: torch.Tensor, temperature: float = 1.0, noise: float = 1.0) -> torch.Tensor:
+    """Hard 0/1 gates in the forward pass, the gradient of the noisy sigmoid in the backward pass. noise scales the
+    logistic noise (0: the deterministic decision, e.g. to train on top of a static init without flipping it)."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    soft = torch.sigmoid((logits + noise * (torch.log(u) - torch.log1p(-u))) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
 
@@ -60,6 +61,7 @@ def router_loss(
     compute_weight: float = 10.0,
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
+    noise: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """KL(teacher || routed student) + the compute term, for one batch ids [batch, seq] (mask: encoders' padding).
     Returns loss, kl, expected and executed layers (per token or sample)."""
@@ -68,7 +70,7 @@ def router_loss(
         if routers.granularity == "token":
             inputs["use_cache"] = False
         teacher_logits = teacher(**inputs).logits.float()
-    out = routed_pass(model, routers, ids, mask, gate=lambda layer, lg: straight_through_gate(lg, temperature))
+    out = routed_pass(model, routers, ids, mask, gate=lambda layer, lg: straight_through_gate(lg, temperature, noise))
     t = kd_temperature
     log_p = nn.functional.log_softmax(teacher_logits / t, -1)
     log_q = nn.functional.log_softmax(out.logits.float() / t, -1)
@@ -132,6 +134,7 @@ def train_routers(
     compute_weight: float = 10.0,
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
+    noise: float = 1.0,
     lora_rank: int = 0,
     lora_lr: float = 1e-4,
     init: str = "uniform",
@@ -176,7 +179,7 @@ def train_routers(
         peft_model = lora_copy(model, lora_rank)
         student = peft_model.get_base_model()
         groups.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lora_lr})
-    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature}
+    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature, "noise": noise}
 
     class _Loss(nn.Module):
         def __init__(self) -> None:
