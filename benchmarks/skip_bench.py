@@ -10,6 +10,9 @@ same depth: the block_influence (ShortGPT) plan, unhealed and fold-healed (depth
 Calibration text: Moby-Dick before chapter 110; held-out: from chapter 110 on (depthprune.data).
 
     python benchmarks/skip_bench.py --json benchmarks/skip_bench.json
+    # or in two runs, each under its own timeout: train + quality, then speed from the saved routers
+    python benchmarks/skip_bench.py --phase quality --routers-dir out/skip --json benchmarks/skip_bench_q.json
+    python benchmarks/skip_bench.py --phase speed --routers-dir out/skip --json benchmarks/skip_bench_speed.json
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ import torch
 import depthprune
 from depthprune.bench.generation import compare_tokens_per_s, new_tokens, plain_greedy
 from depthprune.bench.perplexity import perplexity
+from depthprune.bench.speed import machine_info
 from depthprune.data import calibration_text, heldout_text, token_blocks
+from depthprune.fsutil import write_atomic
 from depthprune.generation.calibrate import greedy_continuations, prompt_blocks, token_consistency
 from depthprune.plan import LayerPlan
 from depthprune.skipping.calibrate import routed_continuations
 from depthprune.skipping.dense import routed_perplexity, threshold_for_depth
 from depthprune.skipping.inference import skip_generate
+from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.train import train_routers
 from depthprune.static.apply import apply_plan, layer_sizes
 from depthprune.static.heal import heal
@@ -62,13 +68,34 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--compute-weight", type=float, default=10.0)
+    p.add_argument("--noise", type=float, default=1.0, help="scale of the gates' logistic noise in training")
+    p.add_argument(
+        "--init",
+        choices=("uniform", "static"),
+        default="static",
+        help="router init (static: block_influence's plan of each target, scored as static pruning's)",
+    )
     p.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of 128 tokens (default 8)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts for greedy agreement (default 8)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (default 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--phase",
+        choices=("all", "quality", "speed"),
+        default="all",
+        help="quality: train and measure (saving routers in --routers-dir); speed: time the saved ones",
+    )
+    p.add_argument(
+        "--routers-only",
+        action="store_true",
+        help="quality phase: only the trained routers' row (the static rows come from an earlier run)",
+    )
+    p.add_argument("--routers-dir", default=None, help="where each target's routers and threshold are saved / read")
     args = p.parse_args(argv)
+    if args.phase != "all" and not args.routers_dir:
+        p.error("--phase quality/speed hands routers over through --routers-dir: give one")
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model = depthprune.load_model("smollm2").eval()
@@ -79,19 +106,61 @@ def main(argv: list[str] | None = None) -> dict:
     held = token_blocks(tok, heldout_text(args.text), 128, args.heldout_blocks)
     prompts = prompt_blocks(tok, heldout_text(args.text), args.prompts, 32)
     eos = ()  # no early stop: every row generates new_tokens (equal work for every decoder)
-    refs = greedy_continuations(model, prompts, args.new_tokens, eos_token_id=eos)
     n_layers = layer_sizes(model)["decoder"]
-    result: dict = {"settings": vars(args), "num_layers": n_layers, "rows": [], "speed": []}
-    base = teacher_forced(model, model, held)
-    result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
-    print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
+    result: dict = {"settings": vars(args), "machine": machine_info().to_dict(), "num_layers": n_layers, "rows": [],
+                    "speed": []}  # fmt: skip
     fold_batches = list(token_blocks(tok, calib, 128, 16).split(4))
     routed: dict[float, tuple] = {}
+    static: dict[float, torch.nn.Module] = {}
+    quality = args.phase != "speed"
+    if quality:
+        refs = greedy_continuations(model, prompts, args.new_tokens, eos_token_id=eos)
+        base = teacher_forced(model, model, held)
+        result["rows"].append({"method": "untouched", "layers": n_layers, **base, "greedy_agreement": 1.0})
+        print(f"untouched: ppl {base['ppl']:.2f}", flush=True)
+        dump(args.json, result)
     for target in args.targets:
+        n_remove = round(n_layers - target)
+        remove = sorted(get_scorer("block_influence")(model, fold_batches, n_remove=n_remove, stack="decoder").remove)
+        plan = LayerPlan.drop({"decoder": n_layers}, {"decoder": remove})
+        saved = Path(args.routers_dir or ".") / f"target_{target:g}"
+        if not quality:
+            static[target] = apply_plan(model, plan)
+            threshold = json.loads((saved / "threshold.json").read_text())["threshold"]
+            routed[target] = (load_routers(saved, model), threshold, None)
+            continue
+        for method in () if args.routers_only else ("unhealed", "fold"):
+            pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
+            tf = teacher_forced(pruned, model, held)
+            conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
+            row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
+                   "removed": remove, **tf, "greedy_agreement": agreement(conts, refs)}  # fmt: skip
+            result["rows"].append(row)
+            static.setdefault(target, pruned)
+            print(json.dumps(row), flush=True)
+            dump(args.json, result)
+        init = {"init": args.init, "score_batches": fold_batches}  # the static init: the same plan as above
+        if (
+            args.init == "static" and not args.routers_only
+        ):  # untrained (0 steps): the static plan exactly, at threshold 0.5
+            zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, **init)
+            tf = routed_perplexity(model, zero.routers, held, 0.5, batch_size=4)
+            row = {
+                "method": "routers, static init, 0 steps",
+                "target": target,
+                "layers": tf["mean_layers"],
+                "ppl": tf["ppl"],
+                "agreement": tf["agreement"],
+                "threshold": 0.5,
+                "removed": zero.init_removed,
+            }
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            dump(args.json, result)
         t0 = time.perf_counter()
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            compute_weight=args.compute_weight, progress=False,
+            compute_weight=args.compute_weight, noise=args.noise, progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)
@@ -99,24 +168,22 @@ def main(argv: list[str] | None = None) -> dict:
         conts, gen_depth = routed_continuations(model, res.routers, prompts, threshold, args.new_tokens,
                                                 eos_token_id=eos)  # fmt: skip
         row = {
-            "method": "routers", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
+            "method": f"routers, {args.init} init", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
             "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
-            "threshold": threshold, "train_seconds": seconds, "train_log": res.epoch_losses,
+            "threshold": threshold, "train_seconds": seconds, "train_steps": len(res.history),
+            "train_tokens": int(train_blocks.numel()) * args.epochs, "train_log": res.epoch_losses,
         }  # fmt: skip
         result["rows"].append(row)
         routed[target] = (res.routers, threshold, gen_depth)
         print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
-        n_remove = round(n_layers - target)
-        remove = sorted(get_scorer("block_influence")(model, fold_batches, n_remove=n_remove, stack="decoder").remove)
-        plan = LayerPlan.drop({"decoder": n_layers}, {"decoder": remove})
-        for method in ("unhealed", "fold"):
-            pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
-            tf = teacher_forced(pruned, model, held)
-            conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
-            row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
-                   "removed": remove, **tf, "greedy_agreement": agreement(conts, refs)}  # fmt: skip
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
+        dump(args.json, result)
+        if args.routers_dir:
+            save_routers(res.routers, saved, overwrite=True)
+            write_atomic(saved / "threshold.json", json.dumps({"threshold": threshold, "row": row}, default=float))
+    if args.phase == "quality":
+        result["seconds"] = time.perf_counter() - began
+        dump(args.json, result)
+        return result
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for batch in (1, 8):
         ids = prompts[:batch]
@@ -131,19 +198,30 @@ def main(argv: list[str] | None = None) -> dict:
             runs[f"routers {target:g}"] = lambda ids=ids, r=r, t=t: new_tokens(
                 skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
                 .sequences[:, ids.shape[1]:], eos)  # fmt: skip
+            runs[f"static {target:g}"] = lambda ids=ids, mask=mask, m=static[target]: new_tokens(
+                plain_greedy(m, ids, mask, args.new_tokens, eos, pad)[:, ids.shape[1]:], eos)  # fmt: skip
         timing = compare_tokens_per_s(runs, "generate", repeats=args.repeats, warmup=1)
         for target, (r, t, _) in routed.items():
             out = skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
             depth = out.mean_layers()  # every new token, the first (full prefill) included, as the timing counts
             entry = timing[f"routers {target:g}"]
             entry.update(mean_layers=depth, layer_ratio=n_layers / depth, vs_ratio=entry["ratio"] * depth / n_layers)
+        for target in routed:
+            entry = timing[f"static {target:g}"]
+            entry.update(layer_ratio=n_layers / round(target), vs_ratio=entry["ratio"] * round(target) / n_layers)
         result["speed"].append({"batch": batch, "new_tokens": args.new_tokens, **timing})
+        dump(args.json, result)
         print(json.dumps({"batch": batch, **{k: {kk: vv for kk, vv in v.items() if kk != "seconds"}
                                              for k, v in timing.items()}}), flush=True)  # fmt: skip
     result["seconds"] = time.perf_counter() - began
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    dump(args.json, result)
     return result
+
+
+def dump(path: str | None, result: dict) -> None:
+    """Write the results so far (atomically: a timeout loses only the row in progress)."""
+    if path:
+        write_atomic(path, json.dumps(result, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def test_train_calibrate_generate(folders, tmp_path, capsys):
     assert rc == 0, err
     report = json.loads(out)
     assert report["decoder"] == "routers" and len(report["results"][0]["layers"]) == 3
+    both = []
+    for prefill in ("full", "routed"):  # threshold 0: every layer runs, so both prefills give plain greedy tokens
+        argv = ["--router-prefill", prefill, "--router-threshold", "0", "--max-new-tokens", "3", "--json"]
+        rc, out, err = _run(capsys, "generate", model, "--routers", routers, "--prompt", "the whale", *argv)
+        assert rc == 0, err
+        both.append(json.loads(out)["results"][0]["tokens"])
+    assert both[0] == both[1] and len(both[0]) == 3
     rc, out, err = _run(capsys, "generate", model, "--routers", routers, "--router-threshold", "2", "--prompt", "the")
     assert rc == 2 and "outside [0, 1]" in err
     rc, out, err = _run(capsys, "train-router", model, "--target-layers", "9", "-o", tmp_path / "x", "--data", book)

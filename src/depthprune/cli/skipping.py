@@ -2,6 +2,7 @@
 `--routers DIR` options of `generate` (cli/generation.py) and `classify` (cli/exits.py).
 
     depthprune train-router smollm2 --target-layers 22 -o out/smollm2-routers
+    depthprune train-router smollm2 --target-layers 22 --init static --scorer block_influence -o out/static-routers
     depthprune calibrate-router smollm2 --routers out/smollm2-routers
     depthprune generate smollm2 --routers out/smollm2-routers --prompt 'Call me Ishmael.'
 """
@@ -52,8 +53,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
     model = load_model(args.model).eval()
     facts = model_facts(model)
-    layers = args.layers or default_layers(facts["num_layers"])
-    check_target(args.target_layers, facts["num_layers"], len(layers))  # before any data is read
+    routed = args.layers or default_layers(facts["num_layers"])  # --init static may route more (the plan's)
+    check_target(args.target_layers, facts["num_layers"], len(routed))  # before any data is read
     tokenizer = tokenizer_for(args, args.model)
     if facts["granularity"] == "token":
         from depthprune.data import calibration_text, token_blocks
@@ -69,14 +70,16 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         data = (enc["input_ids"], enc["attention_mask"])
     torch.manual_seed(args.seed)
     res = train_routers(
-        model, data, target_layers=args.target_layers, kind=args.kind, layers=layers, epochs=args.epochs,
+        model, data, target_layers=args.target_layers, kind=args.kind, layers=args.layers, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, compute_weight=args.compute_weight, lora_rank=args.lora_rank,
-        seed=args.seed, output_dir=out, overwrite=args.overwrite, progress=not args.quiet,
+        init=args.init, scorer=args.scorer, seed=args.seed, output_dir=out, overwrite=args.overwrite,
+        progress=not args.quiet,
     )  # fmt: skip
     last = res.epoch_losses[-1] if res.epoch_losses else {}
+    init = f"static init ({args.scorer}: removes {res.init_removed})" if res.init == "static" else "uniform init"
     print(
         f"wrote {out}: {res.kind} routers on {len(res.layers)} of {facts['num_layers']} layers, target "
-        f"{res.target_layers:g} layers; last epoch: {json.dumps(last.get('metrics', {}))}"
+        f"{res.target_layers:g} layers, {init}; last epoch: {json.dumps(last.get('metrics', {}))}"
     )
     return 0
 
@@ -140,6 +143,10 @@ def add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(  # --threshold on generate belongs to the cascades (depthprune.cli.cascade)
         "--router-threshold", type=float, help="router threshold in [0, 1] (default: the calibrated one)"
     )
+    g.add_argument(
+        "--router-prefill", choices=("full", "routed"), default="full",
+        help="full: the prompt runs every layer (default); routed: the prompt's tokens follow the routers too",
+    )  # fmt: skip
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -161,7 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     enc = tokenizer(args.prompt, return_tensors="pt", padding=True)
     kv = args.kv or "propagate"
     out = skip_generate(model, routers, enc["input_ids"], enc["attention_mask"], threshold=threshold,
-                        max_new_tokens=args.max_new_tokens, kv=kv, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                        max_new_tokens=args.max_new_tokens, kv=kv, prefill=args.router_prefill,
+                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     new = out.sequences[:, enc["input_ids"].shape[1] :]
     rows = []
     for prompt, seq, ran in zip(args.prompt, new.tolist(), out.executed.tolist(), strict=True):
@@ -242,6 +250,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--compute-weight", type=float, default=10.0, help="weight of the depth term (default 10)")
     p.add_argument("--lora-rank", type=int, default=0, help="also train LoRA of this rank (decoders; default off)")
+    p.add_argument(
+        "--init", choices=("uniform", "static"), default="uniform",
+        help="uniform: every gate starts at the target's keep share; static: the gates start as the static plan of "
+        "the target depth (removed layers P(run) low, kept high, by rank of --scorer's score)",
+    )  # fmt: skip
+    p.add_argument("--scorer", default="block_influence", help="importance scorer for --init static (default "
+                   "block_influence; see depthprune list)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -29,6 +29,7 @@ from depthprune.runner import StackCall, capture_stack
 from depthprune.skipping.routers import check_threshold
 
 KV_MODES = ("propagate", "recompute")
+PREFILLS = ("full", "routed")
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ def skip_generate(
     threshold: float = 0.5,
     max_new_tokens: int,
     kv: str = "propagate",
+    prefill: str = "full",
     eos_token_id: int | list[int] | tuple[int, ...] | None = None,
     pad_token_id: int | None = None,
     timing: bool = False,
@@ -89,10 +91,17 @@ def skip_generate(
 
     routers: token routers (`layers`, `num_layers`, `run_mask(layer, hidden [n, 1, hidden], mask, threshold)` -> bool
     [n, 1] or None for an unrouted layer). With threshold 0 the result is token-identical to model.generate.
+    prefill "full": the prompt runs every layer (the first new token is the untouched model's); "routed": the
+    prompt's tokens follow their routers too (every layer is computed on the whole prompt, as in
+    `depthprune.skipping.dense.routed_pass`, so a skipped token's cache entry is its entering state's, as kv
+    propagation gives; no prefill saving), so the whole generation is what the routed model computes: with
+    untrained static-init routers (depthprune.skipping.init), the static plan's pruned model's greedy tokens.
     """
     threshold = check_threshold(threshold)
     if kv not in KV_MODES:
         raise RouterError(f"unknown kv strategy {kv!r} for layer skipping; choose one of {', '.join(KV_MODES)}")
+    if prefill not in PREFILLS:
+        raise RouterError(f"unknown prefill {prefill!r} for layer skipping; choose one of {', '.join(PREFILLS)}")
     if max_new_tokens < 1:
         raise RouterError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if getattr(routers, "granularity", "token") != "token":
@@ -117,10 +126,15 @@ def skip_generate(
 
     with torch.no_grad():
         start = decoding.wall_time(device, sync=timing)
-        out = model(**decoding.step_inputs(model, input_ids, mask, positions, cache, last_logits=True))
-        check_cache(cache, num_layers)
-        token = out.logits[:, -1].argmax(-1)
-        ran = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+        if prefill == "full":
+            out = model(**decoding.step_inputs(model, input_ids, mask, positions, cache, last_logits=True))
+            check_cache(cache, num_layers)
+            token = out.logits[:, -1].argmax(-1)
+            ran = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+        else:
+            token, ran = _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, positions, cache,
+                                         threshold)  # fmt: skip
+            check_cache(cache, num_layers)
         for step in range(max_new_tokens):
             token = torch.where(active, token, torch.full_like(token, pad))
             sequences[:, prompt_len + step] = token
@@ -169,6 +183,25 @@ def skip_generate(
             token[rows] = final_logits(h)[:, -1].argmax(-1).to(token.dtype)
             grow_cache(cache, position + 1, batch)  # rows that ran nothing (finished) keep holes here
     return SkipOutput(sequences, executed, num_layers, times if timing else None)
+
+
+def _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, positions, cache, threshold):
+    """The prompt's forward with every token following its routers: (first new token [batch], layers its last
+    position ran [batch]). Each layer runs on every position (writing every position's cache entry from the state
+    entering it); the positions whose router says skip keep their state."""
+    inputs = decoding.step_inputs(model, input_ids, mask, positions, cache)
+    hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, seq, hidden]
+    ran = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    for layer in range(len(call)):
+        out = call.run(hidden, layer, layer + 1)
+        go = routers.run_mask(layer, hidden, None, threshold)
+        if go is None:
+            hidden, ran = out, ran + 1
+            continue
+        go = go.reshape(hidden.shape[:2]).to(torch.bool)  # [batch, seq]
+        hidden = torch.where(go[..., None], out, hidden)
+        ran += go[:, -1].long()
+    return final_logits(hidden[:, -1:])[:, -1].argmax(-1), ran
 
 
 @dataclasses.dataclass
@@ -224,4 +257,4 @@ class RoutedClassifier:
         return RoutedResult(logits, executed, len(call))
 
 
-__all__ = ["KV_MODES", "RoutedClassifier", "RoutedResult", "SkipOutput", "skip_generate"]
+__all__ = ["KV_MODES", "PREFILLS", "RoutedClassifier", "RoutedResult", "SkipOutput", "skip_generate"]

@@ -41,10 +41,11 @@ if TYPE_CHECKING:
 LOG_NAME = "router_train_log.json"
 
 
-def straight_through_gate(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Hard 0/1 gates in the forward pass, the gradient of the noisy sigmoid in the backward pass."""
+def straight_through_gate(logits: torch.Tensor, temperature: float = 1.0, noise: float = 1.0) -> torch.Tensor:
+    """Hard 0/1 gates in the forward pass, the gradient of the noisy sigmoid in the backward pass. noise scales the
+    logistic noise (0: the deterministic decision, e.g. to train on top of a static init without flipping it)."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    soft = torch.sigmoid((logits + noise * (torch.log(u) - torch.log1p(-u))) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
 
@@ -60,6 +61,7 @@ def router_loss(
     compute_weight: float = 10.0,
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
+    noise: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """KL(teacher || routed student) + the compute term, for one batch ids [batch, seq] (mask: encoders' padding).
     Returns loss, kl, expected and executed layers (per token or sample)."""
@@ -68,7 +70,7 @@ def router_loss(
         if routers.granularity == "token":
             inputs["use_cache"] = False
         teacher_logits = teacher(**inputs).logits.float()
-    out = routed_pass(model, routers, ids, mask, gate=lambda layer, lg: straight_through_gate(lg, temperature))
+    out = routed_pass(model, routers, ids, mask, gate=lambda layer, lg: straight_through_gate(lg, temperature, noise))
     t = kd_temperature
     log_p = nn.functional.log_softmax(teacher_logits / t, -1)
     log_q = nn.functional.log_softmax(out.logits.float() / t, -1)
@@ -82,6 +84,15 @@ def router_loss(
     return {"loss": kl + compute, "kl": kl.detach(), "expected_layers": expected.detach(), "executed": executed}
 
 
+def init_batches(data: torch.Tensor | tuple[torch.Tensor, torch.Tensor], n: int, batch_size: int = 8):
+    """The first `n` training examples as a scorer's batches: token blocks in batches of `batch_size`; an encoder's
+    texts one at a time, cut to their real tokens (a scorer's batches carry no padding mask)."""
+    if isinstance(data, (tuple, list)):
+        ids, mask = data
+        return [i[m.bool()][None] for i, m in zip(ids[:n], mask[:n], strict=True)]
+    return list(data[:n].long().split(batch_size))
+
+
 @dataclasses.dataclass
 class RouterTrainResult:
     """What a run did; routers (and with LoRA the merged model) are not in to_dict."""
@@ -89,6 +100,8 @@ class RouterTrainResult:
     kind: str
     target_layers: float
     layers: list[int]
+    init: str
+    init_removed: list[int]
     epochs: int
     lr: float
     batch_size: int
@@ -121,17 +134,23 @@ def train_routers(
     compute_weight: float = 10.0,
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
+    noise: float = 1.0,
     lora_rank: int = 0,
     lora_lr: float = 1e-4,
+    init: str = "uniform",
+    scorer: str = "block_influence",
+    init_examples: int = 64,
+    score_batches: list[torch.Tensor] | None = None,
     seed: int = 0,
     progress: bool = True,
     **run_kwargs: Unpack[RunKwargs],
 ) -> RouterTrainResult:
     """Train routers for `model` on `data`: token blocks [n, seq] (decoders) or (input_ids, attention_mask) [n, seq]
     (encoders). target_layers: mean executed layers per token (sample) wanted. lora_rank > 0 also trains LoRA on a
-    copy of the decoder (depthprune.lora), merged into the result's model (saved beside the routers). `model` is
-    never modified; output_dir (RunKwargs) gets routers.json + routers.safetensors (+ the merged model) + the log."""
-    routers = build_routers(model, kind, layers, target_layers=float(target_layers))  # checks the target's range
+    copy of the decoder (depthprune.lora), merged into the result's model (saved beside the routers). init "static":
+    the gates start as `scorer`'s static plan of the target depth, scored on `score_batches` (token ids [batch, seq]),
+    default the first `init_examples` examples (depthprune.skipping.init). `model` is never modified; output_dir
+    (RunKwargs) gets routers.json + routers.safetensors (+ the merged model) + the log."""
     target = float(target_layers)
     if isinstance(data, (tuple, list)):
         ids, mask = data
@@ -142,6 +161,16 @@ def train_routers(
         dataset = data.long()
     if len(dataset) == 0:
         raise RouterError("no training examples")
+    options: dict[str, Any] = {}
+    if init == "static":
+        from depthprune.skipping.init import static_init
+
+        batches = score_batches if score_batches is not None else init_batches(data, init_examples)
+        options = static_init(model, batches, target, layers=layers, scorer=scorer)
+        layers = options.pop("layers")  # the default layers and any other the plan removes
+    elif init != "uniform":
+        raise RouterError(f"unknown router init {init!r}; choose uniform or static")
+    routers = build_routers(model, kind, layers, target_layers=target, **options)  # checks the target's range
     student, peft_model = model, None
     groups: list[dict[str, Any]] = [{"params": list(routers.parameters()), "lr": lr}]
     if lora_rank:
@@ -150,7 +179,7 @@ def train_routers(
         peft_model = lora_copy(model, lora_rank)
         student = peft_model.get_base_model()
         groups.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lora_lr})
-    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature}
+    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature, "noise": noise}
 
     class _Loss(nn.Module):
         def __init__(self) -> None:
@@ -167,7 +196,8 @@ def train_routers(
 
     def make_result(run: TrainRun) -> RouterTrainResult:
         return RouterTrainResult(
-            kind=routers.config.kind, target_layers=target, layers=list(routers.layers), epochs=epochs, lr=lr,
+            kind=routers.config.kind, target_layers=target, layers=list(routers.layers), init=routers.config.init,
+            init_removed=list(routers.config.init_removed), epochs=epochs, lr=lr,
             batch_size=batch_size, compute_weight=compute_weight, temperature=temperature, lora_rank=lora_rank,
             num_examples=len(dataset), epoch_losses=run.epoch_losses, history=[h["loss"] for h in run.history],
             train_seconds=run.train_seconds, output_dir=run.output_dir, routers=routers, model=merged,
@@ -213,4 +243,4 @@ def train_routers(
     return make_result(run)
 
 
-__all__ = ["RouterTrainResult", "router_loss", "straight_through_gate", "train_routers"]
+__all__ = ["RouterTrainResult", "init_batches", "router_loss", "straight_through_gate", "train_routers"]

@@ -22,6 +22,7 @@ from depthprune.errors import RouterError
 from depthprune.registry import ROUTER_KINDS
 
 GRANULARITY = {"token_linear": "token", "sample_linear": "sample"}
+INITS = ("uniform", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,10 @@ class RouterConfig:
     fingerprint: tuple[float, float] = (0.0, 0.0)
     target_layers: float | None = None
     init_bias: float | None = None  # None: logit(share of routed layers a target keeps), else 3 (all run)
+    init: str = "uniform"  # "uniform": every gate starts at init_bias; "static": per-layer init_biases
+    init_biases: tuple[float, ...] | None = None  # one per routed layer (init "static": depthprune.skipping.init)
+    init_scorer: str | None = None  # the importance scorer behind init_biases
+    init_removed: tuple[int, ...] = ()  # the static plan init_biases reproduce: the layers it removes
 
     def __post_init__(self) -> None:
         ROUTER_KINDS.check(self.kind)
@@ -50,6 +55,16 @@ class RouterConfig:
             )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "fingerprint", tuple(float(v) for v in self.fingerprint))
+        if self.init not in INITS:
+            raise RouterError(f"unknown router init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.init_biases is not None:
+            biases = tuple(float(b) for b in self.init_biases)
+            if len(biases) != len(layers):
+                raise RouterError(f"init_biases has {len(biases)} values for {len(layers)} routed layers: one each")
+            object.__setattr__(self, "init_biases", biases)
+        elif self.init == "static":
+            raise RouterError("init 'static' needs init_biases (build them with depthprune.skipping.init.static_init)")
+        object.__setattr__(self, "init_removed", tuple(int(i) for i in self.init_removed))
         if self.target_layers is not None:
             check_target(self.target_layers, self.num_layers, len(layers))
         if self.init_bias is None:
@@ -71,7 +86,16 @@ class RouterConfig:
     def from_dict(cls, data: dict[str, Any]) -> RouterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        return cls(**{**data, "layers": tuple(data["layers"]), "fingerprint": tuple(data.get("fingerprint", (0, 0)))})
+        biases = data.get("init_biases")
+        return cls(
+            **{
+                **data,
+                "layers": tuple(data["layers"]),
+                "fingerprint": tuple(data.get("fingerprint", (0, 0))),
+                "init_biases": None if biases is None else tuple(biases),
+                "init_removed": tuple(data.get("init_removed", ())),
+            }
+        )
 
 
 def check_target(target: float, num_layers: int, routed: int) -> float:
@@ -179,8 +203,9 @@ def rms(hidden: torch.Tensor) -> torch.Tensor:
 
 class LinearGates(nn.Module):
     """One linear gate per routed layer (weight 0, bias `config.init_bias`: 3, every layer runs, or where a target is
-    given P(run) = the share of routed layers it keeps, so training starts at the target depth). The base of the
-    built-in kinds, which differ only in what they read (a token's state, a sample's mean state)."""
+    given P(run) = the share of routed layers it keeps, so training starts at the target depth; with init "static"
+    the per-layer `config.init_biases`, so the untrained routers run the static plan). The base of the built-in
+    kinds, which differ only in what they read (a token's state, a sample's mean state)."""
 
     granularity = "token"
 
@@ -190,9 +215,10 @@ class LinearGates(nn.Module):
         self.layers = config.layers
         self.num_layers = config.num_layers
         self.gates = nn.ModuleDict({str(i): nn.Linear(config.hidden_size, 1) for i in config.layers})
-        for gate in self.gates.values():
+        biases = config.init_biases or (config.init_bias,) * len(config.layers)
+        for gate, bias in zip(self.gates.values(), biases, strict=True):
             nn.init.zeros_(gate.weight)
-            nn.init.constant_(gate.bias, config.init_bias)
+            nn.init.constant_(gate.bias, bias)
 
     def features(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
