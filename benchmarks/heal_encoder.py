@@ -56,6 +56,14 @@ def fine_tune(model, tokenizer, train, args) -> float:
     return time.perf_counter() - start
 
 
+def minilm_classifier(names):
+    """The embedded MiniLM with a fresh classification head over the label `names` (in their order)."""
+    return depthprune.load_model(
+        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )  # fmt: skip
+
+
 def fine_tuned_classifier(args):
     """(splits, training subset, tokenizer, MiniLM fine-tuned on it in eval mode, seconds it took): the classifier
     sections 2 and 6.2 measure, from --data, --limit-train, --epochs, --lr, --max-length."""
@@ -64,10 +72,7 @@ def fine_tuned_classifier(args):
     train = split(parts.train, args.limit_train, 0, seed=0).train
     names = data.label_names
     tokenizer = depthprune.load_tokenizer("minilm")
-    model = depthprune.load_model(
-        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-    )  # fmt: skip
+    model = minilm_classifier(names)
     torch.manual_seed(0)
     seconds = fine_tune(model, tokenizer, train, args)
     return parts, train, tokenizer, model.eval(), seconds

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from heal_encoder import accuracy
+from heal_encoder import accuracy, minilm_classifier
 
 import depthprune
 from depthprune.bench.generation import interleaved_seconds, speed_ratios
@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         parts.calibration, parts.test = parts.calibration.subset(range(n)), parts.test.subset(range(n))
     names = data.label_names
     tok = depthprune.load_tokenizer("minilm")
-    model = depthprune.load_model(
-        "minilm", task="seq-cls", num_labels=len(names), id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-    )  # fmt: skip
+    model = minilm_classifier(names)
     heads = ExitHeads.for_model(model)
     t0 = time.perf_counter()
     torch.manual_seed(0)
