@@ -77,3 +77,67 @@ def test_a_registered_kv_strategy_drives_the_decoding_loop():
         assert "unknown kv strategy 'counting'" in str(err) and "propagate" in str(err)
     else:
         raise AssertionError("an unregistered strategy was accepted")
+
+
+def _propagated_entries(model, layer_kv_alone: bool):
+    """The keys/values `propagate` writes at position 6 for rows [2, 0] of a batch of 3 (padded), layer by layer, with
+    the stack's kv_layout fast path on or off (off: the layer's own forward up to its cache write)."""
+    import dataclasses
+
+    from depthprune.kv import propagate
+    from depthprune.runner import capture_stack
+
+    torch.manual_seed(0)
+    ids, mask = input_ids(batch=3, seq=7, pad_first_row=2)
+    positions = positions_from_mask(mask)
+    layers = len(model.model.layers)
+    with torch.no_grad():
+        cache = decoder_cache(model, layers)
+        model(**step_inputs(model, ids[:, :6], mask[:, :6], positions[:, :6], cache))
+        inputs = step_inputs(model, ids[:, 6:], mask, positions[:, 6:], cache)
+        hidden, call = capture_stack(model, inputs)
+        if not layer_kv_alone:
+            call = dataclasses.replace(call, kv_layout=None)
+        rows = torch.tensor([2, 0])
+        states = torch.randn(2, 1, hidden.shape[-1]) * 3
+        queries = []  # query projections run while propagating
+        hooks = [
+            m.self_attn.q_proj.register_forward_hook(lambda *_: queries.append(1))
+            for m in model.model.layers
+            if hasattr(m.self_attn, "q_proj")
+        ]
+        for layer in range(layers):
+            propagate(call, layer, cache, rows, states, 6)
+        for h in hooks:
+            h.remove()
+    return len(queries), [(cache.layers[i].keys[:, :, 6].clone(), cache.layers[i].values[:, :, 6].clone())
+                            for i in range(layers)]  # fmt: skip
+
+
+def test_keys_values_alone_equal_the_layer_forward_bit_for_bit():
+    """The "rotary" kv_layout (Llama, Qwen2 with sliding layers, Gemma 3 with its key norm and per-type rotary)
+    computes a skipped token's cache entry without the query projection: exactly (torch.equal) what the layer's own
+    forward writes; Phi3 (fused q/k/v) and GPT-2 keep the forward."""
+    import pytest
+    from tiny_models import build
+
+    from depthprune.adapters.registry import get_adapter
+
+    for name in ("llama", "qwen2", "gemma3_text"):
+        model = build(name)
+        queries, fast = _propagated_entries(model, True)
+        assert queries == 0, name  # the fast path ran
+        queries, slow = _propagated_entries(model, False)
+        assert queries == len(model.model.layers), name
+        for (k1, v1), (k2, v2) in zip(fast, slow, strict=True):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+        assert not torch.equal(fast[0][0][0], fast[0][0][1])  # rows 0 and 2 got their own entries
+    assert torch.equal(*[e[0][0] for e in (_propagated_entries(build_gemma3_sliding(), f)[1] for f in (True, False))])
+    for name in ("phi3", "gpt2"):
+        spec = get_adapter(build(name)).present_stacks(build(name))[-1]
+        assert spec.kv_layout is None, name
+    with pytest.raises(ValueError, match="unknown kv_layout"):
+        from depthprune.kv import _kv_alone
+        from depthprune.runner import StackCall
+
+        _kv_alone(StackCall([], [], 1, kv_layout="fused"), 0)

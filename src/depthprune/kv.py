@@ -298,9 +298,47 @@ def propagate_block(stack: StackCall, layer_idx: int, cache: DynamicCache, hidde
     _store_only(stack, layer_idx, hidden, None, AppendAndStop(cache))
 
 
+KV_LAYOUTS = ("rotary",)
+
+
+def rotary_keys_values(layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A "rotary"-layout layer's keys and values of `hidden` [n, seq, hidden_size] ([n, kv_heads, seq, head_dim]
+    each), computed as its forward computes them (input norm, k/v projections, the optional per-head key norm, rotary
+    embedding of the keys) without the query projection, attention, output projection and MLP that a skipped token's
+    cache entry does not need. `kwargs`: the layer's call arguments (their `position_embeddings` (cos, sin))."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(x).view(shape).transpose(1, 2)
+    values = attn.v_proj(x).view(shape).transpose(1, 2)
+    if getattr(attn, "k_norm", None) is not None:
+        keys = attn.k_norm(keys)
+    cos, sin = kwargs["position_embeddings"]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)  # transformers' rotate_half
+    return (keys * cos) + (rotated * sin), values
+
+
+def _kv_alone(stack: StackCall, layer_idx: int) -> bool:
+    """The stack's layout lets layer `layer_idx`'s keys/values be computed alone, with the arguments this call has."""
+    if stack.kv_layout is None:
+        return False
+    if stack.kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"unknown kv_layout {stack.kv_layout!r}; known: {', '.join(KV_LAYOUTS)}")
+    call, attn = stack.calls[layer_idx], getattr(stack.layers[layer_idx], "self_attn", None)
+    return not call.args and "position_embeddings" in call.kwargs and hasattr(attn, "layer_idx")
+
+
 def _store_only(stack: StackCall, layer_idx: int, hidden: torch.Tensor, rows: torch.Tensor | None, view: Any) -> None:
     try:
-        stack.run(hidden, layer_idx, layer_idx + 1, rows=rows, cache=view)
+        if _kv_alone(stack, layer_idx):
+            layer = stack.layers[layer_idx]
+            call = stack.calls[layer_idx] if rows is None else stack.calls[layer_idx].select(rows)
+            keys, values = rotary_keys_values(layer, hidden, call.kwargs)
+            view.update(keys, values, layer.self_attn.layer_idx)
+        else:
+            stack.run(hidden, layer_idx, layer_idx + 1, rows=rows, cache=view)
     except KVStored:
         return
     raise RuntimeError(

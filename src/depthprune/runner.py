@@ -117,6 +117,7 @@ class StackCall:
     layers: list[nn.Module]
     calls: list[LayerCall]
     batch_size: int
+    kv_layout: str | None = None  # the stack's StackSpec.kv_layout (how depthprune.kv computes keys/values alone)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -128,7 +129,7 @@ class StackCall:
             if id(call) not in done:
                 done[id(call)] = fn(call)
             calls.append(done[id(call)])
-        return StackCall(self.layers, calls, batch_size)
+        return StackCall(self.layers, calls, batch_size, self.kv_layout)
 
     def select(self, rows: torch.Tensor | None) -> StackCall:
         """The stack's calls for a subset of the batch rows (LongTensor of distinct indices, in the order of the hidden
@@ -250,7 +251,7 @@ def capture_stack(
                 f"{type(model).__name__} gives {spec.name} layers {p} and {i} different arguments although its config "
                 "gives them the same layer type; depthprune cannot tell which arguments every layer gets"
             )
-    return hidden, StackCall(list(sequence), [calls[p] for p in first_of], hidden.shape[0])
+    return hidden, StackCall(list(sequence), [calls[p] for p in first_of], hidden.shape[0], spec.kv_layout)
 
 
 def _same_arguments(a: tuple[torch.Tensor, tuple, dict], b: tuple[torch.Tensor, tuple, dict]) -> bool:

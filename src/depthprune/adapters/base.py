@@ -48,6 +48,10 @@ class StackSpec:
         (OPT's `decoder.project_out` where `word_embed_proj_dim` differs from the hidden size; None at run time when
         the model has none).
     module_depth_attrs: dotted paths of plain int attributes on modules holding the depth (e.g. DistilBERT's n_layers).
+    kv_layout: how a layer's keys/values can be computed without the rest of the layer (`depthprune.kv.KV_LAYOUTS`:
+        "rotary" for layers with input_layernorm + self_attn.k_proj / v_proj (+ k_norm) + rotary position embeddings,
+        as Llama and Gemma 3 build them), so a skipped token's cache entry costs no query projection; None: the
+        layer's own forward runs up to its cache write.
     """
 
     name: str
@@ -58,6 +62,7 @@ class StackSpec:
     final_proj: str | None = None
     output_proj: str | None = None
     module_depth_attrs: tuple[str, ...] = ()
+    kv_layout: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

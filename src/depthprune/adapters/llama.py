@@ -1,4 +1,7 @@
-"""Llama-style decoders: Llama (SmolLM2), Mistral, Qwen2, Phi3 share one layout."""
+"""Llama-style decoders: Llama (SmolLM2), Mistral, Qwen2, Phi3 share one layout (Phi3 fuses q/k/v into one
+projection, so its keys/values cannot be computed without its queries: no kv_layout)."""
+
+import dataclasses
 
 from depthprune.adapters.base import Adapter, ConfigField, StackSpec
 
@@ -9,13 +12,20 @@ DECODER = StackSpec(
     depth_fields=(ConfigField("num_hidden_layers"), ConfigField("layer_types", per_layer=True)),
     final_norm="norm",
     output_proj="mlp.down_proj",
+    kv_layout="rotary",
 )
 
 ADAPTERS = [
     Adapter(
         family="llama",
-        model_types=("llama", "mistral", "qwen2", "phi3"),
+        model_types=("llama", "mistral", "qwen2"),
         stacks=(DECODER,),
         heads=("lm_head", "score", "qa_outputs"),
-    )
+    ),
+    Adapter(
+        family="phi3",
+        model_types=("phi3",),
+        stacks=(dataclasses.replace(DECODER, kv_layout=None),),
+        heads=("lm_head", "score", "qa_outputs"),
+    ),
 ]
