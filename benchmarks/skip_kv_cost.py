@@ -1,8 +1,12 @@
 """Where the routers' extra decode cost goes (issue 12): skip_generate with kv=propagate and kv=recompute, the same
-loop with every layer (threshold 0) and plain generate, interleaved (median of 3 rounds after a warm-up), batch 1 and
-8; then cProfile shares of one batch-1 propagate run (propagate, the routers' run_mask, the head).
+loop with every layer (threshold 0) and plain generate, interleaved (median of 5 rounds after a warm-up), batch 1 and
+8, each with 32 new tokens and with 1 (decode time = the difference, free of the shared deep prefill); then cProfile
+shares of one batch-1 propagate run (propagate, the routers' run_mask, the head). The propagate row runs twice: with
+the stack's kv_layout (keys/values alone, no query projection) and with the layer's own forward up to its cache write
+("propagate_forward", the path before kv_layout existed).
 
     python benchmarks/skip_kv_cost.py ROUTERS_DIR OUT.json   # ROUTERS_DIR: a skip_bench --routers-dir target folder
+    python benchmarks/skip_kv_cost.py --static-init 22 OUT.json   # untrained routers that run block_influence's plan
 """
 
 from __future__ import annotations
@@ -18,48 +22,90 @@ from pathlib import Path
 
 import torch
 
-from depthprune.data import heldout_text
+import depthprune.kv
+from depthprune.data import calibration_text, heldout_text, token_blocks
 from depthprune.io import load_model, load_tokenizer
 from depthprune.skipping.inference import skip_generate
+from depthprune.skipping.init import static_init
 from depthprune.skipping.io import load_routers
+from depthprune.skipping.routers import build_routers
 
 NEW = 32
+ROUNDS = 5
 
 
-def main(folder: Path, out_path: Path) -> None:
+def _forward_kv(fn):
+    """`fn` with depthprune.kv's keys/values-alone path off (every propagation runs the layer's forward)."""
+
+    def run():
+        saved = depthprune.kv._kv_alone
+        depthprune.kv._kv_alone = lambda *_: False
+        try:
+            return fn()
+        finally:
+            depthprune.kv._kv_alone = saved
+
+    return run
+
+
+def main(source: str, out_path: Path) -> None:
     torch.set_num_threads(1)
     model = load_model("smollm2", task="causal-lm").eval()
-    ids = load_tokenizer("smollm2")(heldout_text(None), return_tensors="pt").input_ids[:, : 64 * 8].reshape(8, 64)
-    routers = load_routers(folder, model)
-    thr = json.loads((folder / "threshold.json").read_text())["threshold"]
-    skip = partial(skip_generate, model, routers, max_new_tokens=NEW, eos_token_id=[])
-    out: dict = {}
+    tok = load_tokenizer("smollm2")
+    ids = tok(heldout_text(None), return_tensors="pt").input_ids[:, : 64 * 8].reshape(8, 64)
+    if source.startswith("static:"):  # block_influence's plan on 16 calibration blocks of 128, as skip_bench scores
+        target = float(source.split(":", 1)[1])
+        batches = list(token_blocks(tok, calibration_text(None), 128, 16).split(4))
+        routers, thr = build_routers(model, target_layers=target, **static_init(model, batches, target)), 0.5
+        print("static plan removes", routers.config.init_removed, flush=True)
+    else:
+        folder = Path(source)
+        routers = load_routers(folder, model)
+        thr = json.loads((folder / "threshold.json").read_text())["threshold"]
+    out: dict = {"static_removed": list(getattr(routers.config, "init_removed", ()))}
     for b in (1, 8):
         x = ids[:b]
-        runs = {
-            "generate": partial(
-                model.generate, x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW,
-                do_sample=False,
-            ),
-            "loop_all_layers": partial(skip, x, threshold=0.0),
-            "propagate": partial(skip, x, threshold=thr),
-            "recompute": partial(skip, x, threshold=thr, kv="recompute"),
-        }  # fmt: skip
-        for f in runs.values():
+
+        def runs(new: int, x: torch.Tensor = x) -> dict:
+            skip = partial(skip_generate, model, routers, x, max_new_tokens=new, eos_token_id=[])
+            return {
+                "generate": partial(
+                    model.generate, x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False,
+                ),
+                "loop_all_layers": partial(skip, threshold=0.0),
+                "propagate": partial(skip, threshold=thr),
+                "propagate_forward": _forward_kv(partial(skip, threshold=thr)),
+                "recompute": partial(skip, threshold=thr, kv="recompute"),
+            }  # fmt: skip
+
+        # each entry with NEW tokens and with 1 (the prompt's pass alone, the same deep prefill for every entry):
+        # decode seconds = the difference, so the per-token decode speedup is not diluted by the prefill
+        timed = {**runs(NEW), **{f"{k}@prefill": f for k, f in runs(1).items()}}
+        for f in timed.values():
             f()
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(3):
-            for k, f in runs.items():
+        times: dict[str, list[float]] = {k: [] for k in timed}
+        for _ in range(ROUNDS):
+            for k, f in timed.items():
                 start = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
+        total = {k: v for k, v in med.items() if "@" not in k}
+        decode = {k: med[k] - med[f"{k}@prefill"] for k in total}
+        mean_layers = skip_generate(model, routers, x, max_new_tokens=NEW, eos_token_id=[], threshold=thr)
+        layers = mean_layers.mean_layers(skip_first=True)
         out[b] = {
-            "seconds": med,
-            "speedup_vs_generate": {k: med["generate"] / v for k, v in med.items()},
-            "mean_layers": skip(x, threshold=thr).mean_layers(skip_first=True),
+            "seconds": total,
+            "decode_seconds": decode,
+            "speedup_vs_generate": {k: total["generate"] / v for k, v in total.items()},
+            "decode_speedup_vs_generate": {k: decode["generate"] / v for k, v in decode.items()},
+            "mean_layers": layers,
+            "layer_ratio": 30 / layers,
+            "decode_speedup_over_layer_ratio": {k: decode["generate"] / v / (30 / layers) for k, v in decode.items()},
         }
         print(b, json.dumps(out[b]), flush=True)
+    skip = partial(skip_generate, model, routers, max_new_tokens=NEW, eos_token_id=[])
     prof = cProfile.Profile()
     prof.enable()
     skip(ids[:1], threshold=thr)
@@ -72,4 +118,7 @@ def main(folder: Path, out_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--static-init":
+        main(f"static:{sys.argv[2]}", Path(sys.argv[3]))
+    else:
+        main(sys.argv[1], Path(sys.argv[2]))
