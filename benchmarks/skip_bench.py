@@ -75,6 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
         default="static",
         help="router init (static: block_influence's plan of each target, scored as static pruning's)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="also train LoRA of this rank with the routers (merged, saved beside them); adds a static row healed by "
+        "--static-heal on the same blocks, epochs, rank and lr (default 0: frozen backbone)",
+    )
+    p.add_argument("--lora-lr", type=float, default=2e-4)
+    p.add_argument("--static-heal", default="fold+distill", help="the healing of the static row beside LoRA routers")
     p.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of 128 tokens (default 8)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts for greedy agreement (default 8)")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -127,10 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
         if not quality:
             static[target] = apply_plan(model, plan)
             threshold = json.loads((saved / "threshold.json").read_text())["threshold"]
-            routed[target] = (load_routers(saved, model), threshold, None)
+            adapted = (depthprune.load_model(str(saved)).eval() if (saved / "config.json").is_file()
+                       else model)  # fmt: skip
+            routed[target] = (load_routers(saved, adapted), threshold, None, adapted)
             continue
-        for method in () if args.routers_only else ("unhealed", "fold"):
-            pruned = apply_plan(model, plan) if method == "unhealed" else heal(model, plan, fold_batches, "fold")
+        methods = () if args.routers_only else ("unhealed", "fold")
+        if args.lora_rank:  # the static plan healed with the same training the routers' LoRA gets
+            methods += (args.static_heal,)
+        for method in methods:
+            pruned = static_row_model(model, plan, method, fold_batches, train_blocks, args)
             tf = teacher_forced(pruned, model, held)
             conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
             row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
@@ -160,24 +174,30 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            compute_weight=args.compute_weight, noise=args.noise, progress=False, **init,
+            compute_weight=args.compute_weight, noise=args.noise, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+            progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        threshold = threshold_for_depth(model, res.routers, depth_blocks, target, steps=8)
-        tf = routed_perplexity(model, res.routers, held, threshold, batch_size=4)
-        conts, gen_depth = routed_continuations(model, res.routers, prompts, threshold, args.new_tokens,
+        adapted = res.model if res.model is not None else model  # LoRA: the merged copy runs under the routers
+        threshold = threshold_for_depth(adapted, res.routers, depth_blocks, target, steps=8)
+        tf = routed_perplexity(adapted, res.routers, held, threshold, batch_size=4, reference=model)
+        conts, gen_depth = routed_continuations(adapted, res.routers, prompts, threshold, args.new_tokens,
                                                 eos_token_id=eos)  # fmt: skip
+        lora = f" + LoRA r{args.lora_rank}" if args.lora_rank else ""
         row = {
-            "method": f"routers, {args.init} init", "target": target, "layers": tf["mean_layers"], "ppl": tf["ppl"],
+            "method": f"routers, {args.init} init{lora}", "target": target, "layers": tf["mean_layers"],
+            "ppl": tf["ppl"],
             "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
             "threshold": threshold, "train_seconds": seconds, "train_steps": len(res.history),
             "train_tokens": int(train_blocks.numel()) * args.epochs, "train_log": res.epoch_losses,
         }  # fmt: skip
         result["rows"].append(row)
-        routed[target] = (res.routers, threshold, gen_depth)
+        routed[target] = (res.routers, threshold, gen_depth, adapted)
         print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
         dump(args.json, result)
         if args.routers_dir:
+            if res.model is not None:  # the merged model beside the routers, as `depthprune train-router` saves it
+                res.model.save_pretrained(saved)
             save_routers(res.routers, saved, overwrite=True)
             write_atomic(saved / "threshold.json", json.dumps({"threshold": threshold, "row": row}, default=float))
     if args.phase == "quality":
@@ -194,15 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
         runs["loop, every layer"] = lambda ids=ids, r=some: new_tokens(
             skip_generate(model, r, ids, threshold=0.0, max_new_tokens=args.new_tokens, eos_token_id=eos)
             .sequences[:, ids.shape[1]:], eos)  # fmt: skip
-        for target, (r, t, _) in routed.items():
-            runs[f"routers {target:g}"] = lambda ids=ids, r=r, t=t: new_tokens(
-                skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
+        for target, (r, t, _, m) in routed.items():
+            runs[f"routers {target:g}"] = lambda ids=ids, r=r, t=t, m=m: new_tokens(
+                skip_generate(m, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
                 .sequences[:, ids.shape[1]:], eos)  # fmt: skip
             runs[f"static {target:g}"] = lambda ids=ids, mask=mask, m=static[target]: new_tokens(
                 plain_greedy(m, ids, mask, args.new_tokens, eos, pad)[:, ids.shape[1]:], eos)  # fmt: skip
         timing = compare_tokens_per_s(runs, "generate", repeats=args.repeats, warmup=1)
-        for target, (r, t, _) in routed.items():
-            out = skip_generate(model, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
+        for target, (r, t, _, m) in routed.items():
+            out = skip_generate(m, r, ids, threshold=t, max_new_tokens=args.new_tokens, eos_token_id=eos)
             depth = out.mean_layers()  # every new token, the first (full prefill) included, as the timing counts
             entry = timing[f"routers {target:g}"]
             entry.update(mean_layers=depth, layer_ratio=n_layers / depth, vs_ratio=entry["ratio"] * depth / n_layers)
@@ -216,6 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = time.perf_counter() - began
     dump(args.json, result)
     return result
+
+
+def static_row_model(model, plan, method: str, fold_batches, train_blocks, args) -> torch.nn.Module:
+    """The static plan's model for a row: "unhealed", "fold", "distill" or "fold+distill". Distillation gets the
+    routers' LoRA budget: the same training blocks, epochs, batch size, rank and lr; the fold its own calibration
+    blocks, as in the fold row."""
+    if method == "unhealed":
+        return apply_plan(model, plan)
+    if method not in ("fold", "distill", "fold+distill"):
+        raise SystemExit(f"--static-heal {method!r}: choose distill or fold+distill")
+    folded = heal(model, plan, fold_batches, "fold") if method.startswith("fold") else None
+    if method == "fold":
+        return folded
+    options = {"lora_rank": args.lora_rank, "lr": args.lora_lr, "epochs": args.epochs, "batch_size": args.batch_size}
+    return heal(model, plan, list(train_blocks.split(args.batch_size)), "distill", start=folded, **options)
 
 
 def dump(path: str | None, result: dict) -> None:

@@ -15,7 +15,7 @@ from depthprune.skipping.calibrate import (
     check_classifier,
     check_generation,
 )
-from depthprune.skipping.dense import routed_pass
+from depthprune.skipping.dense import routed_pass, routed_perplexity
 from depthprune.skipping.inference import RoutedClassifier, skip_generate
 from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.routers import build_routers
@@ -219,6 +219,31 @@ def test_training_moves_the_depth_to_the_target(tmp_path):
     back = load_routers(tmp_path / "o", model)
     assert back.config.target_layers == 3.0
     assert (tmp_path / "o" / "router_train_log.json").is_file()
+
+
+def test_lora_training_adapts_a_copy_and_saves_it_beside_the_routers(tmp_path):
+    """lora_rank > 0: the routers train with LoRA on a copy, merged into res.model (a plain model of the same class,
+    saved beside the routers); the given model is untouched; routed_perplexity's agreement is against `reference`."""
+    model = build("llama")
+    before = [p.clone() for p in model.parameters()]
+    data = torch.randint(3, 99, (16, 8), generator=torch.Generator().manual_seed(0))
+    res = train_routers(model, data, target_layers=3.0, epochs=2, lr=0.05, batch_size=8, lora_rank=2, lora_lr=0.3,
+                        progress=False, output_dir=tmp_path / "o")  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert type(res.model) is type(model) and res.lora_rank == 2
+    changed = [n for (n, a), b in zip(res.model.named_parameters(), model.parameters(), strict=True)
+               if not torch.equal(a, b)]  # fmt: skip
+    assert changed and all("proj" in n for n in changed)  # LoRA merged into the projections, nothing else moved
+    back = type(model).from_pretrained(tmp_path / "o")
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), res.model.parameters(), strict=True))
+    blocks = data[:4]
+    own = routed_perplexity(res.model, res.routers, blocks, 0.0)  # threshold 0: every layer runs
+    vs_original = routed_perplexity(res.model, res.routers, blocks, 0.0, reference=model)
+    assert own["agreement"] == 1.0 and own["ppl"] == vs_original["ppl"]
+    with torch.no_grad():
+        want = (res.model(input_ids=blocks).logits.argmax(-1) == model(input_ids=blocks).logits.argmax(-1)).float()
+    assert vs_original["agreement"] == pytest.approx(float(want.mean()))
+    assert vs_original["agreement"] < 1.0  # the copy's greedy tokens moved: the reference matters
 
 
 def test_calibration_certifies_and_checks():

@@ -94,16 +94,24 @@ def routed_pass(
 
 @torch.no_grad()
 def routed_perplexity(
-    model: nn.Module, routers: nn.Module, blocks: torch.Tensor, threshold: float, *, batch_size: int = 8
+    model: nn.Module,
+    routers: nn.Module,
+    blocks: torch.Tensor,
+    threshold: float,
+    *,
+    batch_size: int = 8,
+    reference: nn.Module | None = None,
 ) -> dict[str, float]:
     """Teacher-forced perplexity of token blocks [n, seq] under the routers at `threshold`, the mean executed layers
-    per token, and the share of positions whose greedy next token equals the untouched model's."""
+    per token, and the share of positions whose greedy next token equals the untouched model's: `reference`, default
+    `model` with every layer (give the original when `model` is a LoRA-adapted copy trained with the routers)."""
     device = next(model.parameters()).device
+    reference = model if reference is None else reference
     nll, count, layers, agree = 0.0, 0, 0.0, 0
     for ids in blocks.split(batch_size):
         ids = ids.to(device)
         out = routed_pass(model, routers, ids, threshold=threshold)
-        full = model(input_ids=ids, use_cache=False).logits
+        full = reference(input_ids=ids, use_cache=False).logits
         logits = out.logits[:, :-1].float()
         nll += float(nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         count += ids[:, 1:].numel()
