@@ -155,8 +155,10 @@ def skip_generate(
             inputs = decoding.step_inputs(model, token[:, None], mask, next_pos[:, None], cache)
             hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, 1, hidden], every layer's call
             rows = active.nonzero().flatten()
-            h = hidden.index_select(0, rows)  # [n, 1, hidden]: the active rows' states
+            every_row = rows.numel() == batch
+            h = hidden if every_row else hidden.index_select(0, rows)  # [n, 1, hidden]: the active rows' states
             ran = torch.zeros(batch, dtype=torch.long, device=device)
+            whole = None  # the step's calls over every row with the row view of every row, built once
             for layer in range(num_layers):
                 go = routers.run_mask(layer, h, None, threshold)
                 go = None if go is None else go.reshape(-1).to(torch.bool)
@@ -173,6 +175,12 @@ def skip_generate(
                     continue
                 if holes is not None:
                     holes.fill(layer, run)
+                if sel is None and every_row:  # the common case: no row slicing, no per-layer view
+                    if whole is None:
+                        whole = call.with_cache(RowView(cache, None, position, batch))
+                    h = whole.calls[layer].run(whole.layers[layer], h)
+                    ran += 1
+                    continue
                 view = RowView(cache, None if run.numel() == batch else run, position, batch)
                 if sel is None:
                     h = call.run(h, layer, layer + 1, rows=run, cache=view)
