@@ -1,7 +1,10 @@
 """Where the routers' extra decode cost goes (issue 12): skip_generate with kv=propagate and kv=recompute, the same
 loop with every layer (threshold 0) and plain generate, interleaved (median of 5 rounds after a warm-up), batch 1 and
 8, each with 32 new tokens and with 1 (decode time = the difference, free of the shared deep prefill); then cProfile
-shares of one batch-1 propagate run (propagate, the routers' run_mask, the head). The propagate row runs twice: with
+shares of one batch-1 propagate run (propagate, the routers' run_mask, the head). At each batch size the cost of one
+layer's projections on 1..batch rows is timed too, and the routed steps' layer calls (SkipOutput.layer_rows) are priced
+by it: the cost-weighted layer ratio, the speedup the routers' decisions allow on this hardware, where a layer run for
+5 of 8 rows need not cost 5/8 of one run for all 8. The propagate row runs twice: with
 the stack's kv_layout (keys/values alone, no query projection) and with the layer's own forward up to its cache write
 ("propagate_forward", the path before kv_layout existed).
 
@@ -46,6 +49,42 @@ def _forward_kv(fn):
             depthprune.kv._kv_alone = saved
 
     return run
+
+
+def row_costs(model, batch: int, repeats: int = 200) -> dict[int, float]:
+    """Seconds of one decoder layer's projections (attention q/k/v/o and the MLP, most of a decode step's time) on
+    n = 1..batch rows of one token: the cost curve that decides what skipping a layer for some rows saves."""
+    layer = model.model.layers[len(model.model.layers) // 2]
+    attn = layer.self_attn
+    costs = {}
+    with torch.no_grad():
+        for n in range(1, batch + 1):
+            x = torch.randn(n, 1, model.config.hidden_size)
+            o = torch.randn(n, 1, attn.o_proj.in_features)
+
+            def step(x=x, o=o):
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj(x)
+                attn.o_proj(o)
+                layer.mlp(x)
+
+            for _ in range(10):
+                step()
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(repeats // 5):
+                    step()
+                runs.append((time.perf_counter() - start) / (repeats // 5))
+            costs[n] = statistics.median(runs)
+    return costs
+
+
+def cost_weighted_ratio(layer_rows: list[list[int]], costs: dict[int, float], batch: int) -> float:
+    """Every layer for every row over what the routed steps cost, each layer call priced by how many rows ran it."""
+    full = len(layer_rows) * len(layer_rows[0]) * costs[batch]
+    routed = sum(costs[n] for counts in layer_rows for n in counts if n)
+    return full / routed
 
 
 def main(source: str, out_path: Path) -> None:
@@ -95,7 +134,12 @@ def main(source: str, out_path: Path) -> None:
         decode = {k: med[k] - med[f"{k}@prefill"] for k in total}
         mean_layers = skip_generate(model, routers, x, max_new_tokens=NEW, eos_token_id=[], threshold=thr)
         layers = mean_layers.mean_layers(skip_first=True)
+        costs = row_costs(model, b)
+        calls = [n for counts in mean_layers.layer_rows for n in counts]
         out[b] = {
+            "row_costs_ms": {n: c * 1e3 for n, c in costs.items()},
+            "layer_calls_by_rows": {n: calls.count(n) for n in range(b + 1)},
+            "cost_weighted_ratio": cost_weighted_ratio(mean_layers.layer_rows, costs, b),
             "seconds": total,
             "decode_seconds": decode,
             "speedup_vs_generate": {k: total["generate"] / v for k, v in total.items()},
@@ -103,6 +147,10 @@ def main(source: str, out_path: Path) -> None:
             "mean_layers": layers,
             "layer_ratio": 30 / layers,
             "decode_speedup_over_layer_ratio": {k: decode["generate"] / v / (30 / layers) for k, v in decode.items()},
+            "decode_speedup_over_cost_weighted_ratio": {
+                k: decode["generate"] / v / cost_weighted_ratio(mean_layers.layer_rows, costs, b)
+                for k, v in decode.items()
+            },
         }
         print(b, json.dumps(out[b]), flush=True)
     skip = partial(skip_generate, model, routers, max_new_tokens=NEW, eos_token_id=[])

@@ -149,6 +149,11 @@ def test_batched_equals_per_row_and_dense(name):
             model, routers, ids[r : r + 1, mask[r].bool()], threshold=0.5, max_new_tokens=6, eos_token_id=()
         )
         assert torch.equal(out.sequences[r, -6:], alone.sequences[0, -6:])
+    # layer_rows counts, per decode step and layer, the rows that computed it: summed over layers, the executed
+    # layers of that step's tokens (the token written after step s is executed[:, s + 1])
+    assert len(out.layer_rows) == 5 and all(len(c) == 4 for c in out.layer_rows)
+    assert [sum(c) for c in out.layer_rows] == out.executed[:, 1:].sum(0).tolist()
+    assert any(0 < n < 4 for c in out.layer_rows for n in c)  # some layers ran for part of the batch
     # the teacher-forced routed pass (prompt routed too) is what real skipping computes with a routed prefill
     row = out.sequences[1:2]
     dense = routed_pass(model, routers, row, threshold=0.5)

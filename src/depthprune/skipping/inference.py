@@ -36,12 +36,15 @@ PREFILLS = ("full", "routed")
 class SkipOutput:
     """sequences [batch, prompt + new] (as model.generate returns them); executed [batch, new]: layers each new token
     ran (the first new token comes from the prompt's full pass: num_layers; 0 marks padding after end of sequence);
-    step_times: seconds per new token when timing=True."""
+    step_times: seconds per new token when timing=True; layer_rows[s][l]: how many rows computed layer l in decode
+    step s (the steps after the first new token; the batch's unfinished rows when none skipped). On hardware whose
+    layer cost is flat in the rows it runs (weights read once per call), only the layers no row ran save time."""
 
     sequences: torch.Tensor
     executed: torch.Tensor
     num_layers: int
     step_times: list[float] | None = None
+    layer_rows: list[list[int]] = dataclasses.field(default_factory=list)
 
     def mean_layers(self, skip_first: bool = False) -> float:
         """Mean layers run per generated token (padding excluded; skip_first: without the prefill's token)."""
@@ -123,6 +126,7 @@ def skip_generate(
     active = torch.ones(batch, dtype=torch.bool, device=device)
     holes = _Holes(cache, batch) if kv == "recompute" else None
     times: list[float] = []
+    layer_rows: list[list[int]] = []
 
     with torch.no_grad():
         start = decoding.wall_time(device, sync=timing)
@@ -159,6 +163,8 @@ def skip_generate(
             h = hidden if every_row else hidden.index_select(0, rows)  # [n, 1, hidden]: the active rows' states
             ran = torch.zeros(batch, dtype=torch.long, device=device)
             whole = None  # the step's calls over every row with the row view of every row, built once
+            counts = [0] * num_layers
+            layer_rows.append(counts)
             for layer in range(num_layers):
                 go = routers.run_mask(layer, h, None, threshold)
                 go = None if go is None else go.reshape(-1).to(torch.bool)
@@ -171,7 +177,8 @@ def skip_generate(
                     run, sel = rows[go], go.nonzero().flatten()
                 else:
                     run, sel = rows, None
-                if not run.numel():
+                counts[layer] = int(run.numel())
+                if not counts[layer]:
                     continue
                 if holes is not None:
                     holes.fill(layer, run)
@@ -190,7 +197,7 @@ def skip_generate(
             token = token.clone()
             token[rows] = final_logits(h)[:, -1].argmax(-1).to(token.dtype)
             grow_cache(cache, position + 1, batch)  # rows that ran nothing (finished) keep holes here
-    return SkipOutput(sequences, executed, num_layers, times if timing else None)
+    return SkipOutput(sequences, executed, num_layers, times if timing else None, layer_rows)
 
 
 def _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, positions, cache, threshold):
