@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compute-weight", type=float, default=10.0)
     p.add_argument("--noise", type=float, default=1.0, help="scale of the gates' logistic noise in training")
     p.add_argument(
+        "--kind",
+        default=None,
+        help="router kind (default token_linear: whole layers; token_sublayer: attention and MLP apart)",
+    )
+    p.add_argument(
         "--init",
         choices=("uniform", "static"),
         default="static",
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             static.setdefault(target, pruned)
             print(json.dumps(row), flush=True)
             dump(args.json, result)
-        init = {"init": args.init, "score_batches": fold_batches}  # the static init: the same plan as above
+        init = {"init": args.init, "score_batches": fold_batches, "kind": args.kind}  # the static init: the same plan
         if (
             args.init == "static" and not args.routers_only
         ):  # untrained (0 steps): the static plan exactly, at threshold 0.5
@@ -184,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
         conts, gen_depth = routed_continuations(adapted, res.routers, prompts, threshold, args.new_tokens,
                                                 eos_token_id=eos)  # fmt: skip
         lora = f" + LoRA r{args.lora_rank}" if args.lora_rank else ""
+        kind = f" ({args.kind})" if args.kind else ""
         row = {
-            "method": f"routers, {args.init} init{lora}", "target": target, "layers": tf["mean_layers"],
+            "method": f"routers{kind}, {args.init} init{lora}", "target": target, "layers": tf["mean_layers"],
             "ppl": tf["ppl"],
             "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
             "threshold": threshold, "train_seconds": seconds, "train_steps": len(res.history),

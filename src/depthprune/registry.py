@@ -220,6 +220,11 @@ ROUTER_KINDS = Registry("router kind", plural="router kinds (layer skipping)").a
             "depthprune.skipping.routers.token_linear:TokenLinearRouters",
             "decoders: per token, one linear gate per layer on the normalized state entering it (run or skip)",
         ),
+        "token_sublayer": (
+            "depthprune.skipping.routers.token_sublayer:TokenSublayerRouters",
+            "decoders: per token, one linear gate per sub-layer (attention, MLP) of each layer, on the normalized "
+            "state entering it (Llama, Mistral, Qwen2, Gemma 3)",
+        ),
         "sample_linear": (
             "depthprune.skipping.routers.sample_linear:SampleLinearRouters",
             "encoders: per sample, one linear gate per layer on the masked mean of the state entering it",

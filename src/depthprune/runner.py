@@ -118,6 +118,7 @@ class StackCall:
     calls: list[LayerCall]
     batch_size: int
     kv_layout: str | None = None  # the stack's StackSpec.kv_layout (how depthprune.kv computes keys/values alone)
+    sublayers: str | None = None  # the stack's StackSpec.sublayers (how depthprune.sublayers splits a layer)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -129,7 +130,7 @@ class StackCall:
             if id(call) not in done:
                 done[id(call)] = fn(call)
             calls.append(done[id(call)])
-        return StackCall(self.layers, calls, batch_size, self.kv_layout)
+        return StackCall(self.layers, calls, batch_size, self.kv_layout, self.sublayers)
 
     def select(self, rows: torch.Tensor | None) -> StackCall:
         """The stack's calls for a subset of the batch rows (LongTensor of distinct indices, in the order of the hidden
@@ -164,6 +165,22 @@ class StackCall:
         for i in positions:
             hidden = stack.calls[i].run(stack.layers[i], hidden)
         return hidden
+
+    def run_part(
+        self, hidden: torch.Tensor, position: int, part: str, *, rows: torch.Tensor | None = None, cache: Any = None
+    ) -> torch.Tensor:
+        """Run one sub-layer ("attention" or "mlp", depthprune.sublayers) of the layer at `position` from `hidden`
+        [n, seq, hidden], residual included; rows and cache as in `run`."""
+        from depthprune.sublayers import check_layout, run_part
+
+        layout = check_layout(self.sublayers, f"a {type(self.layers[position]).__name__} stack")
+        stack = self.select(rows)
+        if cache is not None and part == "attention":
+            stack = stack.with_cache(cache)
+        call = stack.calls[position]
+        if call.args:
+            raise RuntimeError("a layer called with positional arguments cannot be split into sub-layers")
+        return run_part(layout, stack.layers[position], part, hidden, call.kwargs)
 
 
 _CAPTURE_LOCK = threading.RLock()
@@ -251,7 +268,8 @@ def capture_stack(
                 f"{type(model).__name__} gives {spec.name} layers {p} and {i} different arguments although its config "
                 "gives them the same layer type; depthprune cannot tell which arguments every layer gets"
             )
-    return hidden, StackCall(list(sequence), [calls[p] for p in first_of], hidden.shape[0], spec.kv_layout)
+    calls_of = [calls[p] for p in first_of]
+    return hidden, StackCall(list(sequence), calls_of, hidden.shape[0], spec.kv_layout, spec.sublayers)
 
 
 def _same_arguments(a: tuple[torch.Tensor, tuple, dict], b: tuple[torch.Tensor, tuple, dict]) -> bool:

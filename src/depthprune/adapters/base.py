@@ -52,6 +52,8 @@ class StackSpec:
         "rotary" for layers with input_layernorm + self_attn.k_proj / v_proj (+ k_norm) + rotary position embeddings,
         as Llama and Gemma 3 build them), so a skipped token's cache entry costs no query projection; None: the
         layer's own forward runs up to its cache write.
+    sublayers: how a layer splits into attention and MLP sub-layers (`depthprune.sublayers.SUBLAYER_LAYOUTS`:
+        "pre_norm" for Llama's, "sandwich" for Gemma 3's), for routers that skip either alone; None: whole layers only.
     """
 
     name: str
@@ -63,6 +65,7 @@ class StackSpec:
     output_proj: str | None = None
     module_depth_attrs: tuple[str, ...] = ()
     kv_layout: str | None = None
+    sublayers: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Llama-style decoders: Llama (SmolLM2), Mistral, Qwen2, Phi3 share one layout (Phi3 fuses q/k/v into one
-projection, so its keys/values cannot be computed without its queries: no kv_layout)."""
+projection, so its keys/values cannot be computed without its queries: no kv_layout; its sub-layers carry their own
+dropouts and are not split)."""
 
 import dataclasses
 
@@ -13,6 +14,7 @@ DECODER = StackSpec(
     final_norm="norm",
     output_proj="mlp.down_proj",
     kv_layout="rotary",
+    sublayers="pre_norm",
 )
 
 ADAPTERS = [
@@ -25,7 +27,7 @@ ADAPTERS = [
     Adapter(
         family="phi3",
         model_types=("phi3",),
-        stacks=(dataclasses.replace(DECODER, kv_layout=None),),
+        stacks=(dataclasses.replace(DECODER, kv_layout=None, sublayers=None),),
         heads=("lm_head", "score", "qa_outputs"),
     ),
 ]

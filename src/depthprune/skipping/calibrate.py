@@ -96,7 +96,7 @@ def routed_continuations(
             eos_token_id=tuple(eos), pad_token_id=pad,
         )  # fmt: skip
         ex = out.executed[:, 1:]
-        layers, count = layers + int(ex[ex > 0].sum()), count + int((ex > 0).sum())
+        layers, count = layers + float(ex[ex > 0].sum()), count + int((ex > 0).sum())
         for row, done in zip(out.sequences[:, ids.shape[1] :].tolist(), out.executed.tolist(), strict=True):
             tokens.append([t for t, e in zip(row, done, strict=True) if e > 0])
     return tokens, layers / count if count else float(routers.num_layers)

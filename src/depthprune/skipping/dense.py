@@ -20,21 +20,32 @@ from torch import nn
 from depthprune.adapters.registry import get_adapter
 from depthprune.runner import capture_stack
 from depthprune.skipping.routers import check_threshold
+from depthprune.sublayers import part_shares
 
-Gate = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, router logits) -> gate in [0, 1], same shape
+Gate = Callable[[Any, torch.Tensor], torch.Tensor]  # (layer or (layer, part), router logits) -> gate in [0, 1]
 
 
 @dataclasses.dataclass
 class RoutedPass:
     """logits: the model's own head on the routed final states ([batch, seq, vocab] for decoders, [batch, labels]
-    for encoders); probs / gates: per routed layer, P(runs) and the gate used ([batch, seq] or [batch]); executed:
-    layers run per token ([batch, seq]) or per sample ([batch]), as floats (gates may be soft)."""
+    for encoders); probs / gates: per routed layer (per (layer, part) for sub-layer routers), P(runs) and the gate
+    used ([batch, seq] or [batch]); executed: layers run per token ([batch, seq]) or per sample ([batch]), as floats
+    (gates may be soft; a sub-layer counts as its share of the layer)."""
 
     logits: torch.Tensor
-    probs: dict[int, torch.Tensor]
-    gates: dict[int, torch.Tensor]
+    probs: dict[Any, torch.Tensor]
+    gates: dict[Any, torch.Tensor]
     executed: torch.Tensor
     num_layers: int
+    shares: dict[Any, float] = dataclasses.field(default_factory=dict)  # sub-layer routers: each part's share
+
+    def expected_layers(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean expected executed layers (the gates' probabilities, differentiable), over tokens or samples weighted
+        by `weights` (e.g. the padding mask; default all): the unrouted layers plus each routed unit's P(runs) times
+        its share of a layer (1 for whole layers)."""
+        w = torch.ones_like(self.executed) if weights is None else weights.to(self.executed.dtype)
+        fixed = self.num_layers - sum(self.shares.get(k, 1.0) for k in self.probs)
+        return fixed + sum(self.shares.get(k, 1.0) * (p * w).sum() / w.sum() for k, p in self.probs.items())
 
 
 def routed_pass(
@@ -52,7 +63,7 @@ def routed_pass(
     if gate is None:
         t = check_threshold(0.5 if threshold is None else threshold)
 
-        def gate(layer: int, logits: torch.Tensor) -> torch.Tensor:
+        def gate(layer: Any, logits: torch.Tensor) -> torch.Tensor:
             return (torch.sigmoid(logits) >= t).float()
 
     adapter = get_adapter(model)
@@ -68,20 +79,27 @@ def routed_pass(
     probs: dict[int, torch.Tensor] = {}
     gates: dict[int, torch.Tensor] = {}
     routed = set(routers.layers)
+    parts = getattr(routers, "parts", ())
+    shares: dict[Any, float] = {}
     for layer in range(len(call)):
-        out = call.run(hidden, layer, layer + 1)
         if layer not in routed:
-            hidden, executed = out, executed + 1
+            hidden, executed = call.run(hidden, layer, layer + 1), executed + 1
             continue
-        logits = routers.logits(layer, hidden, attention_mask)
-        g = gate(layer, logits)
-        probs[layer], gates[layer] = torch.sigmoid(logits), g
-        gx = (g[..., None] if token else g[:, None, None]).to(hidden.dtype)  # broadcast over hidden (and seq)
-        if g.requires_grad:
-            hidden = hidden + gx * (out - hidden)
-        else:
-            hidden = torch.where(gx > 0.5, out, hidden)
-        executed = executed + g
+        units = [(None, 1.0)] if not parts else list(part_shares(call.layers[layer]).items())
+        for part, share in units:
+            key = layer if part is None else (layer, part)
+            out = call.run(hidden, layer, layer + 1) if part is None else call.run_part(hidden, layer, part)
+            logits = routers.logits(layer, hidden, attention_mask) if part is None else routers.logits(
+                layer, hidden, attention_mask, part
+            )  # fmt: skip
+            g = gate(key, logits)
+            probs[key], gates[key], shares[key] = torch.sigmoid(logits), g, share
+            gx = (g[..., None] if token else g[:, None, None]).to(hidden.dtype)  # broadcast over hidden (and seq)
+            if g.requires_grad:
+                hidden = hidden + gx * (out - hidden)
+            else:
+                hidden = torch.where(gx > 0.5, out, hidden)
+            executed = executed + share * g
     if token:
         logits = adapter.final_logits(model, hidden)
     else:
@@ -89,7 +107,7 @@ def routed_pass(
         from depthprune.exits.inference import head_forward
 
         logits = head_forward(final_head(model), None, model, hidden)
-    return RoutedPass(logits, probs, gates, executed, len(call))
+    return RoutedPass(logits, probs, gates, executed, len(call), shares)
 
 
 @torch.no_grad()

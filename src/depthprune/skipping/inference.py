@@ -37,8 +37,9 @@ class SkipOutput:
     """sequences [batch, prompt + new] (as model.generate returns them); executed [batch, new]: layers each new token
     ran (the first new token comes from the prompt's full pass: num_layers; 0 marks padding after end of sequence);
     step_times: seconds per new token when timing=True; layer_rows[s][l]: how many rows computed layer l in decode
-    step s (the steps after the first new token; the batch's unfinished rows when none skipped). On hardware whose
-    layer cost is flat in the rows it runs (weights read once per call), only the layers no row ran save time."""
+    step s (the steps after the first new token; the batch's unfinished rows when none skipped; with sub-layer
+    routers the more of its two parts' counts, and executed is fractional: a part counts as its share). On hardware
+    whose layer cost is flat in the rows it runs (weights read once per call), only the layers no row ran save time."""
 
     sequences: torch.Tensor
     executed: torch.Tensor
@@ -127,6 +128,9 @@ def skip_generate(
     holes = _Holes(cache, batch) if kv == "recompute" else None
     times: list[float] = []
     layer_rows: list[list[int]] = []
+    units = _units(routers, layers)
+    if any(part is not None for unit in units for part, _ in unit):
+        executed = executed.float()  # sub-layers count as their share of a layer
 
     with torch.no_grad():
         start = decoding.wall_time(device, sync=timing)
@@ -134,7 +138,7 @@ def skip_generate(
             out = model(**decoding.step_inputs(model, input_ids, mask, positions, cache, last_logits=True))
             check_cache(cache, num_layers)
             token = out.logits[:, -1].argmax(-1)
-            ran = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+            ran = torch.full((batch,), num_layers, dtype=executed.dtype, device=device)
         else:
             token, ran = _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, positions, cache,
                                          threshold)  # fmt: skip
@@ -161,62 +165,88 @@ def skip_generate(
             rows = active.nonzero().flatten()
             every_row = rows.numel() == batch
             h = hidden if every_row else hidden.index_select(0, rows)  # [n, 1, hidden]: the active rows' states
-            ran = torch.zeros(batch, dtype=torch.long, device=device)
+            ran = torch.zeros(batch, dtype=executed.dtype, device=device)
             whole = None  # the step's calls over every row with the row view of every row, built once
             counts = [0] * num_layers
             layer_rows.append(counts)
             for layer in range(num_layers):
-                go = routers.run_mask(layer, h, None, threshold)
-                go = None if go is None else go.reshape(-1).to(torch.bool)
-                if go is not None and not bool(go.all()):
-                    skip = rows[~go]  # their entry at `layer`: from the state they enter it with
-                    if holes is None:
-                        propagate(call, layer, cache, skip, h[~go], position)
+                for part, share in units[layer]:  # (None, 1): the whole layer; else attention, then MLP
+                    go = routers.run_mask(layer, h, None, threshold) if part is None else routers.run_mask(
+                        layer, h, None, threshold, part=part
+                    )  # fmt: skip
+                    go = None if go is None else go.reshape(-1).to(torch.bool)
+                    cached = part != "mlp"  # the part that writes the layer's key/value entry
+                    if go is not None and not bool(go.all()):
+                        if cached:
+                            skip = rows[~go]  # their entry at `layer`: from the state they enter it with
+                            if holes is None:
+                                propagate(call, layer, cache, skip, h[~go], position)
+                            else:
+                                holes.add(layer, position, skip, h[~go], call)
+                        run, sel = rows[go], go.nonzero().flatten()
                     else:
-                        holes.add(layer, position, skip, h[~go], call)
-                    run, sel = rows[go], go.nonzero().flatten()
-                else:
-                    run, sel = rows, None
-                counts[layer] = int(run.numel())
-                if not counts[layer]:
-                    continue
-                if holes is not None:
-                    holes.fill(layer, run)
-                if sel is None and every_row:  # the common case: no row slicing, no per-layer view
-                    if whole is None:
-                        whole = call.with_cache(RowView(cache, None, position, batch))
-                    h = whole.calls[layer].run(whole.layers[layer], h)
-                    ran += 1
-                    continue
-                view = RowView(cache, None if run.numel() == batch else run, position, batch)
-                if sel is None:
-                    h = call.run(h, layer, layer + 1, rows=run, cache=view)
-                else:
-                    h = h.index_copy(0, sel, call.run(h.index_select(0, sel), layer, layer + 1, rows=run, cache=view))
-                ran[run] += 1
+                        run, sel = rows, None
+                    counts[layer] = max(counts[layer], int(run.numel()))
+                    if not run.numel():
+                        continue
+                    if holes is not None and cached:
+                        holes.fill(layer, run)
+                    if sel is None and every_row and part is None:  # the common case: no slicing, no per-layer view
+                        if whole is None:
+                            whole = call.with_cache(RowView(cache, None, position, batch))
+                        h = whole.calls[layer].run(whole.layers[layer], h)
+                        ran += share
+                        continue
+                    ran[run] += share
+                    view = RowView(cache, None if run.numel() == batch else run, position, batch) if cached else None
+                    x = h if sel is None else h.index_select(0, sel)
+                    if part is None:
+                        x = call.run(x, layer, layer + 1, rows=run, cache=view)
+                    else:
+                        x = call.run_part(x, layer, part, rows=run, cache=view)
+                    h = x if sel is None else h.index_copy(0, sel, x)
             token = token.clone()
             token[rows] = final_logits(h)[:, -1].argmax(-1).to(token.dtype)
             grow_cache(cache, position + 1, batch)  # rows that ran nothing (finished) keep holes here
     return SkipOutput(sequences, executed, num_layers, times if timing else None, layer_rows)
 
 
+def _units(routers: Any, layers: Any) -> list[list[tuple[str | None, float]]]:
+    """Per layer, what its routers decide on: [(None, 1)] (the whole layer), or each sub-layer with its share of the
+    layer ([("attention", s), ("mlp", 1 - s)]) for routers with `parts`."""
+    if not getattr(routers, "parts", ()):
+        return [[(None, 1)] for _ in layers]
+    from depthprune.sublayers import part_shares
+
+    routed = set(routers.layers)
+    return [list(part_shares(layer).items()) if i in routed else [(None, 1)] for i, layer in enumerate(layers)]
+
+
 def _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, positions, cache, threshold):
     """The prompt's forward with every token following its routers: (first new token [batch], layers its last
-    position ran [batch]). Each layer runs on every position (writing every position's cache entry from the state
-    entering it); the positions whose router says skip keep their state."""
+    position ran [batch]). Each layer (sub-layer) runs on every position (writing every position's cache entry from
+    the state entering it); the positions whose router says skip keep their state."""
     inputs = decoding.step_inputs(model, input_ids, mask, positions, cache)
     hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, seq, hidden]
-    ran = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    units = _units(routers, call.layers)
+    ran = torch.zeros(input_ids.shape[0], device=input_ids.device)
     for layer in range(len(call)):
-        out = call.run(hidden, layer, layer + 1)
-        go = routers.run_mask(layer, hidden, None, threshold)
-        if go is None:
-            hidden, ran = out, ran + 1
-            continue
-        go = go.reshape(hidden.shape[:2]).to(torch.bool)  # [batch, seq]
-        hidden = torch.where(go[..., None], out, hidden)
-        ran += go[:, -1].long()
-    return final_logits(hidden[:, -1:])[:, -1].argmax(-1), ran
+        for part, share in units[layer]:
+            if part is None:
+                out, go = call.run(hidden, layer, layer + 1), routers.run_mask(layer, hidden, None, threshold)
+            else:
+                out, go = (
+                    call.run_part(hidden, layer, part),
+                    routers.run_mask(layer, hidden, None, threshold, part=part),
+                )
+            if go is None:
+                hidden, ran = out, ran + share
+                continue
+            go = go.reshape(hidden.shape[:2]).to(torch.bool)  # [batch, seq]
+            hidden = torch.where(go[..., None], out, hidden)
+            ran += share * go[:, -1].float()
+    dtype = torch.float if any(part is not None for unit in units for part, _ in unit) else torch.long
+    return final_logits(hidden[:, -1:])[:, -1].argmax(-1), ran.to(dtype)
 
 
 @dataclasses.dataclass

@@ -77,8 +77,7 @@ def router_loss(
     kl = (log_p.exp() * (log_p - log_q)).sum(-1) * t * t  # [batch, seq] or [batch]
     weights = torch.ones_like(kl) if (mask is None or kl.dim() == 1) else mask.to(kl.dtype)
     kl = (kl * weights).sum() / weights.sum()
-    fixed = out.num_layers - len(out.probs)
-    expected = fixed + sum(((p * weights).sum() / weights.sum()) for p in out.probs.values())
+    expected = out.expected_layers(weights)
     compute = compute_weight * (expected - target) ** 2 / out.num_layers
     executed = (out.executed.detach() * weights).sum() / weights.sum()
     return {"loss": kl + compute, "kl": kl.detach(), "expected_layers": expected.detach(), "executed": executed}

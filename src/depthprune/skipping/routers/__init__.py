@@ -5,7 +5,9 @@ A router kind is an nn.Module class registered in `depthprune.registry.ROUTER_KI
 `granularity` ("token": one decision per position, decoders; "sample": one per input, encoders) and
 `logits(layer, hidden, mask) -> [batch, seq]` (token) or `[batch]` (sample): the logit of P(layer runs) from the hidden
 state entering `layer` ([batch, seq, hidden]; mask [batch, seq] or None). A layer runs when that probability is >=
-the threshold: threshold 0 runs every layer (the untouched model), 1 skips about every routed one.
+the threshold: threshold 0 runs every layer (the untouched model), 1 skips about every routed one. A kind with
+`parts` ("attention", "mlp") decides per sub-layer instead (`logits(layer, hidden, mask, part=...)`, each part reading
+the state entering it; depthprune.sublayers), and depth is counted in layers, each part by its share of the layer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from depthprune.adapters.registry import get_adapter
 from depthprune.errors import RouterError
 from depthprune.registry import ROUTER_KINDS
 
-GRANULARITY = {"token_linear": "token", "sample_linear": "sample"}
+GRANULARITY = {"token_linear": "token", "token_sublayer": "token", "sample_linear": "sample"}
 INITS = ("uniform", "static")
 
 
@@ -138,6 +140,7 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
         "num_layers": depth,
         "hidden_size": int(config.hidden_size),
         "granularity": "token" if stacks[0].name == "decoder" else "sample",
+        "sublayers": stacks[0].sublayers,
         "fingerprint": (float(sample.mean()), float(sample.abs().mean())),
     }
 
@@ -159,6 +162,12 @@ def check_model(config: RouterConfig, model: nn.Module) -> None:
             f"these routers were trained on another {config.model_type} checkpoint (input-embedding fingerprint "
             f"{tuple(round(v, 6) for v in b)}, this model's {tuple(round(v, 6) for v in a)}); use them with the "
             "model they were trained on, or train new ones (depthprune train-router)"
+        )
+    parts = getattr(ROUTER_KINDS.get(config.kind), "parts", ())
+    if parts and facts["sublayers"] is None:
+        raise RouterError(
+            f"{config.kind} routers skip attention and MLP sub-layers apart, but this {config.model_type}'s layers "
+            "do not split (supported: Llama, Mistral, Qwen2, Gemma 3 decoders); use router kind token_linear"
         )
     if facts["granularity"] != config.granularity:
         raise RouterError(
@@ -208,14 +217,19 @@ class LinearGates(nn.Module):
     kinds, which differ only in what they read (a token's state, a sample's mean state)."""
 
     granularity = "token"
+    parts: tuple[str, ...] = ()  # (): one gate per layer; ("attention", "mlp"): one per sub-layer
 
     def __init__(self, config: RouterConfig):
         super().__init__()
         self.config = config
         self.layers = config.layers
         self.num_layers = config.num_layers
-        self.gates = nn.ModuleDict({str(i): nn.Linear(config.hidden_size, 1) for i in config.layers})
+        units = self.parts or (None,)
+        self.gates = nn.ModuleDict(
+            {gate_key(i, part): nn.Linear(config.hidden_size, 1) for i in config.layers for part in units}
+        )
         biases = config.init_biases or (config.init_bias,) * len(config.layers)
+        biases = [b for b in biases for _ in units]  # a static init's layer bias on each of its parts
         for gate, bias in zip(self.gates.values(), biases, strict=True):
             nn.init.zeros_(gate.weight)
             nn.init.constant_(gate.bias, bias)
@@ -223,21 +237,31 @@ class LinearGates(nn.Module):
     def features(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def logits(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logit of P(layer runs): [batch, seq] per token or [batch] per sample."""
-        return self.gates[str(layer)](self.features(hidden, mask)).squeeze(-1)
+    def logits(
+        self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None, part: str | None = None
+    ) -> torch.Tensor:
+        """Logit of P(layer (its sub-layer `part`) runs): [batch, seq] per token or [batch] per sample."""
+        return self.gates[gate_key(layer, part)](self.features(hidden, mask)).squeeze(-1)
 
     def run_mask(
-        self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None, threshold: float
+        self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None, threshold: float, part: str | None = None
     ) -> torch.Tensor | None:
-        """Bool decisions (True: the layer runs) for the rows of `hidden`; None when `layer` has no router."""
-        if str(layer) not in self.gates:
+        """Bool decisions (True: the layer, or its sub-layer `part`, runs) for the rows of `hidden`; None when it has
+        no router."""
+        key = gate_key(layer, part)
+        if key not in self.gates:
             return None
-        return torch.sigmoid(self.logits(layer, hidden, mask)) >= threshold
+        return torch.sigmoid(self.logits(layer, hidden, mask, part)) >= threshold
+
+
+def gate_key(layer: int, part: str | None = None) -> str:
+    """The gates' ModuleDict key of a layer ("5") or of one of its sub-layers ("5_attention")."""
+    return str(layer) if part is None else f"{layer}_{part}"
 
 
 __all__ = [
     "RouterConfig",
+    "gate_key",
     "LinearGates",
     "build_routers",
     "check_model",
