@@ -10,11 +10,13 @@ from tiny_models import build, build_gemma3_sliding, input_ids
 
 from depthprune.errors import RouterError
 from depthprune.registry import ROUTER_KINDS
+from depthprune.runner import capture_stack
 from depthprune.skipping.dense import routed_pass
 from depthprune.skipping.inference import skip_generate
+from depthprune.skipping.init import sublayer_plan, sublayer_scores
 from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.routers import build_routers
-from depthprune.skipping.train import train_routers
+from depthprune.skipping.train import init_batches, train_routers
 from depthprune.static.apply import apply_plan
 from depthprune.sublayers import part_shares
 
@@ -140,3 +142,42 @@ def test_training_save_load_and_errors(tmp_path):
             build_routers(build(other), "token_sublayer")
     with pytest.raises(RouterError):
         build_routers(build("bert"), "token_sublayer")  # an encoder: per-sample routers only
+
+
+def test_sublayer_plan_takes_the_lowest_scores_within_the_budget():
+    scores = {(0, "attention"): 0.1, (0, "mlp"): 0.5, (1, "attention"): 0.05, (1, "mlp"): 0.2, (2, "attention"): 0.3}
+    shares = {"attention": 0.25, "mlp": 0.75}
+    # one layer's worth: 4 attentions (only 3 here) or 1 attention + 1 MLP (the lowest of each: 0.05 + 0.2)
+    assert sublayer_plan(scores, shares, 1.0, (0, 1, 2)) == [(1, "attention"), (1, "mlp")]
+    assert sublayer_plan(scores, shares, 0.5, (0, 1, 2)) == [(0, "attention"), (1, "attention")]
+    assert sublayer_plan(scores, shares, 0.5, (0, 2)) == [(0, "attention"), (2, "attention")]  # routed layers only
+    assert sublayer_plan(scores, shares, 0.6, (0, 1, 2)) == [(0, "attention"), (1, "attention")]  # never past it
+
+
+def test_sublayer_static_init_runs_its_sublayer_plan():
+    """train_routers(kind="token_sublayer", init="static", epochs=0): the gates start as the sub-layer plan (block
+    influence of each part), so at threshold 0.5 the routed pass is the model with exactly those parts removed."""
+    model = build("llama")
+    data = torch.randint(3, 99, (8, 8), generator=torch.Generator().manual_seed(0))
+    res = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", epochs=0,
+                        progress=False)  # fmt: skip
+    config = res.routers.config
+    removed = {tuple(k.split("_")) for k in config.init_removed_parts}
+    shares = part_shares(model.model.layers[0])
+    assert sum(shares[p] for _, p in removed) == pytest.approx(1.0)  # the target's one layer, in sub-layers
+    assert config.init_scorer == "block_influence (sub-layers)"
+    scores = sublayer_scores(model, init_batches(data, 64))
+    assert [(int(i), p) for i, p in sorted(removed)] == sublayer_plan(scores, shares, 1.0, tuple(range(4)))
+    with torch.no_grad():
+        hidden, call = capture_stack(model, {"input_ids": data, "use_cache": False})
+        for layer in range(4):
+            for part in ("attention", "mlp"):
+                if (str(layer), part) not in removed:
+                    hidden = call.run_part(hidden, layer, part)
+        want = model.lm_head(model.model.norm(hidden))
+        got = routed_pass(model, res.routers, data, threshold=0.5)
+    assert torch.equal(got.logits, want)
+    assert torch.allclose(got.executed, torch.full_like(got.executed, 3.0))
+    with pytest.raises(RouterError, match="scores sub-layers with block_influence"):
+        train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", scorer="sleb",
+                      epochs=0, progress=False)  # fmt: skip

@@ -24,7 +24,7 @@ from depthprune.skipping.routers import check_target, default_layers, model_fact
 LOW, HIGH = 1.0, 4.0
 
 
-def rank_biases(ranked: list[int], low: float = LOW, high: float = HIGH) -> dict[int, float]:
+def rank_biases(ranked: list[Any], low: float = LOW, high: float = HIGH) -> dict[Any, float]:
     """Biases rising linearly from `low` to `high` along `ranked` (layers, nearest the cut first)."""
     if len(ranked) == 1:
         return {ranked[0]: low}
@@ -41,11 +41,13 @@ def static_init(
     scorer: str = "block_influence",
     low: float = LOW,
     high: float = HIGH,
+    parts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """RouterConfig options (layers, init, init_biases, init_scorer, init_removed) that make untrained routers run
     the static plan `scorer` chooses for `target_layers` on `batches` (list of token ids [batch, seq]). layers: the
     routed layers; None: the default ones (all but the first and last) and any other the plan removes. A RouterError
-    when the plan removes a layer that given `layers` leave without a router."""
+    when the plan removes a layer that given `layers` leave without a router. parts ("attention", "mlp"): sub-layer
+    routers, whose static plan removes sub-layers (`sublayer_plan`; also init_removed_parts)."""
     from depthprune.static.scorers import get_scorer
 
     if not 0 < low <= high:
@@ -61,6 +63,8 @@ def static_init(
             f"target depth {target_layers} removes no layer of {n} statically: a static init needs a target at "
             f"most {n - 1} (or use --init uniform)"
         )
+    if parts:
+        return _sublayer_init(model, batches, float(n_remove), layers, given, scorer, low, high, parts)
     stack = "decoder" if facts["granularity"] == "token" else None
     result = get_scorer(scorer)(model, batches, n_remove=n_remove, stack=stack)
     removed = tuple(sorted(result.remove))
@@ -86,4 +90,82 @@ def static_init(
     }
 
 
-__all__ = ["HIGH", "LOW", "rank_biases", "static_init"]
+def sublayer_scores(model: nn.Module, batches: list[torch.Tensor]) -> dict[tuple[int, str], float]:
+    """Block Influence of every sub-layer (1 - mean cosine similarity of the state entering a layer's attention (MLP)
+    and the state leaving it, residual included), over every token of `batches`: the attention-drop criterion of
+    "What Matters in Transformers? Not All Attention is Needed" (He et al., 2024), on depthprune.sublayers' split."""
+    from depthprune.runner import capture_stack
+    from depthprune.sublayers import PARTS
+
+    sums: dict[tuple[int, str], float] = {}
+    count = 0
+    with torch.no_grad():
+        for ids in batches:
+            hidden, call = capture_stack(model, {"input_ids": ids, "use_cache": False})
+            for layer in range(len(call)):
+                for part in PARTS:
+                    out = call.run_part(hidden, layer, part)
+                    cos = nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+                    sums[(layer, part)] = sums.get((layer, part), 0.0) + float(cos.double().sum())
+                    hidden = out
+            count += ids.numel()
+    return {key: 1.0 - total / count for key, total in sums.items()}
+
+
+def sublayer_plan(
+    scores: dict[tuple[int, str], float], shares: dict[str, float], n_remove: float, routed: tuple[int, ...]
+) -> list[tuple[int, str]]:
+    """The sub-layers to remove: k of each kind, the lowest-scoring of that kind, with the counts chosen so that the
+    removed shares come nearest `n_remove` layers without passing it (the target's depth, or as near above it as the
+    shares allow), and among those the smallest total score (scores add: the plan that loses least by them)."""
+    ranked = {part: sorted((k for k in scores if k[0] in routed and k[1] == part), key=lambda k: (scores[k], k))
+              for part in shares}  # fmt: skip
+    best: tuple[float, float, list[tuple[int, str]]] = (0.0, 0.0, [])
+    a, b = list(shares)
+
+    def pick(i: int, j: int) -> list[tuple[int, str]]:
+        return ranked[a][:i] + ranked[b][:j]
+
+    for i in range(len(ranked[a]) + 1):
+        for j in range(len(ranked[b]) + 1):
+            removed = i * shares[a] + j * shares[b]
+            if removed > n_remove + 1e-9:
+                break
+            cost = sum(scores[k] for k in pick(i, j))
+            if (round(removed, 6), -cost) > (round(best[0], 6), -best[1]):
+                best = (removed, cost, pick(i, j))
+    return sorted(best[2])
+
+
+def _sublayer_init(model, batches, n_remove, layers, given, scorer, low, high, parts) -> dict[str, Any]:
+    from depthprune.skipping.routers import gate_key
+    from depthprune.sublayers import part_shares
+
+    if scorer != "block_influence":
+        raise RouterError(f"a sub-layer static init scores sub-layers with block_influence; got scorer {scorer!r}")
+    from depthprune.adapters.registry import get_adapter
+
+    adapter = get_adapter(model)
+    shares = part_shares(adapter.run_sequence(model, "decoder")[0])
+    scores = sublayer_scores(model, batches)
+    routed = layers if given else tuple(range(len({k[0] for k in scores})))  # the plan may take the first or last
+    removed = sublayer_plan(scores, shares, n_remove, routed)
+    if not given:
+        layers = tuple(sorted({*layers, *(k[0] for k in removed)}))
+    units = [(i, p) for i in layers for p in parts]
+    kept = sorted((u for u in units if u not in removed), key=lambda u: (scores[u], u))
+    gone = sorted(removed, key=lambda u: (-scores[u], u))
+    biases = rank_biases(kept, low, high) if kept else {}
+    biases.update({u: -b for u, b in rank_biases(gone, low, high).items()})
+    whole = tuple(i for i in layers if all((i, p) in removed for p in parts))
+    return {
+        "layers": layers,
+        "init": "static",
+        "init_biases": tuple(biases[u] for u in units),
+        "init_scorer": f"{scorer} (sub-layers)",
+        "init_removed": whole,
+        "init_removed_parts": tuple(gate_key(i, p) for i, p in removed),
+    }
+
+
+__all__ = ["HIGH", "LOW", "rank_biases", "static_init", "sublayer_plan", "sublayer_scores"]

@@ -165,7 +165,10 @@ def train_routers(
         from depthprune.skipping.init import static_init
 
         batches = score_batches if score_batches is not None else init_batches(data, init_examples)
-        options = static_init(model, batches, target, layers=layers, scorer=scorer)
+        from depthprune.registry import ROUTER_KINDS
+
+        parts = getattr(ROUTER_KINDS.get(kind), "parts", ()) if kind else ()
+        options = static_init(model, batches, target, layers=layers, scorer=scorer, parts=parts)
         layers = options.pop("layers")  # the default layers and any other the plan removes
     elif init != "uniform":
         raise RouterError(f"unknown router init {init!r}; choose uniform or static")

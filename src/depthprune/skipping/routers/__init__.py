@@ -45,6 +45,7 @@ class RouterConfig:
     init_biases: tuple[float, ...] | None = None  # one per routed layer (init "static": depthprune.skipping.init)
     init_scorer: str | None = None  # the importance scorer behind init_biases
     init_removed: tuple[int, ...] = ()  # the static plan init_biases reproduce: the layers it removes
+    init_removed_parts: tuple[str, ...] = ()  # sub-layer routers: the sub-layers it removes ("5_attention")
 
     def __post_init__(self) -> None:
         ROUTER_KINDS.check(self.kind)
@@ -61,12 +62,17 @@ class RouterConfig:
             raise RouterError(f"unknown router init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.init_biases is not None:
             biases = tuple(float(b) for b in self.init_biases)
-            if len(biases) != len(layers):
-                raise RouterError(f"init_biases has {len(biases)} values for {len(layers)} routed layers: one each")
+            parts = len(getattr(ROUTER_KINDS.get(self.kind), "parts", ())) or 1
+            if len(biases) not in (len(layers), len(layers) * parts):
+                raise RouterError(
+                    f"init_biases has {len(biases)} values for {len(layers)} routed layers: one each (or one per "
+                    "sub-layer of each)"
+                )
             object.__setattr__(self, "init_biases", biases)
         elif self.init == "static":
             raise RouterError("init 'static' needs init_biases (build them with depthprune.skipping.init.static_init)")
         object.__setattr__(self, "init_removed", tuple(int(i) for i in self.init_removed))
+        object.__setattr__(self, "init_removed_parts", tuple(str(k) for k in self.init_removed_parts))
         if self.target_layers is not None:
             check_target(self.target_layers, self.num_layers, len(layers))
         if self.init_bias is None:
@@ -96,6 +102,7 @@ class RouterConfig:
                 "fingerprint": tuple(data.get("fingerprint", (0, 0))),
                 "init_biases": None if biases is None else tuple(biases),
                 "init_removed": tuple(data.get("init_removed", ())),
+                "init_removed_parts": tuple(data.get("init_removed_parts", ())),
             }
         )
 
@@ -229,7 +236,8 @@ class LinearGates(nn.Module):
             {gate_key(i, part): nn.Linear(config.hidden_size, 1) for i in config.layers for part in units}
         )
         biases = config.init_biases or (config.init_bias,) * len(config.layers)
-        biases = [b for b in biases for _ in units]  # a static init's layer bias on each of its parts
+        if len(biases) == len(config.layers):  # one per layer: on each of its parts
+            biases = [b for b in biases for _ in units]
         for gate, bias in zip(self.gates.values(), biases, strict=True):
             nn.init.zeros_(gate.weight)
             nn.init.constant_(gate.bias, bias)
