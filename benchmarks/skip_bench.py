@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--init",
-        choices=("uniform", "static"),
+        choices=("uniform", "static", "static_parts"),
         default="static",
         help="router init (static: block_influence's plan of each target, scored as static pruning's)",
     )
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             dump(args.json, result)
         init = {"init": args.init, "score_batches": fold_batches, "kind": args.kind}  # the static init: the same plan
         if (
-            args.init == "static" and not args.routers_only
+            args.init != "uniform" and not args.routers_only
         ):  # untrained (0 steps): the static plan exactly, at threshold 0.5
             zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, **init)
             tf = routed_perplexity(model, zero.routers, held, 0.5, batch_size=4)

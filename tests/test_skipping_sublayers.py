@@ -155,11 +155,12 @@ def test_sublayer_plan_takes_the_lowest_scores_within_the_budget():
 
 
 def test_sublayer_static_init_runs_its_sublayer_plan():
-    """train_routers(kind="token_sublayer", init="static", epochs=0): the gates start as the sub-layer plan (block
-    influence of each part), so at threshold 0.5 the routed pass is the model with exactly those parts removed."""
+    """train_routers(kind="token_sublayer", init="static_parts", epochs=0): the gates start as the sub-layer plan
+    (block influence of each part), so at threshold 0.5 the routed pass is the model with exactly those parts
+    removed; init "static" starts them as the layer plan instead (the pruned model exactly)."""
     model = build("llama")
     data = torch.randint(3, 99, (8, 8), generator=torch.Generator().manual_seed(0))
-    res = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", epochs=0,
+    res = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static_parts", epochs=0,
                         progress=False)  # fmt: skip
     config = res.routers.config
     removed = {tuple(k.split("_")) for k in config.init_removed_parts}
@@ -179,5 +180,13 @@ def test_sublayer_static_init_runs_its_sublayer_plan():
     assert torch.equal(got.logits, want)
     assert torch.allclose(got.executed, torch.full_like(got.executed, 3.0))
     with pytest.raises(RouterError, match="scores sub-layers with block_influence"):
-        train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", scorer="sleb",
+        train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static_parts", scorer="sleb",
                       epochs=0, progress=False)  # fmt: skip
+    with pytest.raises(RouterError, match="use it with --kind token_sublayer"):
+        train_routers(model, data, target_layers=3.0, init="static_parts", epochs=0, progress=False)
+    layer_plan = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", epochs=0,
+                               progress=False)  # fmt: skip
+    pruned = apply_plan(model, ",".join(str(i) for i in range(4) if i not in layer_plan.init_removed))
+    with torch.no_grad():
+        assert torch.equal(routed_pass(model, layer_plan.routers, data, threshold=0.5).logits,
+                           pruned(input_ids=data).logits)  # fmt: skip

@@ -76,7 +76,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     last = res.epoch_losses[-1] if res.epoch_losses else {}
-    init = f"static init ({args.scorer}: removes {res.init_removed})" if res.init == "static" else "uniform init"
+    init = f"{res.init} init ({args.scorer}: removes {res.init_removed})" if res.init != "uniform" else "uniform init"
     print(
         f"wrote {out}: {res.kind} routers on {len(res.layers)} of {facts['num_layers']} layers, target "
         f"{res.target_layers:g} layers, {init}; last epoch: {json.dumps(last.get('metrics', {}))}"
@@ -251,9 +251,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compute-weight", type=float, default=10.0, help="weight of the depth term (default 10)")
     p.add_argument("--lora-rank", type=int, default=0, help="also train LoRA of this rank (decoders; default off)")
     p.add_argument(
-        "--init", choices=("uniform", "static"), default="uniform",
+        "--init", choices=("uniform", "static", "static_parts"), default="uniform",
         help="uniform: every gate starts at the target's keep share; static: the gates start as the static plan of "
-        "the target depth (removed layers P(run) low, kept high, by rank of --scorer's score)",
+        "the target depth (removed layers P(run) low, kept high, by rank of --scorer's score); static_parts "
+        "(--kind token_sublayer): as the plan of attention / MLP sub-layers by their own block influence",
     )  # fmt: skip
     p.add_argument("--scorer", default="block_influence", help="importance scorer for --init static (default "
                    "block_influence; see depthprune list)")  # fmt: skip

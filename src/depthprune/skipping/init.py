@@ -46,8 +46,9 @@ def static_init(
     """RouterConfig options (layers, init, init_biases, init_scorer, init_removed) that make untrained routers run
     the static plan `scorer` chooses for `target_layers` on `batches` (list of token ids [batch, seq]). layers: the
     routed layers; None: the default ones (all but the first and last) and any other the plan removes. A RouterError
-    when the plan removes a layer that given `layers` leave without a router. parts ("attention", "mlp"): sub-layer
-    routers, whose static plan removes sub-layers (`sublayer_plan`; also init_removed_parts)."""
+    when the plan removes a layer that given `layers` leave without a router. parts ("attention", "mlp"): the plan
+    removes sub-layers of sub-layer routers (`sublayer_plan`; init "static_parts", also init_removed_parts); without
+    them a sub-layer router starts as the layer plan, each layer's bias on both of its parts."""
     from depthprune.static.scorers import get_scorer
 
     if not 0 < low <= high:
@@ -160,7 +161,7 @@ def _sublayer_init(model, batches, n_remove, layers, given, scorer, low, high, p
     whole = tuple(i for i in layers if all((i, p) in removed for p in parts))
     return {
         "layers": layers,
-        "init": "static",
+        "init": "static_parts",
         "init_biases": tuple(biases[u] for u in units),
         "init_scorer": f"{scorer} (sub-layers)",
         "init_removed": whole,

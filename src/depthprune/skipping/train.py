@@ -161,17 +161,22 @@ def train_routers(
     if len(dataset) == 0:
         raise RouterError("no training examples")
     options: dict[str, Any] = {}
-    if init == "static":
+    if init in ("static", "static_parts"):
+        from depthprune.registry import ROUTER_KINDS
         from depthprune.skipping.init import static_init
 
         batches = score_batches if score_batches is not None else init_batches(data, init_examples)
-        from depthprune.registry import ROUTER_KINDS
-
         parts = getattr(ROUTER_KINDS.get(kind), "parts", ()) if kind else ()
-        options = static_init(model, batches, target, layers=layers, scorer=scorer, parts=parts)
+        if init == "static_parts" and not parts:
+            raise RouterError(
+                "init static_parts starts sub-layer routers as a plan of sub-layers; use it with --kind token_sublayer "
+                "(or init static: the layer plan)"
+            )
+        options = static_init(model, batches, target, layers=layers, scorer=scorer,
+                              parts=parts if init == "static_parts" else ())  # fmt: skip
         layers = options.pop("layers")  # the default layers and any other the plan removes
     elif init != "uniform":
-        raise RouterError(f"unknown router init {init!r}; choose uniform or static")
+        raise RouterError(f"unknown router init {init!r}; choose uniform, static or static_parts")
     routers = build_routers(model, kind, layers, target_layers=target, **options)  # checks the target's range
     student, peft_model = model, None
     groups: list[dict[str, Any]] = [{"params": list(routers.parameters()), "lr": lr}]

@@ -24,7 +24,7 @@ from depthprune.errors import RouterError
 from depthprune.registry import ROUTER_KINDS
 
 GRANULARITY = {"token_linear": "token", "token_sublayer": "token", "sample_linear": "sample"}
-INITS = ("uniform", "static")
+INITS = ("uniform", "static", "static_parts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,10 @@ class RouterConfig:
                     "sub-layer of each)"
                 )
             object.__setattr__(self, "init_biases", biases)
-        elif self.init == "static":
-            raise RouterError("init 'static' needs init_biases (build them with depthprune.skipping.init.static_init)")
+        elif self.init != "uniform":
+            raise RouterError(
+                f"init {self.init!r} needs init_biases (build them with depthprune.skipping.init.static_init)"
+            )
         object.__setattr__(self, "init_removed", tuple(int(i) for i in self.init_removed))
         object.__setattr__(self, "init_removed_parts", tuple(str(k) for k in self.init_removed_parts))
         if self.target_layers is not None:
