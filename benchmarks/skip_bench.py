@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compute-weight", type=float, default=10.0)
     p.add_argument("--noise", type=float, default=1.0, help="scale of the gates' logistic noise in training")
     p.add_argument(
+        "--compute-on",
+        choices=("gates", "probs"),
+        default="gates",
+        help="the compute term counts the executed gates (default) or the expected layers (P(run))",
+    )
+    p.add_argument(
         "--kind",
         default=None,
         help="router kind (default token_linear: whole layers; token_sublayer: attention and MLP apart)",
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            compute_weight=args.compute_weight, noise=args.noise, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+            compute_weight=args.compute_weight, noise=args.noise, compute_on=args.compute_on, lora_rank=args.lora_rank,
+            lora_lr=args.lora_lr,
             progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0

@@ -219,7 +219,9 @@ def test_training_moves_the_depth_to_the_target(tmp_path):
         model, data, target_layers=3.0, epochs=2, lr=0.05, batch_size=8, progress=False, output_dir=tmp_path / "o"
     )
     last = res.epoch_losses[-1]["metrics"]
-    assert abs(last["expected_layers"] - 3.0) < 0.3
+    assert abs(last["executed"] - 3.0) < 0.3  # the compute term counts the gates the forward ran (compute_on="gates")
+    with pytest.raises(RouterError, match="compute_on must be one of gates, probs"):
+        train_routers(model, data, target_layers=3.0, compute_on="expected", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # the model is untouched
     back = load_routers(tmp_path / "o", model)
     assert back.config.target_layers == 3.0

@@ -71,7 +71,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     res = train_routers(
         model, data, target_layers=args.target_layers, kind=args.kind, layers=args.layers, epochs=args.epochs,
-        lr=args.lr, batch_size=args.batch_size, compute_weight=args.compute_weight, lora_rank=args.lora_rank,
+        lr=args.lr, batch_size=args.batch_size, compute_weight=args.compute_weight, compute_on=args.compute_on,
+        lora_rank=args.lora_rank,
         init=args.init, scorer=args.scorer, seed=args.seed, output_dir=out, overwrite=args.overwrite,
         progress=not args.quiet,
     )  # fmt: skip
@@ -249,6 +250,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--compute-weight", type=float, default=10.0, help="weight of the depth term (default 10)")
+    p.add_argument(
+        "--compute-on", choices=("gates", "probs"), default="gates",
+        help="the depth term counts the layers the gates executed (default) or the expected layers, sum of P(run)",
+    )  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=0, help="also train LoRA of this rank (decoders; default off)")
     p.add_argument(
         "--init", choices=("uniform", "static", "static_parts"), default="uniform",

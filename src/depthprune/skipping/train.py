@@ -12,9 +12,13 @@ gradient of g_soft. The noise makes the router explore both choices near its bou
 (Louizos et al. 2018) because hard-concrete's stretched, clipped distribution is built to reach exact zeros in a
 *soft* forward pass for L0 sparsity of weights, which we do not need: our forward is hard already, and the
 straight-through estimator is the one router-skipping work uses (SkipGPT, MindSkip: Gumbel-softmax with straight-
-through). The compute term uses the expected number of executed layers (the gates' probabilities without noise),
-a smooth function of the router weights; being a batch mean, it lets the routers give some tokens more layers than
-others.
+through). The compute term (`compute_on="gates"`, the default) counts the layers the forward pass executed, through
+the same straight-through gates (hard count forward, the sigmoid's gradient backward); being a batch mean, it lets
+the routers give some tokens more layers than others. `compute_on="probs"` (the first form) counts the expected
+layers, sum of P(run): measured on SmolLM2 with LoRA (benchmarks/RESULTS.md section 26), the probabilities gathered
+just above 0.5, so expected depth sat at the target while the hard gates ran 4.8 / 1.5 layers more than it (26.8 at
+target 22, 27.5 at 26), and the routers met the target only after the threshold was recalibrated to decisions
+training never saw.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from depthprune.training import RunKwargs
 
 LOG_NAME = "router_train_log.json"
+COMPUTE_ON = ("gates", "probs")
 
 
 def straight_through_gate(logits: torch.Tensor, temperature: float = 1.0, noise: float = 1.0) -> torch.Tensor:
@@ -62,9 +67,12 @@ def router_loss(
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
     noise: float = 1.0,
+    compute_on: str = "gates",
 ) -> dict[str, torch.Tensor]:
     """KL(teacher || routed student) + the compute term, for one batch ids [batch, seq] (mask: encoders' padding).
     Returns loss, kl, expected and executed layers (per token or sample)."""
+    if compute_on not in COMPUTE_ON:
+        raise RouterError(f"compute_on must be one of {', '.join(COMPUTE_ON)}, got {compute_on!r}")
     with torch.no_grad():
         inputs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
         if routers.granularity == "token":
@@ -78,8 +86,10 @@ def router_loss(
     weights = torch.ones_like(kl) if (mask is None or kl.dim() == 1) else mask.to(kl.dtype)
     kl = (kl * weights).sum() / weights.sum()
     expected = out.expected_layers(weights)
-    compute = compute_weight * (expected - target) ** 2 / out.num_layers
-    executed = (out.executed.detach() * weights).sum() / weights.sum()
+    executed = (out.executed * weights).sum() / weights.sum()  # the straight-through gates: hard, with gradients
+    counted = executed if compute_on == "gates" else expected
+    compute = compute_weight * (counted - target) ** 2 / out.num_layers
+    executed = executed.detach()
     return {"loss": kl + compute, "kl": kl.detach(), "expected_layers": expected.detach(), "executed": executed}
 
 
@@ -134,6 +144,7 @@ def train_routers(
     temperature: float = 1.0,
     kd_temperature: float = 1.0,
     noise: float = 1.0,
+    compute_on: str = "gates",
     lora_rank: int = 0,
     lora_lr: float = 1e-4,
     init: str = "uniform",
@@ -186,7 +197,10 @@ def train_routers(
         peft_model = lora_copy(model, lora_rank)
         student = peft_model.get_base_model()
         groups.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lora_lr})
-    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature, "noise": noise}
+    if compute_on not in COMPUTE_ON:
+        raise RouterError(f"compute_on must be one of {', '.join(COMPUTE_ON)}, got {compute_on!r}")
+    settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature, "noise": noise,
+                "compute_on": compute_on}  # fmt: skip
 
     class _Loss(nn.Module):
         def __init__(self) -> None:
