@@ -5,6 +5,7 @@ equals real skipping; save/load; training moves the depth; calibration; clear er
 import pytest
 import torch
 from tiny_models import build, build_gemma3_sliding, input_ids, inputs
+from tiny_models import randomize_routers as randomize
 
 from depthprune.errors import DepthpruneError, RouterError
 from depthprune.registry import ROUTER_KINDS
@@ -20,16 +21,6 @@ from depthprune.skipping.inference import RoutedClassifier, skip_generate
 from depthprune.skipping.io import load_routers, save_routers
 from depthprune.skipping.routers import build_routers
 from depthprune.skipping.train import train_routers
-
-
-def randomize(routers, seed=0, std=2.0):
-    """Router weights that skip about half of the routed layers at threshold 0.5."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in routers.gates.values():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * std)
-            gate.bias.zero_()
-    return routers
 
 
 class Forced:

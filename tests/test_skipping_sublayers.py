@@ -6,7 +6,7 @@ init runs the static plan exactly; training, save/load and the clear errors."""
 
 import pytest
 import torch
-from tiny_models import build, build_gemma3_sliding, input_ids
+from tiny_models import build, build_gemma3_sliding, input_ids, randomize_routers
 
 from depthprune.errors import RouterError
 from depthprune.registry import ROUTER_KINDS
@@ -22,13 +22,7 @@ from depthprune.sublayers import part_shares
 
 
 def randomized(model, seed=0, std=2.0):
-    routers = build_routers(model, "token_sublayer")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in routers.gates.values():
-            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * std)
-            gate.bias.zero_()
-    return routers
+    return randomize_routers(build_routers(model, "token_sublayer"), seed, std)
 
 
 def model_of(name):

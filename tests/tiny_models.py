@@ -452,3 +452,14 @@ def write_fashion_mnist(folder, train: int = 64, test: int = 32, seed: int = 0):
         classes = (np.arange(n) % 10).astype(np.uint8).tobytes()
         (folder / labels).write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + classes))
     return folder
+
+
+def randomize_routers(routers, seed=0, std=2.0):
+    """Linear-gate routers (depthprune.skipping) with random weights and zero biases, in place: they skip about
+    half of the routed layers (sub-layers) at threshold 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in routers.gates.values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * std)
+            gate.bias.zero_()
+    return routers
