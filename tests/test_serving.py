@@ -410,8 +410,9 @@ def test_tls_through_uvicorns_options_and_the_edge_verifies_it(tmp_path, edge_mo
         srv.stop()
 
 
-def readme_haproxy_config(port: int, replicas: list[int]) -> str:
-    """The README's HAProxy configuration with this test's loopback addresses."""
+def readme_haproxy_config(port: int, replicas: list[int], stats_socket=None) -> str:
+    """The README's HAProxy configuration with this test's loopback addresses (and, with stats_socket, a runtime API
+    socket the test asks which servers HAProxy sees up)."""
     import re
     from pathlib import Path
 
@@ -421,7 +422,39 @@ def readme_haproxy_config(port: int, replicas: list[int]) -> str:
     lines = [line for line in config.splitlines() if not line.strip().startswith("server ")]
     fast = "check inter 100ms fall 1 rise 1"
     lines += [f"    server r{i} 127.0.0.1:{p} {fast}" for i, p in enumerate(replicas)]
+    if stats_socket is not None:
+        lines = ["global", f"    stats socket {stats_socket} level admin"] + lines
     return "\n".join(lines) + "\n"
+
+
+def haproxy_servers_up(stats_socket) -> set[str]:
+    """The servers of backend `cloud` that HAProxy's runtime API reports UP (its `show stat` CSV)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        s.connect(str(stats_socket))
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+    return {r[1] for r in rows if len(r) > 17 and r[0] == "cloud" and r[1] not in ("FRONTEND", "BACKEND") and r[17] == "UP"}
+
+
+def wait_haproxy_up(stats_socket, servers: set[str], proxy, seconds: float = 30) -> None:
+    """Block until HAProxy's health checks see every one of `servers` up (a fixed sleep is too short on a loaded
+    machine: the round-robin assertions need both replicas in rotation)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if servers <= haproxy_servers_up(stats_socket):
+                return
+        except OSError:
+            pass  # the socket is not there yet
+        assert proxy.poll() is None, proxy.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, f"HAProxy did not see {sorted(servers)} up within {seconds} s"
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs HAProxy (Debian: apt-get install -y haproxy)")
@@ -432,7 +465,8 @@ def test_two_replicas_behind_haproxy_a_killed_replica_changes_no_output(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     replicas = [ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS)).start() for _ in range(2)]
-    (tmp_path / "haproxy.cfg").write_text(readme_haproxy_config(port, [r.port for r in replicas]))
+    sock = tmp_path / "haproxy.sock"
+    (tmp_path / "haproxy.cfg").write_text(readme_haproxy_config(port, [r.port for r in replicas], sock))
     proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     prompts = [prompt(11), prompt(12, 6)]
@@ -480,7 +514,7 @@ def test_two_replicas_behind_haproxy_a_killed_replica_changes_no_output(tmp_path
                 pass
             assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read().decode()[-2000:]
             time.sleep(0.1)
-        time.sleep(0.5)
+        wait_haproxy_up(sock, {"r0", "r1"}, proxy)
         outs, used, _ = run_two()
         assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0]  # affinity holds
         assert used == {0, 1}  # round robin spread the two sessions
@@ -490,7 +524,7 @@ def test_two_replicas_behind_haproxy_a_killed_replica_changes_no_output(tmp_path
         dead = killed[0]
         replicas[dead] = ServerThread(create_app(build("llama"), SPLIT, TOKENS, LIMITS), port=replicas[dead].port)
         replicas[dead].start()  # restarted: empty, and back in rotation once the health check sees it
-        time.sleep(0.5)
+        wait_haproxy_up(sock, {"r0", "r1"}, proxy)
         outs, used, _ = run_two()
         assert [o.tokens for o in outs] == want and [o.rebuilds for o in outs] == [0, 0] and used == {0, 1}
     finally:
