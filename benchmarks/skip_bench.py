@@ -94,6 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--static-heal on the same blocks, epochs, rank and lr (default 0: frozen backbone)",
     )
     p.add_argument("--lora-lr", type=float, default=2e-4)
+    p.add_argument(
+        "--start",
+        choices=("untouched", "healed"),
+        default="untouched",
+        help="healed: the routers start from the static plan healed by --static-heal (train-router --start), "
+        "its row measured beside them",
+    )
+    p.add_argument("--heal-rank", type=int, default=None, help="LoRA rank of the static healing (default "
+                   "--lora-rank, else 8)")  # fmt: skip
     p.add_argument("--static-heal", default="fold+distill", help="the healing of the static row beside LoRA routers")
     p.add_argument("--heldout-blocks", type=int, default=8, help="held-out blocks of 128 tokens (default 8)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts for greedy agreement (default 8)")
@@ -152,10 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
             routed[target] = (load_routers(saved, adapted), threshold, None, adapted)
             continue
         methods = () if args.routers_only else ("unhealed", "fold")
-        if args.lora_rank:  # the static plan healed with the same training the routers' LoRA gets
+        if args.lora_rank or args.start == "healed":  # the static plan healed with the routers' LoRA budget
             methods += (args.static_heal,)
+        start = None
         for method in methods:
             pruned = static_row_model(model, plan, method, fold_batches, train_blocks, args)
+            if method == args.static_heal and args.start == "healed":
+                start = pruned
             tf = teacher_forced(pruned, model, held)
             conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
             row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
@@ -182,11 +194,20 @@ def main(argv: list[str] | None = None) -> dict:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             dump(args.json, result)
+        if start is not None:  # 0 steps on the healed start: the healed static plan exactly, at threshold 0.5
+            zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, start=start,
+                                 **init)  # fmt: skip
+            tf = routed_perplexity(zero.model, zero.routers, held, 0.5, batch_size=4, reference=model)
+            row = {"method": f"routers, {args.static_heal} start, 0 steps", "target": target,
+                   "layers": tf["mean_layers"], "ppl": tf["ppl"], "agreement": tf["agreement"], "threshold": 0.5}  # fmt: skip
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            dump(args.json, result)
         t0 = time.perf_counter()
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             compute_weight=args.compute_weight, noise=args.noise, compute_on=args.compute_on, lora_rank=args.lora_rank,
-            lora_lr=args.lora_lr,
+            lora_lr=args.lora_lr, start=start,
             progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
@@ -197,8 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                 eos_token_id=eos)  # fmt: skip
         lora = f" + LoRA r{args.lora_rank}" if args.lora_rank else ""
         kind = f" ({args.kind})" if args.kind else ""
+        how = f"{args.static_heal} start" if start is not None else f"{args.init} init"
         row = {
-            "method": f"routers{kind}, {args.init} init{lora}", "target": target, "layers": tf["mean_layers"],
+            "method": f"routers{kind}, {how}{lora}", "target": target, "layers": tf["mean_layers"],
             "ppl": tf["ppl"],
             "agreement": tf["agreement"], "greedy_agreement": agreement(conts, refs), "gen_layers": gen_depth,
             "threshold": threshold, "train_seconds": seconds, "train_steps": len(res.history),
@@ -262,7 +284,8 @@ def static_row_model(model, plan, method: str, fold_batches, train_blocks, args)
     folded = heal(model, plan, fold_batches, "fold") if method.startswith("fold") else None
     if method == "fold":
         return folded
-    options = {"lora_rank": args.lora_rank, "lr": args.lora_lr, "epochs": args.epochs, "batch_size": args.batch_size}
+    rank = args.heal_rank if args.heal_rank is not None else (args.lora_rank or 8)
+    options = {"lora_rank": rank, "lr": args.lora_lr, "epochs": args.epochs, "batch_size": args.batch_size}
     return heal(model, plan, list(train_blocks.split(args.batch_size)), "distill", start=folded, **options)
 
 

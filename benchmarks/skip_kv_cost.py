@@ -89,7 +89,9 @@ def cost_weighted_ratio(layer_rows: list[list[int]], costs: dict[int, float], ba
 
 def main(source: str, out_path: Path) -> None:
     torch.set_num_threads(1)
-    model = load_model("smollm2", task="causal-lm").eval()
+    merged = not source.startswith("static:") and (Path(source) / "config.json").is_file()
+    # LoRA-trained routers decide on their merged model's states (saved beside them)
+    model = load_model(source if merged else "smollm2", task="causal-lm").eval()
     tok = load_tokenizer("smollm2")
     ids = tok(heldout_text(None), return_tensors="pt").input_ids[:, : 64 * 8].reshape(8, 64)
     if source.startswith("static:"):  # block_influence's plan on 16 calibration blocks of 128, as skip_bench scores

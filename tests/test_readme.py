@@ -43,6 +43,7 @@ SIZE: dict[str, list[tuple[str, str]]] = {
     "train-layerskip": [("", "--max-blocks 2 --seq-len 16")],
     "eval out/p26": [("--lm-eval-limit 50", "--lm-eval-limit 2 --lm-eval-batch-size 2")],
     "train-router": [("", "--blocks 4 --seq-len 8 --quiet")],
+    "prune smollm2 --remove": [("", "--option distill.max_tokens=256")],  # the healed start of train-router --start
     # timings of a tiny model are noise: its SkipDecode schedule aims at the layer ratio, not at measured seconds
     "generate smollm2 --skipdecode": [("", "--skip-cost nominal")],
     "calibrate-router": [("", "--prompts 4 --prompt-len 8 --max-new-tokens 2")],

@@ -108,3 +108,64 @@ def test_static_init_errors():
         train_routers(model, DATA, target_layers=3.0, init="nope", epochs=0, progress=False)
     with pytest.raises(RouterError, match="needs init_biases"):
         build_routers(model, init="static")
+
+
+def healed(model, removed=(1,)):
+    """A pruned model of `model` whose kept layers, final norm and head moved as healing moves them."""
+    pruned = apply_plan(model, LayerPlan.drop({"decoder": 4}, list(removed)))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if "layers." in name or "norm" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return pruned
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_healed_start_untrained_routers_compute_the_pruned_model(batch, tmp_path):
+    """--start: untrained routers on the start's routed model compute exactly what the (healed) pruned model
+    computes, teacher forced and in generation; neither given model is modified; the routed model is saved."""
+    model = build("llama")
+    pruned = healed(model)
+    before = [[p.clone() for p in m.parameters()] for m in (model, pruned)]
+    res = train_routers(model, DATA, target_layers=3.0, layers=ALL, start=pruned, epochs=0, progress=False,
+                        output_dir=tmp_path / "o")  # fmt: skip
+    for m, b in zip((model, pruned), before, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(b, m.parameters(), strict=True))
+    assert res.init_removed == [1] and res.routers.config.init == "static" and res.start is not None
+    ids, mask = input_ids(batch=batch, seq=7)
+    out = routed_pass(res.model, res.routers, ids, mask, threshold=0.5)
+    with torch.no_grad():
+        want = pruned(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        unhealed = apply_plan(model, LayerPlan.drop({"decoder": 4}, [1]))(input_ids=ids, attention_mask=mask,
+                                                                           use_cache=False).logits  # fmt: skip
+        gen = pruned.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(out.logits, want) and not torch.equal(want, unhealed)
+    got = skip_generate(res.model, res.routers, ids, mask, threshold=0.5, max_new_tokens=5, prefill="routed",
+                        eos_token_id=())  # fmt: skip
+    assert torch.equal(got.sequences, gen)
+    back = type(model).from_pretrained(tmp_path / "o")  # the routed model beside the routers
+    assert all(torch.equal(a, b) for a, b in zip(back.parameters(), res.model.parameters(), strict=True))
+    assert load_routers(tmp_path / "o", back).config.init_removed == (1,)
+    layers = res.model.model.layers  # the removed layer keeps the untouched model's weights
+    assert all(torch.equal(a, b) for a, b in zip(layers[1].parameters(), model.model.layers[1].parameters(),
+                                                  strict=True))  # fmt: skip
+
+
+def test_healed_start_trains_and_errors(tmp_path):
+    model = build("llama")
+    pruned = healed(model, (1, 2))
+    res = train_routers(model, DATA, target_layers=2.0, layers=ALL, start=pruned, epochs=1, lr=0.05, batch_size=4,
+                        lora_rank=2, progress=False)  # fmt: skip
+    assert res.init_removed == [1, 2] and type(res.model) is type(model)
+    with pytest.raises(RouterError, match="records no layer plan"):
+        train_routers(model, DATA, target_layers=3.0, start=model, epochs=0, progress=False)
+    with pytest.raises(RouterError, match="use init static"):
+        train_routers(model, DATA, target_layers=3.0, start=pruned, init="uniform", epochs=0, progress=False)
+    with pytest.raises(RouterError, match="kept ones once, in order"):
+        train_routers(model, DATA, target_layers=3.0, start=apply_plan(model, LayerPlan({"decoder": (0, 2, 1, 3)})),
+                      epochs=0, progress=False)  # fmt: skip
+    with pytest.raises(RouterError, match="must be a LlamaForCausalLM"):
+        other = build("qwen2")
+        train_routers(model, DATA, target_layers=3.0, start=apply_plan(other, LayerPlan.drop({"decoder": 4}, [1])),
+                      epochs=0, progress=False)  # fmt: skip

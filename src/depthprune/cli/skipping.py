@@ -68,16 +68,18 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         texts = read_texts(args.data)[: args.blocks]
         enc = tokenizer(texts, truncation=True, max_length=args.seq_len, padding=True, return_tensors="pt")
         data = (enc["input_ids"], enc["attention_mask"])
+    start = load_model(args.start).eval() if args.start else None
     torch.manual_seed(args.seed)
     res = train_routers(
         model, data, target_layers=args.target_layers, kind=args.kind, layers=args.layers, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, compute_weight=args.compute_weight, compute_on=args.compute_on,
-        lora_rank=args.lora_rank,
-        init=args.init, scorer=args.scorer, seed=args.seed, output_dir=out, overwrite=args.overwrite,
+        lora_rank=args.lora_rank, lora_lr=args.lora_lr, init=args.init or ("static" if start else "uniform"),
+        scorer=args.scorer, start=start, seed=args.seed, output_dir=out, overwrite=args.overwrite,
         progress=not args.quiet,
     )  # fmt: skip
     last = res.epoch_losses[-1] if res.epoch_losses else {}
-    init = f"{res.init} init ({args.scorer}: removes {res.init_removed})" if res.init != "uniform" else "uniform init"
+    how = f"{args.start}'s plan" if start is not None else args.scorer
+    init = f"{res.init} init ({how}: removes {res.init_removed})" if res.init != "uniform" else "uniform init"
     print(
         f"wrote {out}: {res.kind} routers on {len(res.layers)} of {facts['num_layers']} layers, target "
         f"{res.target_layers:g} layers, {init}; last epoch: {json.dumps(last.get('metrics', {}))}"
@@ -255,11 +257,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="the depth term counts the layers the gates executed (default) or the expected layers, sum of P(run)",
     )  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=0, help="also train LoRA of this rank (decoders; default off)")
+    p.add_argument("--lora-lr", type=float, default=1e-4, help="LoRA learning rate (default 1e-4)")
     p.add_argument(
-        "--init", choices=("uniform", "static", "static_parts"), default="uniform",
-        help="uniform: every gate starts at the target's keep share; static: the gates start as the static plan of "
-        "the target depth (removed layers P(run) low, kept high, by rank of --scorer's score); static_parts "
-        "(--kind token_sublayer): as the plan of attention / MLP sub-layers by their own block influence",
+        "--init", choices=("uniform", "static", "static_parts"), default=None,
+        help="uniform (the default): every gate starts at the target's keep share; static: the gates start as the "
+        "static plan of the target depth (removed layers P(run) low, kept high, by rank of --scorer's score; with "
+        "--start, the default: that model's plan); static_parts (--kind token_sublayer): as the plan of attention / "
+        "MLP sub-layers by their own block influence",
+    )  # fmt: skip
+    p.add_argument(
+        "--start", metavar="PRUNED", default=None,
+        help="a model `depthprune prune MODEL --remove N [--heal ...]` wrote: the routed model starts as MODEL with "
+        "its kept (healed) layers and the routers as its plan, so training starts from that pruned model's quality "
+        "(saved beside the routers)",
     )  # fmt: skip
     p.add_argument("--scorer", default="block_influence", help="importance scorer for --init static (default "
                    "block_influence; see depthprune list)")  # fmt: skip

@@ -9,6 +9,12 @@ Those get negative biases, the others positive ones, by rank of their score: the
 -`low`, the least important -`high`, linear in rank between. With zero weights P(run) = sigmoid(bias): at the
 default `low`=1, `high`=4, between 0.73 and 0.98 for kept layers and between 0.02 and 0.27 for removed ones, so at
 threshold 0.5 the routers reproduce the plan exactly, and the layers nearest the cut are the easiest to flip.
+
+A healed start (`train-router --start PRUNED`, `healed_start`): a model `depthprune prune` made from the routed one
+(healed or not: fold, distill, ...) gives the plan and the kept layers' weights. The student is the full-depth model
+with those layers in their source positions, the removed ones as they were, and the routers start as that plan, so
+untrained routers compute exactly what the pruned model computes and training starts from the best static model
+instead of the unhealed plan.
 """
 
 from __future__ import annotations
@@ -42,13 +48,15 @@ def static_init(
     low: float = LOW,
     high: float = HIGH,
     parts: tuple[str, ...] = (),
+    removed: tuple[int, ...] | list[int] | None = None,
 ) -> dict[str, Any]:
     """RouterConfig options (layers, init, init_biases, init_scorer, init_removed) that make untrained routers run
     the static plan `scorer` chooses for `target_layers` on `batches` (list of token ids [batch, seq]). layers: the
     routed layers; None: the default ones (all but the first and last) and any other the plan removes. A RouterError
     when the plan removes a layer that given `layers` leave without a router. parts ("attention", "mlp"): the plan
     removes sub-layers of sub-layer routers (`sublayer_plan`; init "static_parts", also init_removed_parts); without
-    them a sub-layer router starts as the layer plan, each layer's bias on both of its parts."""
+    them a sub-layer router starts as the layer plan, each layer's bias on both of its parts. removed: the plan's layers
+given (a healed start's), the scorer only ranks them for the biases."""
     from depthprune.static.scorers import get_scorer
 
     if not 0 < low <= high:
@@ -58,17 +66,21 @@ def static_init(
     given = layers is not None
     layers = tuple(sorted({int(i) for i in (layers if given else default_layers(n))}))
     check_target(target_layers, n, len(layers))
-    n_remove = round(n - float(target_layers))
+    n_remove = round(n - float(target_layers)) if removed is None else len(removed)
+    if n_remove < 1 and removed is not None:
+        raise RouterError("the start model removes no layer: give a model `depthprune prune` made (--remove N)")
     if n_remove < 1:
         raise RouterError(
             f"target depth {target_layers} removes no layer of {n} statically: a static init needs a target at "
             f"most {n - 1} (or use --init uniform)"
         )
+    if parts and removed is not None:
+        raise RouterError("a healed start gives a layer plan: use init static (not static_parts) with --start")
     if parts:
         return _sublayer_init(model, batches, float(n_remove), layers, given, scorer, low, high, parts)
     stack = "decoder" if facts["granularity"] == "token" else None
     result = get_scorer(scorer)(model, batches, n_remove=n_remove, stack=stack)
-    removed = tuple(sorted(result.remove))
+    removed = tuple(sorted(result.remove if removed is None else removed))
     outside = [i for i in removed if i not in layers]
     if outside and not given:
         layers, outside = tuple(sorted({*layers, *removed})), []
@@ -169,4 +181,61 @@ def _sublayer_init(model, batches, n_remove, layers, given, scorer, low, high, p
     }
 
 
-__all__ = ["HIGH", "LOW", "rank_biases", "static_init", "sublayer_plan", "sublayer_scores"]
+def healed_start(model: nn.Module, pruned: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
+    """(student, removed layers) for routers that start from `pruned`, a model `depthprune prune` made from `model`
+    (its plan is recorded in its config; healed or not): the student is a copy of `model` whose kept layers, and every
+    weight outside the layers (embeddings, final norm, head), are `pruned`'s; the removed layers keep `model`'s
+    weights. Neither model is modified. A RouterError when `pruned` is not a layer removal of `model`."""
+    import copy
+
+    from depthprune.adapters.registry import get_adapter
+    from depthprune.static.apply import source_plan
+
+    plan = source_plan(pruned)
+    if plan is None:
+        raise RouterError(
+            "the start model records no layer plan: give the folder `depthprune prune MODEL --remove N [--heal ...]` "
+            "wrote (its config.json has the plan)"
+        )
+    adapter = get_adapter(model)
+    stack = adapter.present_stacks(model)[0]
+    sizes = adapter.num_layers(model)
+    n = sizes[stack.name]
+    try:
+        resolved = plan.resolve(sizes)
+    except Exception as e:  # noqa: BLE001 - a plan of another model: say so with the plan's own complaint
+        raise RouterError(f"the start model's plan {plan} is not a plan of this model's layers ({sizes}): {e}") from e
+    kept = list(resolved.stacks[stack.name])
+    if type(pruned) is not type(model) or kept != sorted(set(kept)):
+        raise RouterError(
+            f"the start model must be a {type(model).__name__} whose plan removes layers (kept ones once, in order); "
+            f"got a {type(pruned).__name__} running {kept}"
+        )
+    pruned_layers = adapter.layers(pruned, stack)
+    if len(pruned_layers) != len(kept) or pruned.config.hidden_size != model.config.hidden_size:
+        raise RouterError(
+            f"the start model has {len(pruned_layers)} layers of width {pruned.config.hidden_size}, its plan keeps "
+            f"{len(kept)} of this model's width {model.config.hidden_size}: it was not pruned from this model"
+        )
+    student = copy.deepcopy(model)
+    names = {id(m): name for name, m in student.named_modules()}
+    prefix = names[id(adapter.layers(student, stack))] + "."
+    pruned_prefix = {id(m): name for name, m in pruned.named_modules()}[id(pruned_layers)] + "."
+    state = {}
+    for key, value in pruned.state_dict().items():
+        if key.startswith(pruned_prefix):
+            pos, rest = key[len(pruned_prefix):].split(".", 1)
+            key = f"{prefix}{kept[int(pos)]}.{rest}"
+        state[key] = value
+    missing = student.load_state_dict(state, strict=False)
+    removed = tuple(i for i in range(n) if i not in kept)
+    stray = [k for k in missing.missing_keys if not any(k.startswith(f"{prefix}{i}.") for i in removed)]
+    if stray or missing.unexpected_keys:
+        raise RouterError(
+            f"the start model's weights do not map onto this model (missing {stray[:3]}, unexpected "
+            f"{missing.unexpected_keys[:3]}): it was not pruned from this model"
+        )
+    return student.eval(), removed
+
+
+__all__ = ["HIGH", "LOW", "healed_start", "rank_biases", "static_init", "sublayer_plan", "sublayer_scores"]

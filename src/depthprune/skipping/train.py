@@ -122,6 +122,7 @@ class RouterTrainResult:
     history: list[float]
     train_seconds: float
     output_dir: str | None = None
+    start: str | None = None  # the pruned model the routed model started from
     routers: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
     model: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -147,10 +148,11 @@ def train_routers(
     compute_on: str = "gates",
     lora_rank: int = 0,
     lora_lr: float = 1e-4,
-    init: str = "uniform",
+    init: str | None = None,
     scorer: str = "block_influence",
     init_examples: int = 64,
     score_batches: list[torch.Tensor] | None = None,
+    start: nn.Module | None = None,
     seed: int = 0,
     progress: bool = True,
     **run_kwargs: Unpack[RunKwargs],
@@ -159,8 +161,11 @@ def train_routers(
     (encoders). target_layers: mean executed layers per token (sample) wanted. lora_rank > 0 also trains LoRA on a
     copy of the decoder (depthprune.lora), merged into the result's model (saved beside the routers). init "static":
     the gates start as `scorer`'s static plan of the target depth, scored on `score_batches` (token ids [batch, seq]),
-    default the first `init_examples` examples (depthprune.skipping.init). `model` is never modified; output_dir
-    (RunKwargs) gets routers.json + routers.safetensors (+ the merged model) + the log."""
+    default the first `init_examples` examples (depthprune.skipping.init). start: a model `depthprune prune` made
+    from `model` (healed or not): the routed model starts as `model` with its kept layers' weights and the routers as
+    its plan (`init` "static", the default with a start; depthprune.skipping.init.healed_start), the teacher stays `model`; the routed
+    model is saved beside the routers. `model` is never modified; output_dir (RunKwargs) gets routers.json +
+    routers.safetensors (+ the routed model, with LoRA or a start) + the log."""
     target = float(target_layers)
     if isinstance(data, (tuple, list)):
         ids, mask = data
@@ -172,6 +177,14 @@ def train_routers(
     if len(dataset) == 0:
         raise RouterError("no training examples")
     options: dict[str, Any] = {}
+    init = init or ("static" if start is not None else "uniform")
+    base, removed = model, None
+    if start is not None:
+        from depthprune.skipping.init import healed_start
+
+        if init != "static":
+            raise RouterError(f"a start model gives the routers its plan: use init static with it, not {init!r}")
+        base, removed = healed_start(model, start)
     if init in ("static", "static_parts"):
         from depthprune.registry import ROUTER_KINDS
         from depthprune.skipping.init import static_init
@@ -183,18 +196,18 @@ def train_routers(
                 "init static_parts starts sub-layer routers as a plan of sub-layers; use it with --kind token_sublayer "
                 "(or init static: the layer plan)"
             )
-        options = static_init(model, batches, target, layers=layers, scorer=scorer,
+        options = static_init(base, batches, target, layers=layers, scorer=scorer, removed=removed,
                               parts=parts if init == "static_parts" else ())  # fmt: skip
         layers = options.pop("layers")  # the default layers and any other the plan removes
     elif init != "uniform":
         raise RouterError(f"unknown router init {init!r}; choose uniform, static or static_parts")
-    routers = build_routers(model, kind, layers, target_layers=target, **options)  # checks the target's range
-    student, peft_model = model, None
+    routers = build_routers(base, kind, layers, target_layers=target, **options)  # checks the target's range
+    student, peft_model = base, None
     groups: list[dict[str, Any]] = [{"params": list(routers.parameters()), "lr": lr}]
     if lora_rank:
         from depthprune.lora import lora_copy
 
-        peft_model = lora_copy(model, lora_rank)
+        peft_model = lora_copy(base, lora_rank)
         student = peft_model.get_base_model()
         groups.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lora_lr})
     if compute_on not in COMPUTE_ON:
@@ -221,12 +234,13 @@ def train_routers(
             init_removed=list(routers.config.init_removed), epochs=epochs, lr=lr,
             batch_size=batch_size, compute_weight=compute_weight, temperature=temperature, lora_rank=lora_rank,
             num_examples=len(dataset), epoch_losses=run.epoch_losses, history=[h["loss"] for h in run.history],
-            train_seconds=run.train_seconds, output_dir=run.output_dir, routers=routers, model=merged,
+            train_seconds=run.train_seconds, output_dir=run.output_dir, start=start_name, routers=routers,
+            model=merged,
         )  # fmt: skip
 
     def merge() -> nn.Module | None:
         if peft_model is None:
-            return None
+            return None if base is model else base  # a start's routed model
         from depthprune.lora import merged_copy
 
         return merged_copy(peft_model).eval()
@@ -239,7 +253,8 @@ def train_routers(
         save_routers(routers, folder, overwrite=True)
         (folder / LOG_NAME).write_text(json.dumps(make_result(run).to_dict(), indent=1))
 
-    frozen = [model]
+    frozen = [model] if base is model else [model, base]
+    start_name = None if start is None else str(getattr(start.config, "_name_or_path", "") or "a model")
     run = train(
         _Loss(),
         groups,
@@ -251,7 +266,8 @@ def train_routers(
         save=save,
         frozen=frozen,
         train_mode=False,
-        fingerprint={"router": routers.config.to_dict(), **settings, "lora_rank": lora_rank},
+        fingerprint={"router": routers.config.to_dict(), **settings, "lora_rank": lora_rank,
+                     **({} if start is None else {"start": start_name})},  # fmt: skip
         desc="routers",
         progress=progress,
         **run_kwargs,
