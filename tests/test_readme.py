@@ -210,6 +210,8 @@ def _effect(argv: list[str], out: str, work: Path) -> None:
         assert "exit after" in out
     elif command == "train-router":
         assert json.loads((folder / "routers.json").read_text())["target_layers"] == float(option["--target-layers"])
+        if "--start" in argv:  # the routed model (the start's healed layers in place) is saved beside the routers
+            assert (folder / "config.json").is_file() and "plan: removes" in out
     elif command == "calibrate-router":
         record = json.loads((work / option["--routers"] / "router_calibration.json").read_text())
         assert record["table"] and ("Learn-then-Test" in out or "no threshold certified" in out)
