@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         choices=("untouched", "healed"),
         default="untouched",
         help="healed: the routers start from the static plan healed by --static-heal (train-router --start), "
-        "its row measured beside them",
+        "its row measured beside them; saved as ROUTERS_DIR/healed_TARGET and read from there by later runs",
     )
     p.add_argument("--heal-rank", type=int, default=None, help="LoRA rank of the static healing (default "
                    "--lora-rank, else 8)")  # fmt: skip
@@ -164,10 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
         if args.lora_rank or args.start == "healed":  # the static plan healed with the routers' LoRA budget
             methods += (args.static_heal,)
         start = None
+        kept = saved.parent / f"healed_{target:g}"  # the healed start, kept for later runs (--routers-dir)
         for method in methods:
-            pruned = static_row_model(model, plan, method, fold_batches, train_blocks, args)
+            reuse = method == args.static_heal and args.start == "healed" and (kept / "config.json").is_file()
+            if reuse:
+                pruned = depthprune.load_model(str(kept)).eval()
+            else:
+                pruned = static_row_model(model, plan, method, fold_batches, train_blocks, args)
             if method == args.static_heal and args.start == "healed":
                 start = pruned
+                if args.routers_dir and not reuse:
+                    pruned.save_pretrained(kept)
             tf = teacher_forced(pruned, model, held)
             conts = greedy_continuations(pruned, prompts, args.new_tokens, eos_token_id=eos)
             row = {"method": f"block_influence {method}", "target": target, "layers": n_layers - n_remove,
