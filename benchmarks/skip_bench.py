@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  **init)  # fmt: skip
             tf = routed_perplexity(zero.model, zero.routers, held, 0.5, batch_size=4, reference=model)
             row = {"method": f"routers, {args.static_heal} start, 0 steps", "target": target,
-                   "layers": tf["mean_layers"], "ppl": tf["ppl"], "agreement": tf["agreement"], "threshold": 0.5}  # fmt: skip
+                   "layers": tf["mean_layers"], "ppl": tf["ppl"], "agreement": tf["agreement"],
+                   "threshold": 0.5}  # fmt: skip
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             dump(args.json, result)

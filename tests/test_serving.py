@@ -439,7 +439,9 @@ def haproxy_servers_up(stats_socket) -> set[str]:
         while chunk := s.recv(65536):
             data += chunk
     rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
-    return {r[1] for r in rows if len(r) > 17 and r[0] == "cloud" and r[1] not in ("FRONTEND", "BACKEND") and r[17] == "UP"}
+    return {
+        r[1] for r in rows if len(r) > 17 and r[0] == "cloud" and r[1] not in ("FRONTEND", "BACKEND") and r[17] == "UP"
+    }
 
 
 def wait_haproxy_up(stats_socket, servers: set[str], proxy, seconds: float = 30) -> None:

@@ -56,7 +56,7 @@ def static_init(
     when the plan removes a layer that given `layers` leave without a router. parts ("attention", "mlp"): the plan
     removes sub-layers of sub-layer routers (`sublayer_plan`; init "static_parts", also init_removed_parts); without
     them a sub-layer router starts as the layer plan, each layer's bias on both of its parts. removed: the plan's layers
-given (a healed start's), the scorer only ranks them for the biases."""
+    given (a healed start's), the scorer only ranks them for the biases."""
     from depthprune.static.scorers import get_scorer
 
     if not 0 < low <= high:
@@ -224,7 +224,7 @@ def healed_start(model: nn.Module, pruned: nn.Module) -> tuple[nn.Module, tuple[
     state = {}
     for key, value in pruned.state_dict().items():
         if key.startswith(pruned_prefix):
-            pos, rest = key[len(pruned_prefix):].split(".", 1)
+            pos, rest = key[len(pruned_prefix) :].split(".", 1)
             key = f"{prefix}{kept[int(pos)]}.{rest}"
         state[key] = value
     missing = student.load_state_dict(state, strict=False)

@@ -163,9 +163,9 @@ def train_routers(
     the gates start as `scorer`'s static plan of the target depth, scored on `score_batches` (token ids [batch, seq]),
     default the first `init_examples` examples (depthprune.skipping.init). start: a model `depthprune prune` made
     from `model` (healed or not): the routed model starts as `model` with its kept layers' weights and the routers as
-    its plan (`init` "static", the default with a start; depthprune.skipping.init.healed_start), the teacher stays `model`; the routed
-    model is saved beside the routers. `model` is never modified; output_dir (RunKwargs) gets routers.json +
-    routers.safetensors (+ the routed model, with LoRA or a start) + the log."""
+    its plan (`init` "static", the default with a start; depthprune.skipping.init.healed_start); the teacher stays
+    `model`; the routed model is saved beside the routers. `model` is never modified; output_dir (RunKwargs) gets
+    routers.json + routers.safetensors (+ the routed model, with LoRA or a start) + the log."""
     target = float(target_layers)
     if isinstance(data, (tuple, list)):
         ids, mask = data
@@ -266,8 +266,12 @@ def train_routers(
         save=save,
         frozen=frozen,
         train_mode=False,
-        fingerprint={"router": routers.config.to_dict(), **settings, "lora_rank": lora_rank,
-                     **({} if start is None else {"start": start_name})},  # fmt: skip
+        fingerprint={
+            "router": routers.config.to_dict(),
+            **settings,
+            "lora_rank": lora_rank,
+            **({} if start is None else {"start": start_name}),
+        },  # fmt: skip
         desc="routers",
         progress=progress,
         **run_kwargs,
