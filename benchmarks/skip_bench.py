@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="healed: the routers start from the static plan healed by --static-heal (train-router --start), "
         "its row measured beside them; saved as ROUTERS_DIR/healed_TARGET and read from there by later runs",
     )
+    p.add_argument("--sink-tokens", type=int, default=0, help="first positions that always run (train-router)")
     p.add_argument("--heal-rank", type=int, default=None, help="LoRA rank of the static healing (default "
                    "--lora-rank, else 8)")  # fmt: skip
     p.add_argument("--static-heal", default="fold+distill", help="the healing of the static row beside LoRA routers")
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = train_routers(
             model, train_blocks, target_layers=target, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             compute_weight=args.compute_weight, noise=args.noise, compute_on=args.compute_on, lora_rank=args.lora_rank,
-            lora_lr=args.lora_lr, start=start,
+            lora_lr=args.lora_lr, start=start, sink_tokens=args.sink_tokens,
             progress=False, **init,
         )  # fmt: skip
         seconds = time.perf_counter() - t0

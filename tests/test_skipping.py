@@ -263,3 +263,34 @@ def test_calibration_certifies_and_checks():
     assert ec.table[0]["risk"] == 0.0 and ec.threshold is not None
     ch = check_classifier(enc, er, ids, mask, labels, ec.threshold)
     assert ch["accuracy_drop"] <= 1.0 and ch["mean_layers"] <= 4
+
+
+def test_sink_tokens_always_run_every_layer(tmp_path):
+    """sink_tokens=1: each row's first real position runs every layer (teacher forced: its logits are the full
+    model's, left padding included; in a routed prefill: a one-token prompt's first new token ran every layer), the
+    other positions follow their routers; saved and loaded with the routers; a negative count is refused."""
+    from depthprune.skipping.routers import sink_positions
+
+    model = build("llama")
+    never = build_routers(model, init_bias=-20.0, sink_tokens=1)  # every routed layer skipped, but the sink
+    ids, mask = input_ids(batch=4, seq=7)
+    assert mask[:, 0].min() == 0 and mask.all(-1).any()  # left padding in some rows, none in others
+    sinks = sink_positions(never, tuple(ids.shape), mask)
+    first = mask.long().argmax(-1)
+    assert torch.equal(sinks, torch.nn.functional.one_hot(first, 7).bool())
+    out = routed_pass(model, never, ids, mask, threshold=0.5)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    rows = torch.arange(4)
+    assert torch.allclose(out.logits[rows, first], full[rows, first], atol=1e-5)
+    assert not torch.allclose(out.logits[:, -1], full[:, -1], atol=1e-3)  # the rest skipped: the guard says something
+    assert torch.equal(out.executed[rows, first], torch.full((4,), 4.0))
+    one = ids[:, -1:]
+    for n, want in ((1, 4), (0, 2)):
+        routers = build_routers(model, init_bias=-20.0, sink_tokens=n)
+        got = skip_generate(model, routers, one, threshold=0.5, max_new_tokens=3, prefill="routed", eos_token_id=())
+        assert got.executed[:, 0].tolist() == [want] * 4 and got.executed[:, 1:].eq(2).all()
+    save_routers(never, tmp_path / "r")
+    assert load_routers(tmp_path / "r", model).config.sink_tokens == 1
+    with pytest.raises(RouterError, match="sink_tokens must be a whole number"):
+        build_routers(model, sink_tokens=-1)

@@ -74,8 +74,8 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         model, data, target_layers=args.target_layers, kind=args.kind, layers=args.layers, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, compute_weight=args.compute_weight, compute_on=args.compute_on,
         lora_rank=args.lora_rank, lora_lr=args.lora_lr, init=args.init or ("static" if start else "uniform"),
-        scorer=args.scorer, start=start, seed=args.seed, output_dir=out, overwrite=args.overwrite,
-        progress=not args.quiet,
+        scorer=args.scorer, start=start, sink_tokens=args.sink_tokens, seed=args.seed, output_dir=out,
+        overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     last = res.epoch_losses[-1] if res.epoch_losses else {}
     how = f"{args.start}'s plan" if start is not None else args.scorer
@@ -273,6 +273,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--scorer", default="block_influence", help="importance scorer for --init static (default "
                    "block_influence; see depthprune list)")  # fmt: skip
+    p.add_argument(
+        "--sink-tokens", type=int, default=0,
+        help="decoders: each sequence's first N real positions always run every layer (the attention sink; default 0)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

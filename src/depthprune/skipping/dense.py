@@ -19,7 +19,7 @@ from torch import nn
 
 from depthprune.adapters.registry import get_adapter
 from depthprune.runner import capture_stack
-from depthprune.skipping.routers import check_threshold
+from depthprune.skipping.routers import check_threshold, sink_positions
 from depthprune.sublayers import part_shares
 
 Gate = Callable[[Any, torch.Tensor], torch.Tensor]  # (layer or (layer, part), router logits) -> gate in [0, 1]
@@ -75,6 +75,9 @@ def routed_pass(
     if token:
         inputs.setdefault("use_cache", False)
     hidden, call = capture_stack(model, inputs, stack=stack, adapter=adapter)  # [batch, seq, hidden]
+    sinks = sink_positions(routers, tuple(input_ids.shape), attention_mask)
+    if sinks is not None:
+        sinks = sinks.to(hidden.device)
     executed = torch.zeros(hidden.shape[:2] if token else hidden.shape[:1], device=hidden.device)
     probs: dict[int, torch.Tensor] = {}
     gates: dict[int, torch.Tensor] = {}
@@ -93,6 +96,8 @@ def routed_pass(
                 layer, hidden, attention_mask, part
             )  # fmt: skip
             g = gate(key, logits)
+            if sinks is not None:  # the sink positions run every layer
+                g = torch.where(sinks, torch.ones_like(g), g)
             probs[key], gates[key], shares[key] = torch.sigmoid(logits), g, share
             gx = (g[..., None] if token else g[:, None, None]).to(hidden.dtype)  # broadcast over hidden (and seq)
             if g.requires_grad:

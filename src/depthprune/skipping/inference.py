@@ -26,7 +26,7 @@ from depthprune import decoding
 from depthprune.errors import RouterError
 from depthprune.kv import RowView, check_cache, decoder_cache, grow_cache, propagate
 from depthprune.runner import StackCall, capture_stack
-from depthprune.skipping.routers import check_threshold
+from depthprune.skipping.routers import check_threshold, sink_positions
 
 KV_MODES = ("propagate", "recompute")
 PREFILLS = ("full", "routed")
@@ -229,6 +229,7 @@ def _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, posi
     inputs = decoding.step_inputs(model, input_ids, mask, positions, cache)
     hidden, call = capture_stack(model, inputs, adapter=adapter)  # [batch, seq, hidden]
     units = _units(routers, call.layers)
+    sinks = sink_positions(routers, tuple(input_ids.shape), mask)
     ran = torch.zeros(input_ids.shape[0], device=input_ids.device)
     for layer in range(len(call)):
         for part, share in units[layer]:
@@ -243,6 +244,8 @@ def _routed_prefill(model, routers, adapter, final_logits, input_ids, mask, posi
                 hidden, ran = out, ran + share
                 continue
             go = go.reshape(hidden.shape[:2]).to(torch.bool)  # [batch, seq]
+            if sinks is not None:  # the sink positions run every layer
+                go = go | sinks.to(go.device)
             hidden = torch.where(go[..., None], out, hidden)
             ran += share * go[:, -1].float()
     dtype = torch.float if any(part is not None for unit in units for part, _ in unit) else torch.long

@@ -153,6 +153,7 @@ def train_routers(
     init_examples: int = 64,
     score_batches: list[torch.Tensor] | None = None,
     start: nn.Module | None = None,
+    sink_tokens: int = 0,
     seed: int = 0,
     progress: bool = True,
     **run_kwargs: Unpack[RunKwargs],
@@ -165,7 +166,8 @@ def train_routers(
     from `model` (healed or not): the routed model starts as `model` with its kept layers' weights and the routers as
     its plan (`init` "static", the default with a start; depthprune.skipping.init.healed_start); the teacher stays
     `model`; the routed model is saved beside the routers. `model` is never modified; output_dir (RunKwargs) gets
-    routers.json + routers.safetensors (+ the routed model, with LoRA or a start) + the log."""
+    routers.json + routers.safetensors (+ the routed model, with LoRA or a start) + the log. sink_tokens: each
+    sequence's first real positions that always run every layer (RouterConfig.sink_tokens, saved with the routers)."""
     target = float(target_layers)
     if isinstance(data, (tuple, list)):
         ids, mask = data
@@ -201,6 +203,8 @@ def train_routers(
         layers = options.pop("layers")  # the default layers and any other the plan removes
     elif init != "uniform":
         raise RouterError(f"unknown router init {init!r}; choose uniform, static or static_parts")
+    if sink_tokens:
+        options["sink_tokens"] = sink_tokens
     routers = build_routers(base, kind, layers, target_layers=target, **options)  # checks the target's range
     student, peft_model = base, None
     groups: list[dict[str, Any]] = [{"params": list(routers.parameters()), "lr": lr}]

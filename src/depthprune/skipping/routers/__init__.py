@@ -46,9 +46,13 @@ class RouterConfig:
     init_scorer: str | None = None  # the importance scorer behind init_biases
     init_removed: tuple[int, ...] = ()  # the static plan init_biases reproduce: the layers it removes
     init_removed_parts: tuple[str, ...] = ()  # sub-layer routers: the sub-layers it removes ("5_attention")
+    sink_tokens: int = 0  # token routers: the first real positions of each sequence always run every layer
 
     def __post_init__(self) -> None:
         ROUTER_KINDS.check(self.kind)
+        if int(self.sink_tokens) != self.sink_tokens or self.sink_tokens < 0:
+            raise RouterError(f"sink_tokens must be a whole number >= 0, got {self.sink_tokens!r}")
+        object.__setattr__(self, "sink_tokens", int(self.sink_tokens))
         layers = tuple(sorted({int(i) for i in self.layers}))
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if not layers or bad:
@@ -212,6 +216,22 @@ def build_routers(
     return routers.to(next(model.parameters()).device)
 
 
+def sink_positions(routers: nn.Module, shape: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool [batch, seq], True at each row's first `routers.config.sink_tokens` real positions (mask: 1 = a real
+    token, left padding allowed; None: no padding), which always run every layer: the first position is the
+    attention sink of these models (Xiao et al., 2023) and carries their massive activations (Sun et al., 2024), so
+    one layer skipped there changes every later token (benchmarks/RESULTS.md section 29). None when sink_tokens is 0
+    or the routers decide per sample."""
+    n = getattr(getattr(routers, "config", None), "sink_tokens", 0)
+    if not n or getattr(routers, "granularity", "token") != "token":
+        return None
+    batch, seq = shape
+    if mask is None:
+        return (torch.arange(seq) < n).expand(batch, seq)
+    real = mask.bool()
+    return real & (real.long().cumsum(-1) <= n)
+
+
 def rms(hidden: torch.Tensor) -> torch.Tensor:
     """hidden / its root mean square over the last dimension (parameter-free: the residual stream's scale grows with
     depth, the gate should read its direction)."""
@@ -280,4 +300,5 @@ __all__ = [
     "default_layers",
     "model_facts",
     "rms",
+    "sink_positions",
 ]
