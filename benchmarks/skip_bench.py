@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="healed: the routers start from the static plan healed by --static-heal (train-router --start), "
         "its row measured beside them; saved as ROUTERS_DIR/healed_TARGET and read from there by later runs",
     )
-    p.add_argument("--sink-tokens", type=int, default=0, help="first positions that always run (train-router)")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first positions that always run (train-router's "
+                   "--sink-tokens; default 0 here, so the commands in RESULTS.md reproduce their figures)")  # fmt: skip
     p.add_argument("--heal-rank", type=int, default=None, help="LoRA rank of the static healing (default "
                    "--lora-rank, else 8)")  # fmt: skip
     p.add_argument("--static-heal", default="fold+distill", help="the healing of the static row beside LoRA routers")
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         if (
             args.init != "uniform" and not args.routers_only
         ):  # untrained (0 steps): the static plan exactly, at threshold 0.5
-            zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, **init)
+            zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, sink_tokens=0,
+                                 **init)  # fmt: skip
             tf = routed_perplexity(model, zero.routers, held, 0.5, batch_size=4)
             row = {
                 "method": "routers, static init, 0 steps",
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             dump(args.json, result)
         if start is not None:  # 0 steps on the healed start: the healed static plan exactly, at threshold 0.5
             zero = train_routers(model, train_blocks, target_layers=target, epochs=0, progress=False, start=start,
-                                 **init)  # fmt: skip
+                                 sink_tokens=0, **init)  # fmt: skip
             tf = routed_perplexity(zero.model, zero.routers, held, 0.5, batch_size=4, reference=model)
             row = {"method": f"routers, {args.static_heal} start, 0 steps", "target": target,
                    "layers": tf["mean_layers"], "ppl": tf["ppl"], "agreement": tf["agreement"],

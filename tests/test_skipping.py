@@ -215,7 +215,7 @@ def test_training_moves_the_depth_to_the_target(tmp_path):
         train_routers(model, data, target_layers=3.0, compute_on="expected", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # the model is untouched
     back = load_routers(tmp_path / "o", model)
-    assert back.config.target_layers == 3.0
+    assert back.config.target_layers == 3.0 and back.config.sink_tokens == 1  # the sink guard is on by default
     assert (tmp_path / "o" / "router_train_log.json").is_file()
 
 

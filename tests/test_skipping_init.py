@@ -25,7 +25,8 @@ DATA = torch.randint(3, 99, (8, 8), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("batch", [1, 4])
 def test_untrained_static_init_is_the_static_plan(target, batch):
     model = build("llama")
-    res = train_routers(model, DATA, target_layers=target, layers=ALL, init="static", epochs=0, progress=False)
+    res = train_routers(model, DATA, target_layers=target, layers=ALL, init="static", epochs=0, progress=False,
+                        sink_tokens=0)  # fmt: skip
     removed = get_scorer("block_influence")(model, init_batches(DATA, 64), n_remove=round(4 - target)).remove
     assert res.init_removed == list(removed) and res.routers.config.init == "static"
     pruned = apply_plan(model, LayerPlan.drop({"decoder": 4}, list(removed)))
@@ -45,7 +46,8 @@ def test_untrained_static_init_generates_the_static_plan(batch, kv):
     """With a routed prefill, routed generation is the pruned model's greedy generation, token for token (a
     left-padded row at batch 4); threshold 0 with a routed prefill is still plain greedy."""
     model = build("llama")
-    res = train_routers(model, DATA, target_layers=2.0, layers=ALL, init="static", epochs=0, progress=False)
+    res = train_routers(model, DATA, target_layers=2.0, layers=ALL, init="static", epochs=0, progress=False,
+                        sink_tokens=0)  # fmt: skip
     pruned = apply_plan(model, LayerPlan.drop({"decoder": 4}, res.init_removed))
     ids, mask = input_ids(batch=batch, seq=6)
     for m, t in ((pruned, 0.5), (model, 0.0)):
@@ -129,7 +131,7 @@ def test_healed_start_untrained_routers_compute_the_pruned_model(batch, tmp_path
     pruned = healed(model)
     before = [[p.clone() for p in m.parameters()] for m in (model, pruned)]
     res = train_routers(model, DATA, target_layers=3.0, layers=ALL, start=pruned, epochs=0, progress=False,
-                        output_dir=tmp_path / "o")  # fmt: skip
+                        sink_tokens=0, output_dir=tmp_path / "o")  # fmt: skip
     for m, b in zip((model, pruned), before, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(b, m.parameters(), strict=True))
     assert res.init_removed == [1] and res.routers.config.init == "static" and res.start is not None

@@ -155,7 +155,7 @@ def test_sublayer_static_init_runs_its_sublayer_plan():
     model = build("llama")
     data = torch.randint(3, 99, (8, 8), generator=torch.Generator().manual_seed(0))
     res = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static_parts", epochs=0,
-                        progress=False)  # fmt: skip
+                        sink_tokens=0, progress=False)  # fmt: skip
     config = res.routers.config
     removed = {tuple(k.split("_")) for k in config.init_removed_parts}
     shares = part_shares(model.model.layers[0])
@@ -179,7 +179,7 @@ def test_sublayer_static_init_runs_its_sublayer_plan():
     with pytest.raises(RouterError, match="use it with --kind token_sublayer"):
         train_routers(model, data, target_layers=3.0, init="static_parts", epochs=0, progress=False)
     layer_plan = train_routers(model, data, target_layers=3.0, kind="token_sublayer", init="static", epochs=0,
-                               progress=False)  # fmt: skip
+                               progress=False, sink_tokens=0)  # fmt: skip
     pruned = apply_plan(model, ",".join(str(i) for i in range(4) if i not in layer_plan.init_removed))
     with torch.no_grad():
         assert torch.equal(routed_pass(model, layer_plan.routers, data, threshold=0.5).logits,

@@ -274,8 +274,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", default="block_influence", help="importance scorer for --init static (default "
                    "block_influence; see depthprune list)")  # fmt: skip
     p.add_argument(
-        "--sink-tokens", type=int, default=0,
-        help="decoders: each sequence's first N real positions always run every layer (the attention sink; default 0)",
+        "--sink-tokens", type=int, default=1,
+        help="decoders: each sequence's first N real positions always run every layer (the attention sink; default 1; "
+        "0: routers decide there too)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

@@ -8,7 +8,8 @@ Those get negative biases, the others positive ones, by rank of their score: the
 (lowest score among the kept) gets +`low`, the most important +`high`; the removed layer nearest the cut gets
 -`low`, the least important -`high`, linear in rank between. With zero weights P(run) = sigmoid(bias): at the
 default `low`=1, `high`=4, between 0.73 and 0.98 for kept layers and between 0.02 and 0.27 for removed ones, so at
-threshold 0.5 the routers reproduce the plan exactly, and the layers nearest the cut are the easiest to flip.
+threshold 0.5 the routers reproduce the plan exactly (with sink_tokens=0; train_routers' default 1 runs each
+sequence's first position on every layer), and the layers nearest the cut are the easiest to flip.
 
 A healed start (`train-router --start PRUNED`, `healed_start`): a model `depthprune prune` made from the routed one
 (healed or not: fold, distill, ...) gives the plan and the kept layers' weights. The student is the full-depth model

@@ -153,7 +153,7 @@ def train_routers(
     init_examples: int = 64,
     score_batches: list[torch.Tensor] | None = None,
     start: nn.Module | None = None,
-    sink_tokens: int = 0,
+    sink_tokens: int = 1,
     seed: int = 0,
     progress: bool = True,
     **run_kwargs: Unpack[RunKwargs],
@@ -167,7 +167,9 @@ def train_routers(
     its plan (`init` "static", the default with a start; depthprune.skipping.init.healed_start); the teacher stays
     `model`; the routed model is saved beside the routers. `model` is never modified; output_dir (RunKwargs) gets
     routers.json + routers.safetensors (+ the routed model, with LoRA or a start) + the log. sink_tokens: each
-    sequence's first real positions that always run every layer (RouterConfig.sink_tokens, saved with the routers)."""
+    sequence's first real positions that always run every layer (RouterConfig.sink_tokens, saved with the routers;
+    default 1: the attention sink, whose skipped layers cost most of the routers' perplexity in benchmarks/RESULTS.md
+    sections 29-30; 0 for decisions on every position, e.g. to reproduce a static plan exactly)."""
     target = float(target_layers)
     if isinstance(data, (tuple, list)):
         ids, mask = data
