@@ -180,9 +180,12 @@ def train_routers(
         dataset = data.long()
     if len(dataset) == 0:
         raise RouterError("no training examples")
+    if compute_on not in COMPUTE_ON:  # before any scoring or copying
+        raise RouterError(f"compute_on must be one of {', '.join(COMPUTE_ON)}, got {compute_on!r}")
     options: dict[str, Any] = {}
     init = init or ("static" if start is not None else "uniform")
     base, removed = model, None
+    start_name = None if start is None else str(getattr(start.config, "_name_or_path", "") or "a model")
     if start is not None:
         from depthprune.skipping.init import healed_start
 
@@ -216,8 +219,6 @@ def train_routers(
         peft_model = lora_copy(base, lora_rank)
         student = peft_model.get_base_model()
         groups.append({"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lora_lr})
-    if compute_on not in COMPUTE_ON:
-        raise RouterError(f"compute_on must be one of {', '.join(COMPUTE_ON)}, got {compute_on!r}")
     settings = {"target": target, "compute_weight": compute_weight, "temperature": temperature, "noise": noise,
                 "compute_on": compute_on}  # fmt: skip
 
@@ -260,7 +261,6 @@ def train_routers(
         (folder / LOG_NAME).write_text(json.dumps(make_result(run).to_dict(), indent=1))
 
     frozen = [model] if base is model else [model, base]
-    start_name = None if start is None else str(getattr(start.config, "_name_or_path", "") or "a model")
     run = train(
         _Loss(),
         groups,
